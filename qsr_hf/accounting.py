@@ -1,0 +1,66 @@
+"""`SyncStats`: what local training communicated, and how that compares with data-parallel training. Pure Python."""
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class SyncStats:
+    """Communication counters of one rank.
+
+    Data-parallel training all-reduces every trainable parameter's gradient once per optimizer step; that is the
+    reference volume. ``comm_volume_vs_ddp`` = bytes averaged / (steps x gradient bytes per step); with parameters and
+    gradients of the same dtype it equals the number of syncs per step, the paper's "communication" figure.
+
+    Args:
+        grad_bytes_per_step (`int`): bytes of one data-parallel gradient all-reduce (trainable parameters).
+        steps (`int`): optimizer steps taken.
+        syncs (`int`): scheduled syncs (end of a round).
+        extra_syncs (`int`): syncs forced outside the schedule (before evaluation, checkpoint, end of training).
+        bytes_averaged (`int`): bytes this rank put into parameter all-reduces.
+        round_length (`int`): H of the current round.
+    """
+
+    grad_bytes_per_step: int = 0
+    steps: int = 0
+    syncs: int = 0
+    extra_syncs: int = 0
+    bytes_averaged: int = 0
+    round_length: int = 0
+
+    def record_sync(self, num_bytes: int, scheduled: bool) -> None:
+        """Count one sync that all-reduced ``num_bytes``."""
+        if scheduled:
+            self.syncs += 1
+        else:
+            self.extra_syncs += 1
+        self.bytes_averaged += num_bytes
+
+    @property
+    def ddp_bytes(self) -> int:
+        """Bytes data-parallel training would have all-reduced in the same number of steps."""
+        return self.steps * self.grad_bytes_per_step
+
+    @property
+    def comm_volume_vs_ddp(self) -> float:
+        """Bytes averaged relative to data-parallel training of the same length (0 before the first step)."""
+        return self.bytes_averaged / self.ddp_bytes if self.ddp_bytes else 0.0
+
+    def to_logs(self) -> dict[str, float]:
+        """Metrics for `Trainer.log` / trackers, grouped under the ``qsr/`` prefix."""
+        return {
+            "qsr/H": float(self.round_length),
+            "qsr/syncs": float(self.syncs),
+            "qsr/extra_syncs": float(self.extra_syncs),
+            "qsr/bytes_averaged": float(self.bytes_averaged),
+            "qsr/comm_volume_vs_ddp": self.comm_volume_vs_ddp,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters as a plain dict."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counters saved by :meth:`state_dict` (``grad_bytes_per_step`` is recomputed, not restored)."""
+        for key in ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length"):
+            setattr(self, key, int(state.get(key, 0)))

@@ -1,0 +1,145 @@
+"""`QSRConfig`: every QSR knob, its default, help text and check. The single place for defaults."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
+
+
+RULE_EXPONENTS: dict[str, int] = {"linear": 1, "qsr": 2, "cubic": 3}
+RULES: list[str] = ["qsr", "linear", "cubic", "constant", "post_local", "ddp"]
+
+
+@dataclass
+class QSRConfig:
+    """Configuration of QSR local training, shared by `QSRCallback`, `LocalOptimizer`, recipes and the planner.
+
+    Field names carry the ``qsr_`` prefix so that a recipe YAML can hold them next to `TrainingArguments`.
+
+    Args:
+        qsr_rule (`str`, defaults to `"qsr"`):
+            Sync rule: ``qsr`` (H = ⌊(α/η)²⌋), ``linear`` (⌊α/η⌋), ``cubic`` (⌊(α/η)³⌋), ``constant`` (H = H_base),
+            ``post_local`` (H = 1 until ``qsr_switch_step``, then H_base) or ``ddp`` (H = 1: average every step).
+        qsr_alpha (`float`, *optional*):
+            α in H = max(H_base, ⌊(α/η)^γ⌋), in learning-rate units. Required by qsr/linear/cubic.
+        qsr_h_base (`int`, defaults to 4):
+            H_base: the smallest round length, in optimizer steps (not micro-batches). Paper: 4 for ViT-B.
+        qsr_h_max (`int`, *optional*):
+            Cap on the round length in optimizer steps. `None`: no cap (the last round is clipped to the end).
+        qsr_switch_step (`int`, *optional*):
+            Optimizer step at which ``post_local`` switches from H = 1 to H = H_base.
+        qsr_average_buffers (`bool`, defaults to `True`):
+            Also average floating-point buffers (BatchNorm running statistics) at each sync. The official code keeps
+            them local and re-estimates them before evaluation; averaging them is our documented deviation.
+        qsr_fp32_average (`bool`, defaults to `True`):
+            Average bf16/fp16 tensors in fp32 (the paper averages in fp32).
+        qsr_sync_before_eval (`bool`, defaults to `True`):
+            Average the model before each evaluation (Trainer), so metrics are those of the averaged model.
+    """
+
+    qsr_rule: str = field(
+        default="qsr",
+        metadata={"help": "Sync rule.", "choices": RULES},
+    )
+    qsr_alpha: float | None = field(
+        default=None,
+        metadata={"help": "α in H = max(H_base, ⌊(α/η)^γ⌋), in learning-rate units (qsr/linear/cubic)."},
+    )
+    qsr_h_base: int = field(
+        default=4,
+        metadata={"help": "H_base: smallest round length, in optimizer steps (not micro-batches)."},
+    )
+    qsr_h_max: int | None = field(
+        default=None,
+        metadata={"help": "Largest round length in optimizer steps; unset for no cap."},
+    )
+    qsr_switch_step: int | None = field(
+        default=None,
+        metadata={"help": "post_local: optimizer step at which H goes from 1 to H_base."},
+    )
+    qsr_average_buffers: bool = field(
+        default=True,
+        metadata={
+            "help": "Average floating-point buffers (BatchNorm statistics) at each sync (deviation: see README)."
+        },
+    )
+    qsr_fp32_average: bool = field(
+        default=True,
+        metadata={"help": "Average bf16/fp16 parameters in fp32."},
+    )
+    qsr_sync_before_eval: bool = field(
+        default=True,
+        metadata={"help": "Average the model before each evaluation (Trainer); false gives per-worker evaluation."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.qsr_rule not in RULES:
+            raise ValueError(f"qsr_rule must be one of {RULES}, got {self.qsr_rule!r}")
+        if not isinstance(self.qsr_h_base, int) or self.qsr_h_base < 1:
+            raise ValueError(f"qsr_h_base must be an integer >= 1 (optimizer steps), got {self.qsr_h_base!r}")
+        if self.qsr_rule in RULE_EXPONENTS:
+            if self.qsr_alpha is None:
+                raise ValueError(
+                    f"qsr_rule={self.qsr_rule!r} needs qsr_alpha (α in H = max(H_base, ⌊(α/η)^γ⌋)); "
+                    "a good start is just above peak_lr * sqrt(qsr_h_base), or pick one with `qsr-hf plan --target-...`"
+                )
+            if not self.qsr_alpha > 0:
+                raise ValueError(f"qsr_alpha must be > 0, got {self.qsr_alpha!r}")
+        if self.qsr_h_max is not None and self.qsr_h_max < self.qsr_h_base:
+            raise ValueError(
+                f"qsr_h_max must be >= qsr_h_base ({self.qsr_h_base}), got {self.qsr_h_max!r}; raise it or unset it"
+            )
+        if self.qsr_rule == "post_local" and (self.qsr_switch_step is None or self.qsr_switch_step < 0):
+            raise ValueError(
+                f"qsr_rule='post_local' needs qsr_switch_step >= 0 (an optimizer step), got {self.qsr_switch_step!r}"
+            )
+
+    def build_schedule(self, warmup_steps: int = 0) -> SyncSchedule:
+        """Build the schedule object for this configuration.
+
+        Args:
+            warmup_steps (`int`, defaults to 0):
+                Optimizer steps of learning-rate warm-up; power rules use H_base during them.
+
+        Returns:
+            [`SyncSchedule`]: the schedule.
+        """
+        if self.qsr_rule in RULE_EXPONENTS:
+            return PowerSchedule(
+                self.qsr_alpha, RULE_EXPONENTS[self.qsr_rule], self.qsr_h_base, self.qsr_h_max, warmup_steps
+            )
+        if self.qsr_rule == "constant":
+            return ConstantSchedule(self.qsr_h_base)
+        if self.qsr_rule == "post_local":
+            return PostLocalSchedule(self.qsr_switch_step, self.qsr_h_base)
+        return ConstantSchedule(1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict (for logs and the model card)."""
+        return dataclasses.asdict(self)
+
+
+def make_config(config: QSRConfig | None = None, **kwargs: Any) -> QSRConfig:
+    """Build a `QSRConfig` from an optional config and keyword overrides.
+
+    Keywords may be given with or without the ``qsr_`` prefix, so ``make_config(alpha=0.02, h_base=4)`` equals
+    ``QSRConfig(qsr_alpha=0.02, qsr_h_base=4)``. This is what makes ``QSRCallback(alpha=..., h_base=4)`` work.
+
+    Args:
+        config ([`QSRConfig`], *optional*): base configuration; defaults are `QSRConfig`'s own.
+        **kwargs: field overrides.
+
+    Returns:
+        [`QSRConfig`]: a validated configuration.
+    """
+    names = {f.name for f in dataclasses.fields(QSRConfig)}
+    overrides = {}
+    for key, value in kwargs.items():
+        name = key if key.startswith("qsr_") else f"qsr_{key}"
+        if name not in names:
+            raise TypeError(f"unknown QSR option {key!r}; valid options: {sorted(names)}")
+        overrides[name] = value
+    if config is None:
+        return QSRConfig(**overrides)
+    return dataclasses.replace(config, **overrides)

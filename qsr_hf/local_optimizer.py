@@ -1,0 +1,149 @@
+"""`LocalOptimizer`: QSR local training for hand-written `accelerate launch` loops."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from qsr_hf.checkpoint import load_rank_state, save_rank_state
+from qsr_hf.config import QSRConfig, make_config
+from qsr_hf.engines import detect_engine
+from qsr_hf.logging_utils import get_logger
+from qsr_hf.synchronizer import Synchronizer
+
+
+logger = get_logger(__name__)
+
+
+class LocalOptimizer(torch.optim.Optimizer):
+    """Wrap an optimizer so that each rank takes local steps and parameters are averaged at the end of each round.
+
+    Build it after ``accelerator.prepare``, from the prepared optimizer and model. From then on DDP's gradient
+    all-reduce is off; every optimizer step is local, and every H-th step (H from the sync rule and the learning rate
+    of the round's first step) averages parameters (and floating-point buffers) across ranks in place. Optimizer
+    states (momentum, Adam moments) stay local, as in the paper. Under ``accelerator.accumulate`` a step counts only
+    when gradients are synchronised (an optimizer step, not a micro-batch).
+
+    Args:
+        optimizer (`torch.optim.Optimizer`):
+            The inner optimizer (usually the one returned by ``accelerator.prepare``).
+        model (`nn.Module`):
+            The prepared model (DDP-wrapped, or a DeepSpeed ZeRO-0 engine).
+        config ([`QSRConfig`], *optional*):
+            QSR settings; keyword overrides without the ``qsr_`` prefix are accepted too (``alpha=0.02``).
+        num_training_steps (`int`, *optional*):
+            Total optimizer steps; the last round is clipped so training ends on a sync.
+        num_warmup_steps (`int`, defaults to 0):
+            Optimizer steps of lr warm-up; the rule uses H_base during them.
+        process_group (`ProcessGroup`, *optional*):
+            Data-parallel group for an unwrapped model (defaults to the wrapper's group).
+
+    Example:
+
+    ```python
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    optimizer = LocalOptimizer(optimizer, model, QSRConfig(qsr_alpha=0.02), num_training_steps=1000)  # QSR
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+    ```
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        config: QSRConfig | None = None,
+        *,
+        num_training_steps: int | None = None,
+        num_warmup_steps: int = 0,
+        process_group: ProcessGroup | None = None,
+        **qsr_kwargs: Any,
+    ) -> None:
+        # like torch's PostLocalSGDOptimizer: share the inner optimizer's groups and state, no Optimizer.__init__
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+        self.config = make_config(config, **qsr_kwargs)
+        self.synchronizer = Synchronizer(
+            detect_engine(model, process_group), self.config, num_warmup_steps, num_training_steps
+        )
+        if self.config.qsr_rule == "ddp":
+            logger.info("qsr_hf: qsr_rule='ddp' averages parameters after every step", main_process_only=True)
+        self.last_step_synced = False
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        """The inner optimizer's state (local to this rank)."""
+        return self.optimizer.state
+
+    @property
+    def stats(self) -> Any:
+        """[`SyncStats`] of this run."""
+        return self.synchronizer.stats
+
+    def _is_optimizer_step(self) -> bool:
+        # accelerate's AcceleratedOptimizer skips its step while accumulating gradients
+        gradient_state = getattr(self.optimizer, "gradient_state", None)
+        return gradient_state is None or gradient_state.sync_gradients
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Take one local optimizer step; average parameters if it ends a round (then ``last_step_synced`` is True)."""
+        if not self._is_optimizer_step():
+            self.last_step_synced = False
+            return self.optimizer.step(closure)
+        self.synchronizer.begin_step(self.param_groups[0]["lr"])
+        loss = self.optimizer.step(closure)
+        self.last_step_synced = self.synchronizer.end_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the inner optimizer's gradients."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Not supported: the averaged set of tensors is fixed when the wrapper is built."""
+        raise NotImplementedError("add parameter groups to the inner optimizer before wrapping it in LocalOptimizer")
+
+    def sync_now(self) -> bool:
+        """Average now, outside the schedule (e.g. before evaluation or saving). Returns whether it averaged."""
+        return self.synchronizer.sync_now()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state plus the schedule position under ``"qsr"``."""
+        return {"optimizer": self.optimizer.state_dict(), "qsr": self.synchronizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; a plain optimizer state dict resets the schedule with a warning."""
+        if "qsr" not in state_dict:
+            logger.warning("qsr_hf: optimizer state has no 'qsr' entry; the sync schedule starts from step 0")
+            self.optimizer.load_state_dict(state_dict)
+            return
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.synchronizer.load_state_dict(state_dict["qsr"])
+
+    def save_local_state(self, output_dir: str | os.PathLike) -> str:
+        """Write this rank's optimizer state and schedule position to ``output_dir/qsr_state_rank{r}.pt``.
+
+        Call it on every rank next to ``accelerator.save_state(output_dir)``, which keeps rank 0's optimizer only.
+        """
+        return save_rank_state(output_dir, self.state_dict())
+
+    def load_local_state(self, input_dir: str | os.PathLike) -> bool:
+        """Load what :meth:`save_local_state` wrote for this rank; returns False (with a warning) if absent."""
+        state = load_rank_state(input_dir)
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
+
+    def close(self) -> None:
+        """Final average if the last round is unfinished, then switch gradient all-reduce back on."""
+        self.synchronizer.sync_now()
+        self.synchronizer.close()

@@ -1,0 +1,97 @@
+"""`Synchronizer`: the one runtime behind both front ends (Trainer callback and Accelerate optimizer wrapper).
+
+It ties a backend adapter (gradient all-reduce off), a [`ParameterAverager`], a [`SyncClock`] (rounds from the
+schedule) and [`SyncStats`] (what was communicated) together, and owns their state.
+"""
+
+from typing import Any
+
+import torch
+
+from qsr_hf.accounting import SyncStats
+from qsr_hf.averaging import ParameterAverager
+from qsr_hf.clock import SyncClock
+from qsr_hf.config import QSRConfig
+from qsr_hf.engines import LocalEngine
+from qsr_hf.logging_utils import get_logger
+
+
+logger = get_logger(__name__)
+
+
+class Synchronizer:
+    """Runs the round schedule on one rank: ``begin_step(lr)`` / optimizer step / ``end_step()``.
+
+    Args:
+        engine: backend adapter from [`detect_engine`].
+        config ([`QSRConfig`]): the QSR settings.
+        warmup_steps (`int`): lr warm-up in optimizer steps (H = H_base during it).
+        total_steps (`int` or `None`): optimizer steps of the run, to end training on a sync.
+    """
+
+    def __init__(self, engine: LocalEngine, config: QSRConfig, warmup_steps: int, total_steps: int | None) -> None:
+        self.engine = engine
+        self.config = config
+        self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
+        self.distributed = engine.world_size > 1
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
+        self.averager: ParameterAverager | None = None
+        if self.distributed:
+            self.averager = ParameterAverager(
+                engine.averaged_tensors(config.qsr_average_buffers), engine.process_group, config.qsr_fp32_average
+            )
+            engine.disable_gradient_sync()
+        else:
+            logger.warning(
+                "qsr_hf: single-process run, so there is nothing to synchronize; training runs as usual",
+                main_process_only=True,
+            )
+
+    def begin_step(self, lr: float) -> int:
+        """Start an optimizer step that uses learning rate ``lr``; returns the current round's H."""
+        h = self.clock.begin_step(lr)
+        self.stats.round_length = h
+        return h
+
+    def end_step(self) -> bool:
+        """Finish an optimizer step; average the parameters if the round is over. Returns whether it averaged."""
+        due = self.clock.end_step()
+        self.stats.steps = self.clock.step
+        if due:
+            self._average(scheduled=True)
+        return due and self.distributed
+
+    def sync_now(self) -> bool:
+        """Average outside the schedule (before evaluation or a checkpoint); the round schedule is unchanged.
+
+        Returns:
+            `bool`: whether an average happened (not in a single-process run, nor right after a scheduled sync).
+        """
+        if not self.distributed or not self.clock.in_round or self.clock.steps_into_round == 0:
+            return False
+        self._average(scheduled=False)
+        return True
+
+    def _average(self, scheduled: bool) -> None:
+        if self.averager is None:
+            if scheduled:
+                self.stats.syncs += 1
+            return
+        with torch.no_grad():
+            num_bytes = self.averager.average()
+            self.engine.after_average()
+        self.stats.record_sync(num_bytes, scheduled)
+
+    def close(self) -> None:
+        """Switch the backend's gradient all-reduce back on (end of training)."""
+        self.engine.restore_gradient_sync()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position and counters (identical on every rank)."""
+        return {"clock": self.clock.state_dict(), "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.clock.load_state_dict(state["clock"])
+        self.stats.load_state_dict(state["stats"])

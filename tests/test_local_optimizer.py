@@ -1,0 +1,261 @@
+"""LocalOptimizer on real 2-process gloo groups with the real Accelerator and DDP."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from testing_utils import BNMLP, flat_params, rank_batches, run_distributed
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from qsr_hf import LocalOptimizer, QSRConfig
+from qsr_hf.planner import plan
+
+
+def _count_grad_allreduce(ddp):
+    counter = {"n": 0}
+
+    def hook(state, bucket):
+        counter["n"] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return counter
+
+
+class _AllReduceSpy:
+    """Counts torch.distributed.all_reduce calls while still running them."""
+
+    def __init__(self, monkeypatch_target=dist):
+        self.calls = 0
+        self._orig = dist.all_reduce
+
+    def __enter__(self):
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return self._orig(*args, **kwargs)
+
+        dist.all_reduce = spy
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def _inverse_decay(step):
+    return 1.0 / (1 + step)
+
+
+def _train(rank, world_size, config, steps, lr_fn=None, accumulation=1, optimizer="sgd", warmup=0, seed=0):
+    torch.manual_seed(0)  # identical init on every rank (DDP broadcasts rank 0's anyway)
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation)
+    model = BNMLP()
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=0.01)
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn or (lambda s: 1.0))
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    counter = _count_grad_allreduce(model)
+    local = LocalOptimizer(opt, model, config, num_training_steps=steps, num_warmup_steps=warmup)
+    per_step, synced = [], []
+    batches = rank_batches(rank, steps * accumulation, seed=seed)
+    with _AllReduceSpy() as spy:
+        for i, (x, y) in enumerate(batches):
+            with accelerator.accumulate(model):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                accelerator.backward(loss)
+                local.step()
+                sched.step()
+                local.zero_grad()
+            if (i + 1) % accumulation == 0:
+                per_step.append(flat_params(model.module))
+                synced.append(local.last_step_synced)
+    moments = list(local.state.values())
+    first_state = next(iter(moments)) if moments else {}
+    momentum = first_state.get("momentum_buffer", first_state.get("exp_avg"))
+    return {
+        "params": per_step,
+        "synced": synced,
+        "grad_allreduces": counter["n"],
+        "param_allreduces": spy.calls,
+        "buckets": local.synchronizer.averager.num_buckets,
+        "stats": local.stats.state_dict(),
+        "momentum": momentum.clone() if momentum is not None else None,
+        "state": local.state_dict()["qsr"],
+    }
+
+
+def test_constant_h_local_steps_and_syncs():
+    steps, h = 7, 3
+    r0, r1 = run_distributed(_train, config=QSRConfig(qsr_rule="constant", qsr_h_base=h), steps=steps)
+    expected_sync = [(i + 1) % h == 0 or i + 1 == steps for i in range(steps)]
+    assert r0["synced"] == expected_sync
+    assert r0["grad_allreduces"] == 0 and r1["grad_allreduces"] == 0, "DDP reduced gradients between syncs"
+    for i in range(steps):
+        if expected_sync[i]:
+            assert torch.equal(r0["params"][i], r1["params"][i]), f"ranks differ right after the sync at step {i}"
+        else:
+            assert not torch.allclose(r0["params"][i], r1["params"][i]), f"ranks equal between syncs at step {i}"
+    n_syncs = sum(expected_sync)
+    assert r0["param_allreduces"] == n_syncs * r0["buckets"], "one all-reduce per bucket per sync"
+    assert r0["stats"]["syncs"] == n_syncs
+    # optimizer state stays local: momentum buffers differ across ranks
+    assert not torch.allclose(r0["momentum"], r1["momentum"])
+
+
+def test_schedule_matches_planner_with_decaying_lr():
+    steps = 40
+    lr_fn = _inverse_decay
+    config = QSRConfig(qsr_rule="qsr", qsr_alpha=0.25, qsr_h_base=2)
+    r0, r1 = run_distributed(_train, config=config, steps=steps, lr_fn=lr_fn)
+    lrs = [0.1 * lr_fn(s) for s in range(steps)]
+    expected = plan(config, lrs)
+    sync_steps = [i + 1 for i, s in enumerate(r0["synced"]) if s]
+    assert sync_steps == expected.sync_steps
+    assert r1["synced"] == r0["synced"]
+    assert r0["param_allreduces"] == len(expected.sync_steps) * r0["buckets"]
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    steps, h = 6, 2
+    r0, r1 = run_distributed(_train, config=QSRConfig(qsr_rule="constant", qsr_h_base=h), steps=steps, accumulation=3)
+    assert r0["synced"] == [False, True] * 3
+    assert r0["stats"]["steps"] == steps
+    assert r0["grad_allreduces"] == 0
+    assert torch.equal(r0["params"][-1], r1["params"][-1])
+
+
+def _ddp_reference(rank, world_size, steps):
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = BNMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = accelerator.prepare(model, opt)
+    out = []
+    for x, y in rank_batches(rank, steps):
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        opt.zero_grad()
+        out.append(flat_params(model.module))
+    return out
+
+
+def test_h1_matches_ddp_with_sgd():
+    # H = 1 equals data parallel for SGD (update linear in the gradient); buffers differ (DDP broadcasts rank 0's)
+    steps = 5
+    ours = run_distributed(_train, config=QSRConfig(qsr_rule="ddp", qsr_average_buffers=False), steps=steps)
+    ref = run_distributed(_ddp_reference, steps=steps)
+    n_params = sum(p.numel() for p in BNMLP().parameters())
+    for i in range(steps):
+        torch.testing.assert_close(ours[0]["params"][i][:n_params], ref[0][i][:n_params], rtol=1e-5, atol=1e-6)
+
+
+def _accelerate_local_sgd(rank, world_size, steps, h):
+    from accelerate.local_sgd import LocalSGD
+
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = BNMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = accelerator.prepare(model, opt)
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=h, enabled=True) as local_sgd:
+        for x, y in rank_batches(rank, steps):
+            with accelerator.no_sync(model):  # LocalSGD expects the loop to skip gradient sync itself
+                accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+            opt.step()
+            opt.zero_grad()
+            local_sgd.step()
+    return flat_params(model.module)
+
+
+def test_constant_h_matches_accelerate_local_sgd():
+    steps, h = 6, 3  # LocalSGD averages parameters only: compare parameters with buffers kept local
+    ours = run_distributed(
+        _train, config=QSRConfig(qsr_rule="constant", qsr_h_base=h, qsr_average_buffers=False), steps=steps
+    )
+    ref = run_distributed(_accelerate_local_sgd, steps=steps, h=h)
+    n_params = sum(p.numel() for p in BNMLP().parameters())
+    torch.testing.assert_close(ours[0]["params"][-1][:n_params], ref[0][:n_params], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours[1]["params"][-1][:n_params], ref[1][:n_params], rtol=1e-6, atol=1e-7)
+
+
+def test_buffers_averaged_by_default():
+    r0, r1 = run_distributed(_train, config=QSRConfig(qsr_rule="constant", qsr_h_base=2), steps=2)
+    assert torch.equal(r0["params"][-1], r1["params"][-1])  # includes BatchNorm running stats
+
+
+def _resume(rank, world_size, steps, cut):
+    config = QSRConfig(qsr_rule="qsr", qsr_alpha=0.25, qsr_h_base=2)
+    lr_fn = _inverse_decay
+    full = _train(rank, world_size, config, steps, lr_fn=lr_fn)
+    # a run that stops at `cut`, saves, and a fresh wrapper that loads and continues
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = BNMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    local = LocalOptimizer(opt, model, config, num_training_steps=steps)
+    batches = rank_batches(rank, steps)
+    for x, y in batches[:cut]:
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        local.step()
+        sched.step()
+        local.zero_grad()
+    saved = {"opt": local.state_dict(), "model": {k: v.clone() for k, v in model.module.state_dict().items()}}
+    saved_sched = sched.state_dict()
+    local.close()
+    torch.manual_seed(123)
+    model2 = BNMLP()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lr_fn)
+    model2, opt2, sched2 = accelerator.prepare(model2, opt2, sched2)
+    model2.module.load_state_dict(saved["model"])
+    local2 = LocalOptimizer(opt2, model2, config, num_training_steps=steps)
+    local2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved_sched)
+    for x, y in batches[cut:]:
+        accelerator.backward(torch.nn.functional.cross_entropy(model2(x), y))
+        local2.step()
+        sched2.step()
+        local2.zero_grad()
+    return full["params"][-1], flat_params(model2.module), full["state"], local2.state_dict()["qsr"]
+
+
+@pytest.mark.parametrize("cut", [3, 7])
+def test_state_dict_resume_is_exact(cut):
+    for full_params, resumed_params, full_state, resumed_state in run_distributed(_resume, steps=12, cut=cut):
+        assert torch.equal(full_params, resumed_params), f"resume at step {cut} diverged"
+        assert full_state == resumed_state
+
+
+def _single(rank, world_size):
+    model = BNMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    local = LocalOptimizer(opt, model, QSRConfig(qsr_rule="constant", qsr_h_base=2), num_training_steps=3)
+    for x, y in rank_batches(0, 3):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        local.step()
+        local.zero_grad()
+    return local.stats.state_dict()
+
+
+def test_single_process_trains_normally_with_warning(caplog):
+    stats = _single(0, 1)
+    assert stats["steps"] == 3 and stats["bytes_averaged"] == 0
+    assert any("single-process run" in r.getMessage() for r in caplog.records)
+
+
+def _unwrapped(rank, world_size):
+    model = BNMLP()
+    try:
+        LocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, QSRConfig(qsr_alpha=0.1))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_unwrapped_model_in_multiprocess_run_is_an_error():
+    messages = run_distributed(_unwrapped)
+    assert all(m is not None and "not wrapped for data parallelism" in m for m in messages)

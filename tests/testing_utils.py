@@ -1,0 +1,121 @@
+"""Shared test helpers: real multi-process gloo runs, tiny models, markers."""
+
+import importlib.util
+import os
+import pickle
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+require_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+require_torch_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+require_torch_multi_gpu = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        ACCELERATE_USE_CPU="true",
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank=rank, world_size=world_size, **kwargs)
+        # plain pickle bytes: torch's queue reductions share tensors through fds that die with the child
+        queue.put((rank, "ok", pickle.dumps(result)))
+    except BaseException:  # noqa: BLE001 — any failure must reach the parent with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int = 2, timeout: float = 300, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank=, world_size=, **kwargs)`` in ``world_size`` spawned gloo processes; return each rank's result.
+
+    A child's exception is re-raised here with its traceback. ``fn`` must be importable (module level).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            results[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]
+
+
+class BNMLP(nn.Module):
+    """A tiny MLP with BatchNorm (so float buffers are exercised)."""
+
+    def __init__(self, d_in: int = 8, hidden: int = 16, d_out: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def tiny_vit_config(**overrides: Any) -> Any:
+    """A 2-layer `ViTConfig` for fast CPU tests."""
+    from transformers import ViTConfig
+
+    kwargs = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_channels": 3,
+        "num_labels": 4,
+    }
+    kwargs.update(overrides)
+    return ViTConfig(**kwargs)
+
+
+def rank_batches(rank: int, steps: int, batch: int = 8, d_in: int = 8, d_out: int = 4, seed: int = 0) -> list:
+    """Deterministic per-rank (x, y) batches: different data on each rank."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return [
+        (torch.randn(batch, d_in, generator=g), torch.randint(0, d_out, (batch,), generator=g)) for _ in range(steps)
+    ]
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    """All parameters and float buffers of ``module`` as one detached fp32 vector."""
+    tensors = [p.detach().float().reshape(-1) for p in module.parameters()]
+    tensors += [b.detach().float().reshape(-1) for b in module.buffers() if b.is_floating_point()]
+    return torch.cat(tensors)
