@@ -63,6 +63,12 @@ class SyncClock:
             return True
         return False
 
+    def reset_to(self, step: int) -> None:
+        """Continue from optimizer step ``step`` with a new round (used when no saved position exists)."""
+        self.step = step
+        self.round_start = step
+        self.round_length = 0
+
     def state_dict(self) -> dict[str, Any]:
         """Return the position (all plain ints) for checkpoints."""
         return {

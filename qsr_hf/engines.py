@@ -116,7 +116,7 @@ def find_wrapper(module: nn.Module) -> nn.Module | None:
         `nn.Module` or `None`: the wrapper, if one exists.
     """
     for obj in gc.get_objects():
-        is_wrapper = isinstance(obj, nn.Module) and obj is not module and getattr(obj, "module", None) is module
+        is_wrapper = issubclass(type(obj), nn.Module) and obj is not module and getattr(obj, "module", None) is module
         if is_wrapper and (
             isinstance(obj, nn.parallel.DistributedDataParallel) or _is_deepspeed(obj) or _is_fsdp(obj)
         ):

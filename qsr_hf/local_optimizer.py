@@ -129,18 +129,18 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.synchronizer.load_state_dict(state_dict["qsr"])
 
     def save_local_state(self, output_dir: str | os.PathLike) -> str:
-        """Write this rank's optimizer state and schedule position to ``output_dir/qsr_state_rank{r}.pt``.
+        """Write this rank's parameters, optimizer state and schedule position to ``output_dir/qsr_state_rank{r}.pt``.
 
         Call it on every rank next to ``accelerator.save_state(output_dir)``, which keeps rank 0's optimizer only.
         """
-        return save_rank_state(output_dir, self.state_dict())
+        return save_rank_state(output_dir, self.synchronizer.local_state_dict(self.optimizer))
 
     def load_local_state(self, input_dir: str | os.PathLike) -> bool:
         """Load what :meth:`save_local_state` wrote for this rank; returns False (with a warning) if absent."""
         state = load_rank_state(input_dir)
         if state is None:
             return False
-        self.load_state_dict(state)
+        self.synchronizer.load_local_state_dict(state, self.optimizer)
         return True
 
     def close(self) -> None:

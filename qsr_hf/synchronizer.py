@@ -87,6 +87,43 @@ class Synchronizer:
         """Switch the backend's gradient all-reduce back on (end of training)."""
         self.engine.restore_gradient_sync()
 
+    def _local_tensors(self) -> list[torch.Tensor]:
+        if self.averager is not None:
+            return self.averager.tensors
+        return self.engine.averaged_tensors(self.config.qsr_average_buffers)
+
+    def local_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Everything this rank needs to resume exactly: its optimizer state, the averaged tensors, the position.
+
+        The tensors are saved too because checkpoints hold rank 0's model in a format that not every model class
+        reloads faithfully; with them, resume does not depend on it.
+        """
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "qsr": self.state_dict(),
+            "tensors": [t.detach().to("cpu", copy=True) for t in self._local_tensors()],
+        }
+        if hasattr(self.engine, "local_state_dict"):
+            state["engine"] = self.engine.local_state_dict()
+        return state
+
+    def load_local_state_dict(self, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        """Restore what :meth:`local_state_dict` returned on this rank."""
+        tensors = self._local_tensors()
+        if len(state["tensors"]) != len(tensors):
+            raise ValueError(
+                f"the saved QSR state holds {len(state['tensors'])} tensors but this model averages {len(tensors)}: "
+                "was it saved from another model or with another qsr_average_buffers?"
+            )
+        with torch.no_grad():
+            for target, saved in zip(tensors, state["tensors"], strict=True):
+                target.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        if "engine" in state and hasattr(self.engine, "load_local_state_dict"):
+            self.engine.load_local_state_dict(state["engine"])
+        self.engine.after_average()
+        self.load_state_dict(state["qsr"])
+
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and counters (identical on every rank)."""
         return {"clock": self.clock.state_dict(), "stats": self.stats.state_dict()}

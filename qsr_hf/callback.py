@@ -1,0 +1,167 @@
+"""`QSRCallback`: QSR local training for `transformers.Trainer`, with one added line. Glue only: Trainer events drive
+the same `Synchronizer` (schedule, averaging, accounting) and per-rank checkpoint files as `LocalOptimizer`.
+"""
+
+import gc
+import os
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from qsr_hf.checkpoint import load_rank_state, rank_state_path, save_rank_state
+from qsr_hf.config import QSRConfig, make_config
+from qsr_hf.engines import detect_engine
+from qsr_hf.logging_utils import get_logger
+from qsr_hf.synchronizer import Synchronizer
+
+
+logger = get_logger(__name__)
+
+
+class QSRCallback(TrainerCallback):
+    """Turn a `Trainer` run on several processes (DDP or DeepSpeed ZeRO-0) into QSR local training.
+
+    From the first step on, no gradient is all-reduced; each rank takes local optimizer steps and the parameters
+    (and floating-point buffers) are averaged at the end of each round, whose length H comes from the sync rule and
+    the learning rate of the round's first step. The model is also averaged before every evaluation (configurable),
+    every checkpoint save and at the end of training, so metrics, checkpoints and the pushed model are the averaged
+    model; these extra syncs are counted apart (``qsr/extra_syncs``) and leave the round schedule unchanged. Every
+    rank writes ``qsr_state_rank{r}.pt`` (its local optimizer state and the schedule position) into each checkpoint
+    folder, and reads it back on ``trainer.train(resume_from_checkpoint=...)``.
+
+    Args:
+        config ([`QSRConfig`], *optional*):
+            QSR settings.
+        **kwargs:
+            `QSRConfig` fields, with or without the ``qsr_`` prefix (``alpha=0.0175, h_base=4``).
+
+    Example:
+
+    ```python
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[QSRCallback(alpha=0.0175, h_base=4)])
+    ```
+    """
+
+    def __init__(self, config: QSRConfig | None = None, **kwargs: Any) -> None:
+        self.config = make_config(config, **kwargs)
+        self.synchronizer: Synchronizer | None = None
+        self.trainer: Trainer | None = None
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def _find_trainer(self) -> Trainer | None:
+        # callbacks receive neither the Trainer nor the wrapped model: find the Trainer that holds this callback
+        for obj in gc.get_objects():
+            # type(), not isinstance(): the latter reads __class__, which warns on some deprecated module proxies
+            if issubclass(type(obj), Trainer) and self in obj.callback_handler.callbacks:
+                return obj
+        return None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Validate the run, switch gradient all-reduce off, and restore per-rank state when resuming."""
+        if kwargs.get("lr_scheduler") is None:
+            raise ValueError("QSRCallback needs an lr scheduler: QSR picks each round's length from the current lr")
+        if args.fsdp:
+            raise NotImplementedError(
+                "qsr_hf does not support FSDP (each rank must hold full parameters and its own optimizer state); "
+                "remove `fsdp` from TrainingArguments and use DDP or DeepSpeed ZeRO stage 0"
+            )
+        if getattr(args, "average_tokens_across_devices", False):
+            # it all-gathers a token count on every step: local steps must not communicate
+            logger.info("qsr_hf: setting average_tokens_across_devices=False (it communicates on every step)")
+            args.average_tokens_across_devices = False
+        self.trainer = self._find_trainer()
+        model = self.trainer.model_wrapped if self.trainer is not None else kwargs["model"]
+        engine = detect_engine(model)
+        warmup = args.get_warmup_steps(state.max_steps)
+        self.synchronizer = Synchronizer(engine, self.config, warmup, state.max_steps)
+        if state.global_step > 0:
+            self._restore(args, state, kwargs["optimizer"])
+
+    def _checkpoint_dirs(self, args: TrainingArguments, state: TrainerState) -> list[str]:
+        dirs = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+        if isinstance(args.resume_from_checkpoint, str):
+            dirs.insert(0, args.resume_from_checkpoint)
+        return dirs
+
+    def _restore(self, args: TrainingArguments, state: TrainerState, optimizer: Any) -> None:
+        directory = next(
+            (d for d in self._checkpoint_dirs(args, state) if rank_state_path(d).is_file()),
+            self._checkpoint_dirs(args, state)[-1],
+        )
+        saved = load_rank_state(directory)
+        if saved is None:  # load_rank_state warned; keep the schedule aligned with the global step
+            self.synchronizer.clock.reset_to(state.global_step)
+            return
+        self.synchronizer.load_local_state_dict(saved, optimizer)
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Open a round if needed, its H set by the lr this step uses."""
+        self.synchronizer.begin_step(kwargs["optimizer"].param_groups[0]["lr"])
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Average the parameters when the step ends a round."""
+        self.synchronizer.end_step()
+
+    def _consistency_point(self, control: TrainerControl) -> None:
+        # evaluation and checkpoint saving see the averaged model
+        if control.should_save or (control.should_evaluate and self.config.qsr_sync_before_eval):
+            self.synchronizer.sync_now()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Sync before an evaluation or save that follows this step; log ``qsr/*`` with the Trainer's logs."""
+        self._consistency_point(control)
+        if control.should_log and self.trainer is not None:
+            self.trainer.log(self.synchronizer.stats.to_logs())
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Sync before an end-of-epoch evaluation or save."""
+        self._consistency_point(control)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Without a Trainer handle, add ``qsr/*`` to the logs for the callbacks after this one (progress bar)."""
+        if self.trainer is None and logs is not None and self.synchronizer is not None:
+            logs.update(self.synchronizer.stats.to_logs())
+
+    # -- checkpoints and the end ---------------------------------------------------------------------------------
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Write this rank's local optimizer state and the schedule position into the checkpoint folder."""
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        save_rank_state(directory, self.synchronizer.local_state_dict(kwargs["optimizer"]))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Average an unfinished last round, record the summary in the log history, switch gradient sync back on."""
+        if self.synchronizer is None:
+            return
+        self.synchronizer.sync_now()
+        if self.trainer is not None:
+            self.trainer.log({f"{key}_final": value for key, value in self.summary().items()})
+        self.synchronizer.close()
+
+    def summary(self) -> dict[str, float]:
+        """Final QSR metrics of the run (for the model card): ``qsr/syncs``, ``qsr/comm_volume_vs_ddp``, ..."""
+        if self.synchronizer is None:
+            return {}
+        logs = self.synchronizer.stats.to_logs()
+        logs["qsr/steps"] = float(self.synchronizer.stats.steps)
+        return logs

@@ -1,0 +1,245 @@
+"""QSRCallback with the real Trainer on 2 gloo processes (tiny ViT, in-memory dataset)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from testing_utils import flat_params, run_distributed, tiny_vit_config
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from transformers import Trainer, TrainerCallback, TrainingArguments, ViTForImageClassification
+
+from qsr_hf import QSRConfig
+from qsr_hf.callback import QSRCallback
+from qsr_hf.planner import plan
+
+
+def make_dataset(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
+
+
+class Recorder(TrainerCallback):
+    """Runs after QSRCallback: records parameters, lr and sync flag after every optimizer step."""
+
+    def __init__(self, qsr):
+        self.qsr = qsr
+        self.params, self.lrs, self.synced, self.at_eval = [], [], [], []
+        self.grad_allreduces = 0
+        self.param_allreduces = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        ddp = self.qsr.trainer.model_wrapped
+
+        def hook(s, bucket):
+            self.grad_allreduces += 1
+            return default_hooks.allreduce_hook(s, bucket)
+
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            ddp.register_comm_hook(None, hook)
+        self._orig = dist.all_reduce
+
+        def spy(*a, **k):
+            self.param_allreduces += 1
+            return self._orig(*a, **k)
+
+        dist.all_reduce = spy
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self._syncs_before = self.qsr.synchronizer.stats.syncs
+
+    def on_optimizer_step(self, args, state, control, model=None, **kw):
+        self.params.append(flat_params(model))
+        self.synced.append(self.qsr.synchronizer.stats.syncs > self._syncs_before)
+
+    def on_evaluate(self, args, state, control, model=None, **kw):
+        self.at_eval.append(flat_params(model))
+
+    def on_train_end(self, args, state, control, **kw):
+        dist.all_reduce = self._orig
+
+
+def _trainer_run(rank, world_size, out_dir, config, max_steps=12, accumulation=1, resume=None, sgd=False, **extra):
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_vit_config())
+    args = TrainingArguments(
+        output_dir=out_dir,
+        use_cpu=True,
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.05 if sgd else 1e-3,
+        lr_scheduler_type="constant" if sgd else "cosine",
+        warmup_steps=0 if sgd else 2,
+        max_grad_norm=0.0 if sgd else 1.0,
+        train_sampling_strategy="sequential" if sgd else "random",
+        logging_steps=4,
+        report_to=[],
+        save_strategy="steps" if extra.get("save_steps") else "no",
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
+    qsr = QSRCallback(config)
+    recorder = Recorder(qsr)
+    optimizers = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), None) if sgd else (None, None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset(),
+        eval_dataset=make_dataset(16, seed=1),
+        callbacks=[qsr, recorder],
+        optimizers=optimizers,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return {
+        "params": recorder.params,
+        "lrs": recorder.lrs,
+        "synced": recorder.synced,
+        "at_eval": recorder.at_eval,
+        "grad_allreduces": recorder.grad_allreduces,
+        "param_allreduces": recorder.param_allreduces,
+        "buckets": qsr.synchronizer.averager.num_buckets if qsr.synchronizer.averager else 0,
+        "stats": qsr.synchronizer.stats.state_dict(),
+        "warmup": args.get_warmup_steps(max_steps),
+        "log_history": trainer.state.log_history,
+        "final": flat_params(trainer.model),
+    }
+
+
+QSR = QSRConfig(qsr_rule="qsr", qsr_alpha=2e-3, qsr_h_base=2)
+
+
+def test_trainer_local_steps_follow_the_schedule(tmp_path):
+    r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=QSR)
+    expected = plan(QSR, r0["lrs"], r0["warmup"])
+    sync_after = [i + 1 for i, s in enumerate(r0["synced"]) if s]
+    assert sync_after == expected.sync_steps, "sync steps differ from the planner's"
+    assert len(expected.round_lengths) > 2 and max(expected.round_lengths) > 2, "the test schedule must grow H"
+    assert r0["grad_allreduces"] == 0 and r1["grad_allreduces"] == 0, "DDP reduced gradients"
+    assert r0["param_allreduces"] == expected.syncs * r0["buckets"]
+    for i, synced in enumerate(r0["synced"]):
+        same = torch.equal(r0["params"][i], r1["params"][i])
+        if synced:
+            assert same, f"step {i}: ranks differ right after a sync"
+        elif r0["lrs"][i] > 0:  # the first warm-up step has lr 0 and changes nothing
+            assert not same, f"step {i}: ranks equal between syncs"
+    logged = [h for h in r0["log_history"] if "qsr/H" in h]
+    assert logged and {"qsr/syncs", "qsr/comm_volume_vs_ddp", "qsr/bytes_averaged"} <= set(logged[0])
+    final = r0["log_history"][-1]
+    assert final["qsr/syncs_final"] == expected.syncs
+    assert final["qsr/comm_volume_vs_ddp_final"] == pytest.approx(expected.syncs / 12)
+
+
+def test_trainer_gradient_accumulation(tmp_path):
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=3)
+    r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=6, accumulation=2)
+    assert r0["synced"] == [False, False, True] * 2
+    assert r0["stats"]["steps"] == 6 and r0["grad_allreduces"] == 0
+    assert torch.equal(r0["final"], r1["final"])
+
+
+def test_eval_and_checkpoints_see_the_averaged_model(tmp_path):
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=4)
+    r0, r1 = run_distributed(
+        _trainer_run, out_dir=str(tmp_path), config=config, max_steps=8, eval_strategy="steps", eval_steps=3,
+        save_steps=3,
+    )  # fmt: skip
+    assert len(r0["at_eval"]) >= 2  # steps 3, 6 (and the end of the epoch)
+    for a, b in zip(r0["at_eval"], r1["at_eval"], strict=True):
+        assert torch.equal(a, b), "evaluation saw per-rank parameters"
+    assert r0["stats"]["extra_syncs"] == 2 and r0["stats"]["syncs"] == 2
+    for step in (3, 6):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        assert (ckpt / "qsr_state_rank0.pt").is_file() and (ckpt / "qsr_state_rank1.pt").is_file()
+        saved = torch.load(ckpt / "qsr_state_rank1.pt", weights_only=False)
+        assert saved["qsr"]["clock"]["step"] == step
+        assert saved["optimizer"]["state"], "rank 1's local optimizer state is saved"
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full = run_distributed(_trainer_run, out_dir=str(full_dir), config=QSR, save_steps=5)
+    shutil.copytree(full_dir / "checkpoint-5", resumed_dir / "checkpoint-5")
+    resumed = run_distributed(
+        _trainer_run, out_dir=str(resumed_dir), config=QSR, save_steps=5, resume=str(resumed_dir / "checkpoint-5")
+    )
+    for rank in (0, 1):
+        assert torch.equal(full[rank]["final"], resumed[rank]["final"]), f"rank {rank} diverged after resume"
+        assert full[rank]["stats"] == resumed[rank]["stats"]
+    assert resumed[0]["synced"] == full[0]["synced"][5:]
+
+
+def test_resume_without_qsr_files_warns(tmp_path):
+    full_dir = tmp_path / "full"
+    run_distributed(_trainer_run, out_dir=str(full_dir), config=QSR, save_steps=5, max_steps=6)
+    for f in Path(full_dir / "checkpoint-5").glob("qsr_state_rank*.pt"):
+        f.unlink()
+    out = run_distributed(_resume_capturing_warnings, out_dir=str(full_dir), resume=str(full_dir / "checkpoint-5"))
+    assert any("qsr_state_rank0.pt" in m for m in out[0])
+
+
+def _resume_capturing_warnings(rank, world_size, out_dir, resume):
+    import logging
+
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.getLogger("qsr_hf").addHandler(Grab())
+    _trainer_run(rank, world_size, out_dir, QSR, max_steps=6, save_steps=5, resume=resume)
+    return records
+
+
+def _local_optimizer_run(rank, world_size, steps, h):
+    from accelerate import Accelerator
+
+    from qsr_hf import LocalOptimizer
+
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = ViTForImageClassification(tiny_vit_config())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = torch.utils.data.DataLoader(make_dataset(), batch_size=4, shuffle=False)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    local = LocalOptimizer(opt, model, QSRConfig(qsr_rule="constant", qsr_h_base=h), num_training_steps=steps)
+    for i, batch in enumerate(loader):
+        if i == steps:
+            break
+        accelerator.backward(model(**batch).loss)
+        local.step()
+        local.zero_grad()
+    return flat_params(model.module)
+
+
+def test_callback_matches_local_optimizer(tmp_path):
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=3)
+    trainer_runs = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=7, sgd=True)
+    loop_runs = run_distributed(_local_optimizer_run, steps=7, h=3)
+    for rank in (0, 1):
+        torch.testing.assert_close(trainer_runs[rank]["final"], loop_runs[rank], rtol=1e-5, atol=1e-6)
+
+
+def test_single_process_trainer_warns_and_trains(tmp_path, caplog):
+    result = _trainer_run(0, 1, str(tmp_path), QSRConfig(qsr_rule="constant", qsr_h_base=2), max_steps=3)
+    assert result["stats"]["steps"] == 3 and result["stats"]["bytes_averaged"] == 0
+    assert any("single-process run" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_lr_scheduler_is_an_error(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    from transformers import TrainerControl, TrainerState
+
+    with pytest.raises(ValueError, match="needs an lr scheduler"):
+        QSRCallback(alpha=0.01).on_train_begin(args, TrainerState(), TrainerControl(), lr_scheduler=None)
+
+
+def test_one_line_form_equals_config_form():
+    assert QSRCallback(alpha=0.0175, h_base=4).config == QSRCallback(QSRConfig(qsr_alpha=0.0175, qsr_h_base=4)).config
