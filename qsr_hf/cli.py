@@ -1,0 +1,154 @@
+"""`qsr-hf`: ``train`` a recipe, or ``plan`` a run's sync schedule. The only module that prints."""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from qsr_hf.config import RULES, QSRConfig
+from qsr_hf.lr_schedule import lr_sequence
+from qsr_hf.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qsr-hf plan",
+        description="Replay a sync rule over an lr schedule: round lengths, syncs, communication vs data-parallel.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe YAML (takes lr schedule and QSR settings from it)")
+    p.add_argument("--peak-lr", type=float, help="learning rate after warm-up")
+    p.add_argument("--total-steps", type=int, help="optimizer steps")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, optimizer steps")
+    p.add_argument(
+        "--decay", default="cosine", help="cosine (to --min-lr), linear, constant, step, or any transformers type"
+    )
+    p.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine decay")
+    p.add_argument("--milestones", type=int, nargs="*", default=[], help="step decay: steps where lr *= --gamma")
+    p.add_argument("--gamma", type=float, default=0.1, help="step decay factor")
+    p.add_argument("--rule", choices=RULES, help="sync rule (default: the recipe's, else qsr)")
+    p.add_argument("--alpha", type=float, help="α in H = max(H_base, ⌊(α/η)^γ⌋)")
+    p.add_argument("--h-base", type=int, help="H_base, optimizer steps")
+    p.add_argument("--h-max", type=int, help="cap on H, optimizer steps")
+    p.add_argument("--switch-step", type=int, help="post_local switch step")
+    p.add_argument("--target-comm", type=float, help="pick the smallest α communicating at most this (e.g. 0.1)")
+    p.add_argument("--target-switch", type=float, help="pick α so H first exceeds H_base at this fraction")
+    p.add_argument("--plot", help="write lr and H against the step to this PNG (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def _from_recipe(path: str) -> tuple[QSRConfig, list[float], int]:
+    from qsr_hf.train import parse_recipe
+
+    _, _, qsr_config, args = parse_recipe(path, [])
+    if args.max_steps <= 0:
+        raise SystemExit(f"{path}: set max_steps in the recipe so the schedule can be planned without the data")
+    warmup = args.get_warmup_steps(args.max_steps)
+    lrs = lr_sequence(
+        args.learning_rate, args.max_steps, warmup, str(args.lr_scheduler_type.value), args.lr_scheduler_kwargs
+    )
+    return qsr_config, lrs, warmup
+
+
+def _from_flags(ns: argparse.Namespace) -> tuple[QSRConfig, list[float], int]:
+    if ns.peak_lr is None or ns.total_steps is None:
+        raise SystemExit("give a recipe YAML, or --peak-lr and --total-steps")
+    kinds = {"cosine": ("cosine_with_min_lr", {"min_lr": ns.min_lr}), "constant": ("constant_with_warmup", {})}
+    kind, kwargs = kinds.get(ns.decay, (ns.decay, {}))
+    if ns.decay == "step":
+        kwargs = {"milestones": ns.milestones, "gamma": ns.gamma}
+    lrs = lr_sequence(ns.peak_lr, ns.total_steps, ns.warmup_steps, kind, kwargs)
+    return QSRConfig(qsr_alpha=1.0), lrs, ns.warmup_steps
+
+
+def _override(config: QSRConfig, ns: argparse.Namespace) -> dict[str, Any]:
+    flags = {"qsr_rule": ns.rule, "qsr_alpha": ns.alpha, "qsr_h_base": ns.h_base, "qsr_h_max": ns.h_max}
+    flags["qsr_switch_step"] = ns.switch_step
+    return {**config.to_dict(), **{k: v for k, v in flags.items() if v is not None}}
+
+
+def _summary(config: QSRConfig, result: Plan, lrs: Sequence[float]) -> dict[str, Any]:
+    marks = sorted({int(result.total_steps * f / 10) for f in range(10)})
+    profile = []
+    for mark in marks:
+        i = max(i for i, s in enumerate(result.round_starts) if s <= mark)
+        profile.append({"step": mark, "lr": lrs[mark], "H": result.round_lengths[i]})
+    return {
+        "rule": config.qsr_rule,
+        "alpha": config.qsr_alpha,
+        "h_base": config.qsr_h_base,
+        "total_steps": result.total_steps,
+        "syncs": result.syncs,
+        "comm_vs_data_parallel": result.comm_ratio,
+        "first_round_longer_than_h_base": result.first_step_above(config.qsr_h_base),
+        "last_rounds": result.round_lengths[-5:],
+        "profile": profile,
+    }
+
+
+def _plot(path: str, result: Plan, lrs: Sequence[float]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install 'qsr_hf[plot]'") from e
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(range(len(lrs)), lrs, color="tab:blue")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.step(result.round_starts, result.round_lengths, where="post", color="tab:red")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("round length H", color="tab:red")
+    ax.set_title(f"{result.syncs} syncs, {100 * result.comm_ratio:.2f}% of data-parallel communication")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plan_main(argv: Sequence[str]) -> dict[str, Any]:
+    """Run ``qsr-hf plan``; returns the printed summary."""
+    ns = _plan_parser().parse_args(argv)
+    base, lrs, warmup = _from_recipe(ns.recipe) if ns.recipe else _from_flags(ns)
+    fields = _override(base, ns)
+    if ns.target_comm is not None or ns.target_switch is not None:
+        probe = QSRConfig(**{**fields, "qsr_alpha": fields.get("qsr_alpha") or 1.0})
+        if ns.target_comm is not None:
+            fields["qsr_alpha"] = alpha_for_comm_budget(probe, lrs, ns.target_comm, warmup)
+        else:
+            fields["qsr_alpha"] = alpha_for_switch_fraction(probe, lrs, ns.target_switch, warmup)
+    config = QSRConfig(**fields)
+    result = plan(config, lrs, warmup)
+    summary = _summary(config, result, lrs)
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"rule={config.qsr_rule} alpha={config.qsr_alpha} H_base={config.qsr_h_base} steps={len(lrs)}")
+        print(f"{'step':>10} {'lr':>12} {'H':>8}")
+        for row in summary["profile"]:
+            print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")
+        print(f"last rounds: {summary['last_rounds']}")
+        print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_ratio:.3f}%")
+    if ns.plot:
+        _plot(ns.plot, result, lrs)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``qsr-hf`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "plan"):
+        print("usage: qsr-hf {train RECIPE.yaml [--key value ...] | plan [RECIPE.yaml] [options]}")
+        raise SystemExit(2)
+    if argv[0] == "plan":
+        plan_main(argv[1:])
+    else:
+        from qsr_hf.train import main as train_main
+
+        train_main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The planner reproduces the paper's schedule, and picks alpha from a target."""
+
+import pytest
+
+from qsr_hf import QSRConfig, plan
+from qsr_hf.cli import plan_main
+from qsr_hf.lr_schedule import lr_sequence
+from qsr_hf.planner import alpha_for_comm_budget, alpha_for_switch_fraction
+
+
+VIT_STEPS, VIT_WARMUP = 93_600, 10_000  # PAPER.md: 300 epochs x 312 steps, 10k warm-up, cosine 8e-3 -> 1e-6
+
+
+@pytest.fixture(scope="module")
+def vit_lrs():
+    return lr_sequence(0.008, VIT_STEPS, VIT_WARMUP, "cosine_with_min_lr", {"min_lr": 1e-6})
+
+
+def test_vit_b_qsr_schedule_matches_the_paper(vit_lrs):
+    result = plan(QSRConfig(qsr_alpha=0.0175, qsr_h_base=4), vit_lrs, VIT_WARMUP)
+    assert result.syncs == 9_711  # replay of the official code: 10.375% ~ the paper's 10.4%
+    assert round(100 * result.comm_ratio, 1) == 10.4
+    assert result.first_step_above(4) == 17_876
+    assert result.round_lengths[-1] == 8_142
+    assert 2_769 in result.round_lengths
+
+
+def test_constant_h4_communicates_a_quarter(vit_lrs):
+    assert plan(QSRConfig(qsr_rule="constant", qsr_h_base=4), vit_lrs, VIT_WARMUP).comm_ratio == 0.25
+
+
+def test_alpha_for_comm_budget(vit_lrs):
+    config = QSRConfig(qsr_alpha=1.0, qsr_h_base=4)
+    alpha = alpha_for_comm_budget(config, vit_lrs[::10], 0.15, VIT_WARMUP // 10)
+    assert plan(QSRConfig(qsr_alpha=alpha, qsr_h_base=4), vit_lrs[::10], VIT_WARMUP // 10).comm_ratio <= 0.15
+    slightly_less = QSRConfig(qsr_alpha=alpha * 0.999, qsr_h_base=4)
+    assert plan(slightly_less, vit_lrs[::10], VIT_WARMUP // 10).comm_ratio > 0.15
+    with pytest.raises(ValueError, match="below what H_base"):
+        # warm-up rounds alone (1,000 steps / H_base 4 of 9,360) already need 2.7%
+        alpha_for_comm_budget(config, vit_lrs[::10], 0.01, VIT_WARMUP // 10)
+
+
+def test_alpha_for_switch_fraction():
+    lrs = [0.1 * (1 - i / 1000) + 1e-4 for i in range(1000)]
+    config = QSRConfig(qsr_alpha=1.0, qsr_h_base=2)
+    alpha = alpha_for_switch_fraction(config, lrs, 0.5)
+    first = plan(QSRConfig(qsr_alpha=alpha, qsr_h_base=2), lrs).first_step_above(2)
+    assert first <= 500
+    later = plan(QSRConfig(qsr_alpha=alpha * 0.99, qsr_h_base=2), lrs).first_step_above(2)
+    assert later is None or later > 500
+
+
+def test_plan_cli_flags(capsys):
+    summary = plan_main(
+        ["--peak-lr", "0.008", "--total-steps", "9360", "--warmup-steps", "1000", "--min-lr", "1e-6", "--alpha",
+         "0.0175", "--h-base", "4", "--json"]
+    )  # fmt: skip
+    assert (
+        summary["syncs"]
+        == plan(
+            QSRConfig(qsr_alpha=0.0175, qsr_h_base=4),
+            lr_sequence(0.008, 9360, 1000, "cosine_with_min_lr", {"min_lr": 1e-6}),
+            1000,
+        ).syncs
+    )
+    assert '"syncs"' in capsys.readouterr().out
+
+
+def test_plan_cli_step_decay_and_plot(tmp_path):
+    out = tmp_path / "plan.png"
+    summary = plan_main(
+        ["--peak-lr", "0.8", "--total-steps", "900", "--decay", "step", "--milestones", "300", "600", "--rule",
+         "qsr", "--alpha", "1.0", "--h-base", "2", "--plot", str(out)]
+    )  # fmt: skip
+    assert out.stat().st_size > 1000
+    h = {row["step"]: row["H"] for row in summary["profile"]}
+    assert h[0] == 2 and h[360] == 156 and h[720] == 900 - 720 or h[720] > 156

@@ -1,0 +1,97 @@
+"""Schedules, clock and config: pure, table-driven."""
+
+import pytest
+
+from qsr_hf import ConstantSchedule, PostLocalSchedule, PowerSchedule, QSRConfig
+from qsr_hf.clock import SyncClock
+from qsr_hf.config import make_config
+from qsr_hf.planner import plan
+
+
+# (config kwargs, lr per step, warmup, expected round lengths)
+SCHEDULE_CASES = [
+    # QSR: H = max(2, floor((0.1/lr)^2)); lr of the round's first step decides
+    (
+        {"qsr_rule": "qsr", "qsr_alpha": 0.1, "qsr_h_base": 2},
+        [0.1] * 4 + [0.05] * 4 + [0.02] * 30,
+        0,
+        [2, 2, 4, 25, 5],
+    ),
+    # linear: floor(0.1/lr)
+    ({"qsr_rule": "linear", "qsr_alpha": 0.1, "qsr_h_base": 2}, [0.1] * 4 + [0.02] * 12, 0, [2, 2, 5, 5, 2]),
+    # cubic: floor((0.1/0.05)^3) = 8
+    ({"qsr_rule": "cubic", "qsr_alpha": 0.1, "qsr_h_base": 2}, [0.1] * 2 + [0.05] * 10, 0, [2, 8, 2]),
+    # warm-up: H_base while step < warmup even though the lr is tiny
+    ({"qsr_rule": "qsr", "qsr_alpha": 0.1, "qsr_h_base": 3}, [1e-6] * 6 + [0.05] * 6, 6, [3, 3, 4, 2]),
+    # h_max caps the rule
+    ({"qsr_rule": "qsr", "qsr_alpha": 0.1, "qsr_h_base": 2, "qsr_h_max": 3}, [0.01] * 8, 0, [3, 3, 2]),
+    ({"qsr_rule": "constant", "qsr_h_base": 4}, [0.1] * 10, 0, [4, 4, 2]),
+    ({"qsr_rule": "ddp"}, [0.1] * 3, 0, [1, 1, 1]),
+    ({"qsr_rule": "post_local", "qsr_switch_step": 3, "qsr_h_base": 4}, [0.1] * 9, 0, [1, 1, 1, 4, 2]),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "lrs", "warmup", "expected"), SCHEDULE_CASES)
+def test_round_lengths(kwargs, lrs, warmup, expected):
+    assert plan(QSRConfig(**kwargs), lrs, warmup).round_lengths == expected
+
+
+def test_last_round_is_clipped_to_the_end():
+    result = plan(QSRConfig(qsr_alpha=1.0, qsr_h_base=2), [0.01] * 50)
+    assert result.round_lengths == [50] and result.sync_steps == [50]
+
+
+def test_power_schedule_formula():
+    s = PowerSchedule(coefficient=0.0175, exponent=2, h_base=4, h_max=None, warmup_steps=0)
+    assert s.round_length(0, 0.008) == 4  # (0.0175/0.008)^2 = 4.78 -> 4
+    assert s.round_length(0, 0.001) == 306  # 306.25 -> 306
+    assert ConstantSchedule(7).round_length(5, 0.1) == 7
+    assert PostLocalSchedule(10, 8).round_length(9, 0.1) == 1
+    assert PostLocalSchedule(10, 8).round_length(10, 0.1) == 8
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("inf")])
+def test_non_positive_lr_at_round_start_is_an_error(lr):
+    with pytest.raises(ValueError, match="needs lr > 0"):
+        PowerSchedule(0.1, 2, 2, None, 0).round_length(5, lr)
+
+
+BAD_CONFIGS = [
+    ({"qsr_alpha": 0.0}, "qsr_alpha must be > 0"),
+    ({"qsr_alpha": -1.0}, "qsr_alpha must be > 0"),
+    ({"qsr_alpha": None}, "needs qsr_alpha"),
+    ({"qsr_alpha": 0.1, "qsr_h_base": 0}, "qsr_h_base must be an integer >= 1"),
+    ({"qsr_alpha": 0.1, "qsr_h_base": 4, "qsr_h_max": 2}, "qsr_h_max must be >= qsr_h_base"),
+    ({"qsr_rule": "quadratic"}, "qsr_rule must be one of"),
+    ({"qsr_rule": "post_local"}, "needs qsr_switch_step"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_CONFIGS)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QSRConfig(**kwargs)
+
+
+def test_make_config_accepts_short_names():
+    assert make_config(alpha=0.02, h_base=3) == QSRConfig(qsr_alpha=0.02, qsr_h_base=3)
+    with pytest.raises(TypeError, match="unknown QSR option 'beta'"):
+        make_config(beta=1)
+
+
+def test_clock_state_round_trip():
+    clock = SyncClock(ConstantSchedule(3), total_steps=10)
+    for _ in range(4):
+        clock.begin_step(0.1)
+        clock.end_step()
+    state = clock.state_dict()
+    other = SyncClock(ConstantSchedule(3), total_steps=10)
+    other.load_state_dict(state)
+    steps = []
+    for c in (clock, other):
+        out = []
+        while c.step < 10:
+            c.begin_step(0.1)
+            out.append(c.end_step())
+        steps.append(out)
+    assert steps[0] == steps[1] == [False, True, False, False, True, True]
