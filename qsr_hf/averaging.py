@@ -6,7 +6,7 @@ tensor afterwards (``model.to(dtype)``, a reloaded state dict that replaced stor
 broken before the next sync and the buckets are rebuilt.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -84,8 +84,10 @@ class ParameterAverager:
     """Average tensors across the ranks of a process group, in place, one collective per (device, dtype) bucket.
 
     Args:
-        tensors (`Iterable[torch.Tensor]`):
-            What to average (see [`averaged_tensors`]). They are re-bound as views of flat buffers.
+        tensors (`Iterable[torch.Tensor]` or `Callable[[], Iterable[torch.Tensor]]`):
+            What to average (see [`averaged_tensors`]); they are re-bound as views of flat buffers. Pass a callable
+            that re-collects them (``lambda: averaged_tensors(model, True)``) so that tensors replaced later, such as
+            buffers after ``model.to(dtype)``, are picked up.
         process_group (`ProcessGroup`, *optional*):
             The data-parallel group; `None` means the default (WORLD) group.
         fp32_average (`bool`, defaults to `True`):
@@ -101,11 +103,12 @@ class ParameterAverager:
 
     def __init__(
         self,
-        tensors: Iterable[torch.Tensor],
+        tensors: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
         process_group: ProcessGroup | None = None,
         fp32_average: bool = True,
     ) -> None:
-        self.tensors = list(tensors)
+        self._collect = tensors if callable(tensors) else None
+        self.tensors = list(tensors() if callable(tensors) else tensors)
         self.process_group = process_group
         self.fp32_average = fp32_average
         self.buckets = self._build()
@@ -130,8 +133,15 @@ class ParameterAverager:
         return torch.float32 if self.fp32_average and dtype in _LOW_PRECISION else dtype
 
     def ensure_views(self) -> None:
-        """Rebuild the buckets if a tensor was re-bound since they were built (e.g. by ``model.to(dtype)``)."""
-        if not all(b.intact() for b in self.buckets):
+        """Rebuild the buckets if a tensor was re-bound or replaced since they were built (e.g. by ``model.to``)."""
+        if self._collect is not None:
+            current = list(self._collect())
+            if len(current) != len(self.tensors) or any(
+                a is not b for a, b in zip(current, self.tensors, strict=False)
+            ):
+                self.tensors = current
+                self.buckets = []
+        if not self.buckets or not all(b.intact() for b in self.buckets):
             logger.warning(
                 "qsr_hf: parameters were moved or re-cast after the averager was built; rebuilding its flat buffers",
                 main_process_only=True,

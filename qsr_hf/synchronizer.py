@@ -4,6 +4,7 @@ It ties a backend adapter (gradient all-reduce off), a [`ParameterAverager`], a 
 schedule) and [`SyncStats`] (what was communicated) together, and owns their state.
 """
 
+import functools
 from typing import Any
 
 import torch
@@ -39,7 +40,9 @@ class Synchronizer:
         self.averager: ParameterAverager | None = None
         if self.distributed:
             self.averager = ParameterAverager(
-                engine.averaged_tensors(config.qsr_average_buffers), engine.process_group, config.qsr_fp32_average
+                functools.partial(engine.averaged_tensors, config.qsr_average_buffers),
+                engine.process_group,
+                config.qsr_fp32_average,
             )
             engine.disable_gradient_sync()
         else:
@@ -88,8 +91,6 @@ class Synchronizer:
         self.engine.restore_gradient_sync()
 
     def _local_tensors(self) -> list[torch.Tensor]:
-        if self.averager is not None:
-            return self.averager.tensors
         return self.engine.averaged_tensors(self.config.qsr_average_buffers)
 
     def local_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
