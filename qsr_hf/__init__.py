@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from qsr_hf.accounting import SyncStats
 from qsr_hf.averaging import ParameterAverager
+from qsr_hf.callback import QSRCallback
 from qsr_hf.config import QSRConfig
 from qsr_hf.local_optimizer import LocalOptimizer
 from qsr_hf.planner import plan
@@ -21,6 +22,7 @@ __all__ = [
     "ParameterAverager",
     "PostLocalSchedule",
     "PowerSchedule",
+    "QSRCallback",
     "QSRConfig",
     "SyncSchedule",
     "SyncStats",
