@@ -45,9 +45,21 @@ def _inverse_decay(step):
     return 1.0 / (1 + step)
 
 
-def _train(rank, world_size, config, steps, lr_fn=None, accumulation=1, optimizer="sgd", warmup=0, seed=0):
+def _train(
+    rank,
+    world_size,
+    config,
+    steps,
+    lr_fn=None,
+    accumulation=1,
+    optimizer="sgd",
+    warmup=0,
+    seed=0,
+    precision="no",
+    clip=False,
+):
     torch.manual_seed(0)  # identical init on every rank (DDP broadcasts rank 0's anyway)
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=precision)
     model = BNMLP()
     opt = (
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -65,6 +77,8 @@ def _train(rank, world_size, config, steps, lr_fn=None, accumulation=1, optimize
             with accelerator.accumulate(model):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
                 accelerator.backward(loss)
+                if clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 local.step()
                 sched.step()
                 local.zero_grad()
@@ -124,6 +138,20 @@ def test_gradient_accumulation_counts_optimizer_steps():
     assert r0["stats"]["steps"] == steps
     assert r0["grad_allreduces"] == 0
     assert torch.equal(r0["params"][-1], r1["params"][-1])
+
+
+def test_bf16_autocast_and_clipping_stay_local():
+    steps, h = 4, 2
+    r0, r1 = run_distributed(
+        _train,
+        config=QSRConfig(qsr_rule="constant", qsr_h_base=h),
+        steps=steps,
+        optimizer="adamw",
+        precision="bf16",
+        clip=True,
+    )
+    assert r0["grad_allreduces"] == 0 and r0["param_allreduces"] == 2 * r0["buckets"]
+    assert not torch.equal(r0["params"][0], r1["params"][0]) and torch.equal(r0["params"][1], r1["params"][1])
 
 
 def _ddp_reference(rank, world_size, steps):
