@@ -67,24 +67,24 @@ class Recorder(TrainerCallback):
 def _trainer_run(rank, world_size, out_dir, config, max_steps=12, accumulation=1, resume=None, sgd=False, **extra):
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_vit_config())
-    args = TrainingArguments(
-        output_dir=out_dir,
-        use_cpu=True,
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=0.05 if sgd else 1e-3,
-        lr_scheduler_type="constant" if sgd else "cosine",
-        warmup_steps=0 if sgd else 2,
-        max_grad_norm=0.0 if sgd else 1.0,
-        train_sampling_strategy="sequential" if sgd else "random",
-        logging_steps=4,
-        report_to=[],
-        save_strategy="steps" if extra.get("save_steps") else "no",
-        disable_tqdm=True,
-        seed=0,
-        **extra,
-    )
+    settings = {
+        "output_dir": out_dir,
+        "use_cpu": True,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": accumulation,
+        "learning_rate": 0.05 if sgd else 1e-3,
+        "lr_scheduler_type": "constant" if sgd else "cosine",
+        "warmup_steps": 0 if sgd else 2,
+        "max_grad_norm": 0.0 if sgd else 1.0,
+        "train_sampling_strategy": "sequential" if sgd else "random",
+        "logging_steps": 4,
+        "report_to": [],
+        "save_strategy": "steps" if extra.get("save_steps") else "no",
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    args = TrainingArguments(**{**settings, **extra})
     qsr = QSRCallback(config)
     recorder = Recorder(qsr)
     optimizers = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), None) if sgd else (None, None)
@@ -231,6 +231,24 @@ def test_single_process_trainer_warns_and_trains(tmp_path, caplog):
     result = _trainer_run(0, 1, str(tmp_path), QSRConfig(qsr_rule="constant", qsr_h_base=2), max_steps=3)
     assert result["stats"]["steps"] == 3 and result["stats"]["bytes_averaged"] == 0
     assert any("single-process run" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["linear", "cosine", "constant_with_warmup", "cosine_with_min_lr", "polynomial", "inverse_sqrt"]
+)
+def test_every_scheduler_type_drives_the_schedule(tmp_path, scheduler):
+    kwargs = {"lr_scheduler_kwargs": {"min_lr": 1e-5}} if scheduler == "cosine_with_min_lr" else {}
+    config = QSRConfig(qsr_alpha=2e-3, qsr_h_base=2)
+    result = _trainer_run(0, 1, str(tmp_path), config, max_steps=16, lr_scheduler_type=scheduler, **kwargs)
+    expected = plan(config, result["lrs"], result["warmup"])
+    assert [i + 1 for i, s in enumerate(result["synced"]) if s] == expected.sync_steps
+
+
+def test_trainer_bf16_autocast(tmp_path):
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=3)
+    r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=6, bf16=True)
+    assert r0["grad_allreduces"] == 0 and r0["synced"] == [False, False, True] * 2
+    assert torch.equal(r0["final"], r1["final"]) and not torch.equal(r0["params"][3], r1["params"][3])
 
 
 def test_missing_lr_scheduler_is_an_error(tmp_path):
