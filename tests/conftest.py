@@ -1,0 +1,19 @@
+"""Test-wide settings: no network, one thread per process, fixed seeds."""
+
+import os
+
+import pytest
+
+
+# tests never reach the hub: fail fast instead of waiting on a network that is not there
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
