@@ -1,0 +1,177 @@
+"""Shared helpers for the benchmark scripts: machine info, spawned gloo runs, result files, tables.
+
+Not part of the library and not run by the unit tests.
+"""
+
+import datetime
+import json
+import math
+import os
+import pickle
+import platform
+import socket
+import statistics
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import accelerate
+    import torch
+    import transformers
+
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = float("nan")
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "device": "cuda" if torch.cuda.is_available() else "cpu (no GPU)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        # the machine may be shared: a load average above the core count means the numbers are noisy
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``results/<name>.json`` with the machine, the date and the command line, plus ``payload``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    record = {
+        "benchmark": name,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        **payload,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a Markdown table (so it can be pasted into the README)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "-"
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("| " + " | ".join("-" * w for w in widths) + " |")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (linear interpolation) of ``xs``."""
+    if not xs:
+        return float("nan")
+    ys = sorted(xs)
+    pos = q * (len(ys) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        ACCELERATE_USE_CPU="true",
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        queue.put((rank, "ok", pickle.dumps(fn(rank=rank, world_size=world_size, **kwargs))))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int = 2, timeout: float = 1800, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank=, world_size=, **kwargs)`` in ``world_size`` spawned gloo processes on loopback (1 thread each)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            results[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]
+
+
+def paper_lr_schedule(
+    total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float, init_lr: float | None = None
+) -> list[float]:
+    """The paper's ViT-B lr shape: linear warm-up from ``init_lr`` (default ``min_lr``), then cosine to ``min_lr``.
+
+    Entry ``t`` is the lr used by optimizer step ``t``.
+    """
+    init_lr = min_lr if init_lr is None else init_lr
+    lrs = []
+    for t in range(total_steps):
+        if t < warmup_steps:
+            lrs.append(init_lr + (peak_lr - init_lr) * t / warmup_steps)
+        else:
+            frac = (t - warmup_steps) / max(1, total_steps - warmup_steps)
+            lrs.append(min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lrs

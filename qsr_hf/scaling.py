@@ -1,0 +1,189 @@
+"""Predict wall-clock time of data-parallel vs local (QSR) training from compute time, model size and bandwidth. Pure.
+
+The cost model is the simplest one that matches the paper's data-parallel baseline (no overlap of communication with
+compute):
+
+- data-parallel: every optimizer step = compute + one ring all-reduce of the gradients;
+- local training: every optimizer step = compute; every sync (end of a round, see [`Plan`]) = one ring all-reduce of
+  the parameters.
+
+A ring all-reduce of ``B`` bytes over ``N`` workers sends ``2 (N - 1) / N * B`` bytes through each worker's link and
+takes ``2 (N - 1)`` latency-bound hops, so it lasts ``2 (N - 1) / N * B / bandwidth + 2 (N - 1) * latency``.
+Everything else (stragglers, data loading, evaluation, NCCL's achieved fraction of the line rate) is outside the
+model; `implied_allreduce_seconds` recovers the all-reduce time that measured wall-clock times imply, to compare.
+"""
+
+from dataclasses import dataclass
+
+from qsr_hf.planner import Plan
+
+
+def ring_allreduce_seconds(
+    num_bytes: float, bandwidth_bits_per_s: float, num_workers: int, latency_s: float = 0.0
+) -> float:
+    """Time of one ring all-reduce.
+
+    Args:
+        num_bytes (`float`): bytes each worker contributes (e.g. 4 x parameters for fp32 gradients).
+        bandwidth_bits_per_s (`float`): link bandwidth of one worker, in bits per second (25 Gbps = ``25e9``).
+        num_workers (`int`): N, the number of workers in the ring.
+        latency_s (`float`, defaults to 0.0): latency of one hop, in seconds.
+
+    Returns:
+        `float`: seconds; 0 for a single worker.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if not bandwidth_bits_per_s > 0:
+        raise ValueError(f"bandwidth_bits_per_s must be > 0, got {bandwidth_bits_per_s}")
+    if num_workers == 1:
+        return 0.0
+    hops = 2 * (num_workers - 1)
+    return hops / num_workers * num_bytes * 8 / bandwidth_bits_per_s + hops * latency_s
+
+
+def ring_bandwidth_bits_per_s(num_bytes: float, allreduce_s: float, num_workers: int) -> float:
+    """Link bandwidth that makes a ring all-reduce of ``num_bytes`` over ``num_workers`` last ``allreduce_s``.
+
+    The inverse of [`ring_allreduce_seconds`] without latency: the "bus bandwidth" of nccl-tests.
+
+    Args:
+        num_bytes (`float`): bytes each worker contributes.
+        allreduce_s (`float`): measured (or implied) seconds of one all-reduce.
+        num_workers (`int`): N (>= 2).
+
+    Returns:
+        `float`: bits per second.
+    """
+    if num_workers < 2 or not allreduce_s > 0:
+        raise ValueError(f"need num_workers >= 2 and allreduce_s > 0, got {num_workers} and {allreduce_s}")
+    return 2 * (num_workers - 1) / num_workers * num_bytes * 8 / allreduce_s
+
+
+@dataclass(frozen=True)
+class WallClockPrediction:
+    """Predicted wall-clock time of one run, data-parallel vs local training.
+
+    Args:
+        steps (`int`): optimizer steps.
+        syncs (`int`): parameter averages of the local run.
+        compute_s (`float`): compute seconds of the run (steps x compute per step), the same for both.
+        allreduce_s (`float`): seconds of one gradient all-reduce (data-parallel).
+        sync_s (`float`): seconds of one parameter all-reduce (local training).
+        ddp_overlap (`float`): fraction of each gradient all-reduce hidden behind compute.
+    """
+
+    steps: int
+    syncs: int
+    compute_s: float
+    allreduce_s: float
+    sync_s: float
+    ddp_overlap: float = 0.0
+
+    @property
+    def ddp_s(self) -> float:
+        """Seconds of the data-parallel run: compute + one exposed gradient all-reduce per step."""
+        return self.compute_s + self.steps * self.allreduce_s * (1.0 - self.ddp_overlap)
+
+    @property
+    def local_s(self) -> float:
+        """Seconds of the local run: compute + one parameter all-reduce per sync."""
+        return self.compute_s + self.syncs * self.sync_s
+
+    @property
+    def speedup(self) -> float:
+        """``ddp_s / local_s``."""
+        return self.ddp_s / self.local_s if self.local_s else float("inf")
+
+    @property
+    def comm_fraction_ddp(self) -> float:
+        """Share of the data-parallel run spent in (exposed) communication."""
+        return 1.0 - self.compute_s / self.ddp_s if self.ddp_s else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        """Inputs and predictions as a flat dict (hours included, for reports)."""
+        return {
+            "steps": float(self.steps),
+            "syncs": float(self.syncs),
+            "compute_s": self.compute_s,
+            "allreduce_s": self.allreduce_s,
+            "sync_s": self.sync_s,
+            "ddp_s": self.ddp_s,
+            "local_s": self.local_s,
+            "ddp_h": self.ddp_s / 3600,
+            "local_h": self.local_s / 3600,
+            "speedup": self.speedup,
+        }
+
+
+def predict_wall_clock(
+    plan: Plan,
+    compute_s_per_step: float,
+    model_bytes: float,
+    bandwidth_bits_per_s: float,
+    num_workers: int,
+    *,
+    latency_s: float = 0.0,
+    sync_bytes: float | None = None,
+    ddp_overlap: float = 0.0,
+) -> WallClockPrediction:
+    """Predict the wall-clock time of data-parallel training and of local training with ``plan``'s rounds.
+
+    Args:
+        plan ([`Plan`]): the local run's rounds (from [`plan`]); its ``total_steps`` is also the data-parallel length.
+        compute_s_per_step (`float`): seconds of one optimizer step of one worker without communication
+            (forward, backward, optimizer; at the per-worker batch size of this ``num_workers``).
+        model_bytes (`float`): bytes of one gradient all-reduce (4 x trainable parameters for fp32 gradients).
+        bandwidth_bits_per_s (`float`): per-worker link bandwidth in bits per second.
+        num_workers (`int`): N.
+        latency_s (`float`, defaults to 0.0): per-hop latency in seconds.
+        sync_bytes (`float`, *optional*): bytes of one parameter average; defaults to ``model_bytes`` (fp32 both).
+        ddp_overlap (`float`, defaults to 0.0): fraction of each gradient all-reduce hidden behind the backward pass;
+            0 is the paper's baseline, which did not overlap.
+
+    Returns:
+        [`WallClockPrediction`]: both times and their inputs.
+
+    Example:
+
+    ```python
+    p = plan(QSRConfig(qsr_alpha=0.0175), lrs, warmup_steps=10_000)
+    pred = predict_wall_clock(p, 0.75, 4 * 86_381_800, 25e9, 16)
+    pred.ddp_s / 3600, pred.local_s / 3600
+    ```
+    """
+    if compute_s_per_step < 0:
+        raise ValueError(f"compute_s_per_step must be >= 0, got {compute_s_per_step}")
+    if not 0.0 <= ddp_overlap <= 1.0:
+        raise ValueError(f"ddp_overlap must be in [0, 1], got {ddp_overlap}")
+    allreduce_s = ring_allreduce_seconds(model_bytes, bandwidth_bits_per_s, num_workers, latency_s)
+    sync_s = ring_allreduce_seconds(
+        model_bytes if sync_bytes is None else sync_bytes, bandwidth_bits_per_s, num_workers, latency_s
+    )
+    return WallClockPrediction(
+        steps=plan.total_steps,
+        syncs=plan.syncs,
+        compute_s=plan.total_steps * compute_s_per_step,
+        allreduce_s=allreduce_s,
+        sync_s=sync_s,
+        ddp_overlap=ddp_overlap,
+    )
+
+
+def implied_allreduce_seconds(ddp_s: float, local_s: float, steps: int, syncs: int) -> float:
+    """All-reduce time that measured data-parallel and local wall-clock times imply under this cost model.
+
+    Both runs share the compute, so ``ddp_s - local_s = (steps - syncs) * allreduce_s``.
+
+    Args:
+        ddp_s (`float`): measured seconds of the data-parallel run.
+        local_s (`float`): measured seconds of the local run.
+        steps (`int`): optimizer steps of both runs.
+        syncs (`int`): syncs of the local run.
+
+    Returns:
+        `float`: seconds of one all-reduce.
+    """
+    if steps <= syncs:
+        raise ValueError(f"need steps > syncs, got steps={steps}, syncs={syncs}")
+    return (ddp_s - local_s) / (steps - syncs)
