@@ -1,0 +1,255 @@
+"""Simulate K data-parallel workers in one process: local training with a sync rule, or data-parallel training.
+
+Every worker has its own model and optimizer copy (deep copies of one initial model) and its own shard of every
+global batch, as each rank of a DDP run gets its slice. Rounds come from the library's `QSRConfig.build_schedule`
+and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged tensor, sum the replicas in rank order
+(fp32 for bf16/fp16), divide by K, copy to every replica. With K = 2 this is bitwise what a 2-process gloo run of
+[`LocalOptimizer`] computes (``tests/test_simulation.py``). The data-parallel baseline is true data-parallel
+training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
+AdamW moments.
+"""
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from qsr_hf.accounting import SyncStats
+from qsr_hf.averaging import _LOW_PRECISION, averaged_tensors
+from qsr_hf.clock import SyncClock
+from qsr_hf.config import QSRConfig
+
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+OptimizerFn = Callable[[nn.Module], torch.optim.Optimizer]
+SchedulerFn = Callable[[torch.optim.Optimizer], LRScheduler]
+
+
+def shard_batch(batch: Any, num_workers: int) -> list[Any]:
+    """Split a global batch into ``num_workers`` contiguous, disjoint shards along dimension 0.
+
+    Args:
+        batch (`torch.Tensor`, `tuple`, `list` or `dict` of tensors): the global batch of size B.
+        num_workers (`int`): K; B must be divisible by K (each worker gets B/K examples).
+
+    Returns:
+        `list`: K shards with the structure of ``batch``; shard k holds examples ``k*B/K`` to ``(k+1)*B/K - 1``.
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.shape[0] % num_workers:
+            raise ValueError(f"global batch size {batch.shape[0]} is not divisible by num_workers={num_workers}")
+        return list(batch.chunk(num_workers))
+    if isinstance(batch, dict):
+        parts = {key: shard_batch(value, num_workers) for key, value in batch.items()}
+        return [{key: value[k] for key, value in parts.items()} for k in range(num_workers)]
+    if isinstance(batch, (tuple, list)):
+        parts = [shard_batch(value, num_workers) for value in batch]
+        return [type(batch)(p[k] for p in parts) for k in range(num_workers)]
+    raise TypeError(f"cannot shard a batch of type {type(batch).__name__}; use tensors, tuples, lists or dicts")
+
+
+def _trainable_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+class LocalTrainingSimulation:
+    """K workers that each take local optimizer steps and average their parameters at the end of every round.
+
+    Args:
+        model (`nn.Module`):
+            The initial model; each worker gets a deep copy, so all start from identical parameters.
+        optimizer_fn (`Callable[[nn.Module], torch.optim.Optimizer]`):
+            Builds one worker's optimizer for its model copy. Optimizer states stay local, as in the paper.
+        config ([`QSRConfig`]):
+            The sync rule (``qsr``, ``linear``, ``cubic``, ``constant``, ``post_local`` or ``ddp`` for H = 1).
+        num_workers (`int`):
+            K, the number of simulated workers (ranks).
+        num_training_steps (`int`):
+            Total optimizer steps; the last round is clipped so training ends on a sync.
+        num_warmup_steps (`int`, defaults to 0):
+            Optimizer steps of lr warm-up, during which the power rules use H_base.
+        scheduler_fn (`Callable[[torch.optim.Optimizer], LRScheduler]`, *optional*):
+            Builds one worker's lr scheduler; every worker steps its own once per optimizer step (global step).
+
+    Example:
+
+    ```python
+    sim = LocalTrainingSimulation(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), config, 4, 1000)
+    for x, y in loader:  # global batches
+        synced = sim.step(shard_batch((x, y), 4), lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    evaluate(sim.averaged_model())
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer_fn: OptimizerFn,
+        config: QSRConfig,
+        num_workers: int,
+        num_training_steps: int,
+        num_warmup_steps: int = 0,
+        scheduler_fn: SchedulerFn | None = None,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.config = config
+        self.num_workers = num_workers
+        self.replicas = [copy.deepcopy(model) for _ in range(num_workers)]
+        self.optimizers = [optimizer_fn(m) for m in self.replicas]
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.schedulers = [scheduler_fn(o) for o in self.optimizers] if scheduler_fn is not None else []
+        self.clock = SyncClock(config.build_schedule(num_warmup_steps), num_training_steps)
+        self._tensors = [averaged_tensors(m, config.qsr_average_buffers) for m in self.replicas]
+        self.stats = SyncStats(grad_bytes_per_step=_trainable_bytes(model))
+        self.bytes_per_sync = sum(
+            t.numel() * (4 if t.dtype in _LOW_PRECISION else t.element_size()) for t in self._tensors[0]
+        )
+
+    @property
+    def lr(self) -> float:
+        """Learning rate the next optimizer step uses (worker 0's first parameter group; equal on all workers)."""
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def step(self, shards: Sequence[Any], loss_fn: LossFn) -> bool:
+        """One optimizer step on every worker, each on its own shard; average if the round ends.
+
+        Args:
+            shards (`Sequence`): K shards of one global batch (see [`shard_batch`]); worker k gets ``shards[k]``.
+            loss_fn (`Callable[[nn.Module, Any], torch.Tensor]`): the mean loss of a model on one shard.
+
+        Returns:
+            `bool`: whether this step ended a round (the parameters were averaged).
+        """
+        if len(shards) != self.num_workers:
+            raise ValueError(f"expected {self.num_workers} shards, got {len(shards)}")
+        self.stats.round_length = self.clock.begin_step(self.lr)
+        for model, optimizer, shard in zip(self.replicas, self.optimizers, shards, strict=True):
+            loss_fn(model, shard).backward()
+            optimizer.step()
+        due = self.clock.end_step()
+        self.stats.steps = self.clock.step
+        if due:
+            self.average()
+            self.stats.record_sync(self.bytes_per_sync, scheduled=True)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        return due
+
+    @torch.no_grad()
+    def _averages(self) -> list[torch.Tensor]:
+        # ParameterAverager's arithmetic: sum over ranks (rank order) in fp32 when low precision, then divide by K
+        out = []
+        for group in zip(*self._tensors, strict=True):
+            dtype = torch.float32 if group[0].dtype in _LOW_PRECISION else group[0].dtype
+            total = group[0].detach().to(dtype, copy=True)
+            for t in group[1:]:
+                total.add_(t.detach().to(dtype))
+            out.append(total.div_(self.num_workers))
+        return out
+
+    @torch.no_grad()
+    def average(self) -> None:
+        """Average the selected tensors across workers and copy the result into every replica (one sync)."""
+        for mean, group in zip(self._averages(), zip(*self._tensors, strict=True), strict=True):
+            for t in group:
+                t.copy_(mean)
+
+    def averaged_model(self) -> nn.Module:
+        """A copy of worker 0's model holding the workers' average, for evaluation; training is not disturbed."""
+        model = copy.deepcopy(self.replicas[0])
+        with torch.no_grad():
+            for t, mean in zip(
+                averaged_tensors(model, self.config.qsr_average_buffers), self._averages(), strict=True
+            ):
+                t.copy_(mean)
+        return model
+
+
+class DataParallelSimulation:
+    """Data-parallel training of K workers in one process: gradients averaged every step, one optimizer.
+
+    Equivalent to DDP: each worker's shard gives a gradient, which is scaled by 1/K and summed in rank order (DDP's
+    reducer), and one optimizer steps on the result, so optimizer states are those of the averaged gradient. Buffers
+    (BatchNorm statistics) are those worker 0's forward produced, as DDP's ``broadcast_buffers`` leaves them on rank 0.
+
+    Args:
+        model (`nn.Module`):
+            The initial model (deep-copied).
+        optimizer_fn (`Callable[[nn.Module], torch.optim.Optimizer]`):
+            Builds the optimizer.
+        num_workers (`int`):
+            K, the number of simulated workers (ranks).
+        scheduler_fn (`Callable[[torch.optim.Optimizer], LRScheduler]`, *optional*):
+            Builds the lr scheduler, stepped once per optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer_fn: OptimizerFn,
+        num_workers: int,
+        scheduler_fn: SchedulerFn | None = None,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.num_workers = num_workers
+        self.model = copy.deepcopy(model)
+        self.optimizer = optimizer_fn(self.model)
+        self.scheduler = scheduler_fn(self.optimizer) if scheduler_fn is not None else None
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._buffers = [b for b in self.model.buffers() if b is not None]
+        self.stats = SyncStats(grad_bytes_per_step=_trainable_bytes(model))
+
+    @property
+    def lr(self) -> float:
+        """Learning rate the next optimizer step uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, shards: Sequence[Any], loss_fn: LossFn) -> bool:
+        """One data-parallel optimizer step on the K shards of a global batch.
+
+        Args:
+            shards (`Sequence`): K shards of one global batch (see [`shard_batch`]).
+            loss_fn (`Callable[[nn.Module, Any], torch.Tensor]`): the mean loss of a model on one shard.
+
+        Returns:
+            `bool`: always `True` (gradients are all-reduced every step).
+        """
+        if len(shards) != self.num_workers:
+            raise ValueError(f"expected {self.num_workers} shards, got {len(shards)}")
+        scale = 1.0 / self.num_workers
+        start = [b.detach().clone() for b in self._buffers]
+        total, worker0 = [torch.zeros_like(p) for p in self._params], start
+        for k, shard in enumerate(shards):
+            with torch.no_grad():  # every rank's forward starts from rank 0's broadcast buffers
+                for b, s in zip(self._buffers, start, strict=True):
+                    b.copy_(s)
+            grads = torch.autograd.grad(loss_fn(self.model, shard), self._params, allow_unused=True)
+            for i, g in enumerate(grads):
+                if g is not None:  # DDP's reducer: each rank's gradient times 1/K, summed in rank order
+                    total[i] = g.mul(scale) if k == 0 else total[i].add_(g.mul(scale))
+            if k == 0:
+                worker0 = [b.detach().clone() for b in self._buffers]
+        with torch.no_grad():
+            for b, s in zip(self._buffers, worker0, strict=True):
+                b.copy_(s)
+        for p, g in zip(self._params, total, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.stats.steps += 1
+        self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)  # one gradient all-reduce per step
+        return True
+
+    def averaged_model(self) -> nn.Module:
+        """The model (already identical on every worker)."""
+        return self.model

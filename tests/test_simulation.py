@@ -1,0 +1,154 @@
+"""The one-process simulation (qsr_hf.simulation) against real 2-process gloo runs (LocalOptimizer, Accelerate DDP).
+
+Same init, same data (rank k gets shard k of every global batch), same AdamW and lr schedule. The comparison is
+bitwise (torch.equal), after every optimizer step, of all parameters and floating-point buffers (BatchNorm running
+statistics included): with K = 2 the sums the simulation does are the ones gloo does (a + b is commutative).
+"""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from testing_utils import BNMLP, flat_params, run_distributed
+from transformers import get_scheduler
+
+from qsr_hf import LocalOptimizer, QSRConfig
+from qsr_hf.planner import plan
+from qsr_hf.simulation import DataParallelSimulation, LocalTrainingSimulation, shard_batch
+
+
+STEPS, WARMUP, GLOBAL_BATCH, WORKERS = 24, 3, 16, 2
+PEAK_LR = 0.05
+CONFIGS = {
+    "constant": QSRConfig(qsr_rule="constant", qsr_h_base=3),
+    # alpha just above PEAK_LR * sqrt(H_base): rounds 2, 2, 2, 2, 3, 5, 8 (the last one clipped to the end)
+    "qsr": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2),
+}
+
+
+def _global_batches():
+    g = torch.Generator().manual_seed(7)
+    return [
+        (torch.randn(GLOBAL_BATCH, 8, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g))
+        for _ in range(STEPS)
+    ]
+
+
+def _model():
+    torch.manual_seed(0)
+    return BNMLP()
+
+
+def _optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=0.05)
+
+
+def _scheduler(optimizer):
+    return get_scheduler(
+        "cosine_with_min_lr",
+        optimizer,
+        num_warmup_steps=WARMUP,
+        num_training_steps=STEPS,
+        scheduler_specific_kwargs={"min_lr_rate": 0.01},
+    )
+
+
+def _loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _real_run(rank, world_size, config):
+    """LocalOptimizer (config) or plain DDP (config None) on the real Accelerator; rank's params after each step."""
+    accelerator = Accelerator()
+    model = _model()
+    optimizer = _optimizer(model)
+    scheduler = _scheduler(optimizer)  # not prepared: accelerate would step it world_size times per step
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config is not None:
+        optimizer = LocalOptimizer(optimizer, model, config, num_training_steps=STEPS, num_warmup_steps=WARMUP)
+    params, synced = [], []
+    for batch in _global_batches():
+        accelerator.backward(_loss(model, shard_batch(batch, world_size)[rank]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        params.append(flat_params(model.module))
+        synced.append(getattr(optimizer, "last_step_synced", True))
+    return {"params": params, "synced": synced}
+
+
+@pytest.fixture
+def one_thread():
+    # the spawned ranks run with one thread; so does the simulation, to keep the kernels' reduction order the same
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rule", sorted(CONFIGS))
+def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
+    config = CONFIGS[rule]
+    real = run_distributed(_real_run, world_size=WORKERS, config=config)
+    sim = LocalTrainingSimulation(_model(), _optimizer, config, WORKERS, STEPS, WARMUP, _scheduler)
+    synced, lrs = [], []
+    for step, batch in enumerate(_global_batches()):
+        lrs.append(sim.lr)
+        synced.append(sim.step(shard_batch(batch, WORKERS), _loss))
+        for k in range(WORKERS):
+            assert torch.equal(flat_params(sim.replicas[k]), real[k]["params"][step]), (
+                f"{rule}: worker {k}, step {step}"
+            )
+    assert synced == real[0]["synced"] == real[1]["synced"]
+    expected = plan(config, lrs, WARMUP)
+    assert [i + 1 for i, s in enumerate(synced) if s] == expected.sync_steps
+    assert sim.stats.syncs == expected.syncs and sim.stats.steps == STEPS
+    if rule == "qsr":
+        assert len(set(expected.round_lengths)) > 2, "the QSR schedule should have rounds of several lengths"
+    # workers differ between syncs and are equal at the end (training ends on a sync)
+    assert torch.equal(flat_params(sim.replicas[0]), flat_params(sim.replicas[1]))
+    assert not torch.equal(real[0]["params"][0], real[1]["params"][0])
+
+
+def test_data_parallel_simulation_matches_ddp_bitwise(one_thread):
+    real = run_distributed(_real_run, world_size=WORKERS, config=None)
+    sim = DataParallelSimulation(_model(), _optimizer, WORKERS, _scheduler)
+    n_params = sum(p.numel() for p in BNMLP().parameters())
+    for step, batch in enumerate(_global_batches()):
+        sim.step(shard_batch(batch, WORKERS), _loss)
+        ours = flat_params(sim.model)
+        # rank 0 holds the buffers DDP broadcasts; rank 1's buffers saw its own last shard, its parameters match too
+        assert torch.equal(ours, real[0]["params"][step]), f"step {step}"
+        assert torch.equal(ours[:n_params], real[1]["params"][step][:n_params]), f"rank 1, step {step}"
+    assert sim.stats.comm_volume_vs_ddp == 1.0
+
+
+def test_data_parallel_differs_from_local_adamw_with_h1(one_thread):
+    # the reason for a separate data-parallel baseline: with AdamW, H = 1 keeps per-worker moments
+    batches = _global_batches()[:6]
+    dp = DataParallelSimulation(_model(), _optimizer, WORKERS)
+    h1 = LocalTrainingSimulation(_model(), _optimizer, QSRConfig(qsr_rule="ddp"), WORKERS, len(batches))
+    for batch in batches:
+        dp.step(shard_batch(batch, WORKERS), _loss)
+        h1.step(shard_batch(batch, WORKERS), _loss)
+    n_params = sum(p.numel() for p in BNMLP().parameters())
+    assert not torch.allclose(flat_params(dp.model)[:n_params], flat_params(h1.replicas[0])[:n_params], atol=1e-4)
+
+
+def test_averaged_model_does_not_disturb_training():
+    sim = LocalTrainingSimulation(_model(), _optimizer, CONFIGS["constant"], WORKERS, STEPS, WARMUP, _scheduler)
+    batch = _global_batches()[0]
+    sim.step(shard_batch(batch, WORKERS), _loss)
+    before = [flat_params(m) for m in sim.replicas]
+    averaged = flat_params(sim.averaged_model())
+    torch.testing.assert_close(averaged, (before[0] + before[1]) / 2)
+    assert all(torch.equal(b, flat_params(m)) for b, m in zip(before, sim.replicas, strict=True))
+
+
+def test_shard_batch():
+    x, y = torch.arange(12).reshape(6, 2), torch.arange(6)
+    shards = shard_batch((x, y), 3)
+    assert [s[1].tolist() for s in shards] == [[0, 1], [2, 3], [4, 5]]
+    assert shard_batch({"a": y}, 2)[1]["a"].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_batch(y, 4)
