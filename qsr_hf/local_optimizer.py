@@ -69,7 +69,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         # like torch's PostLocalSGDOptimizer: share the inner optimizer's groups and state, no Optimizer.__init__
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
-        self.defaults = optimizer.defaults
+        self.defaults = getattr(optimizer, "defaults", {})  # DeepSpeed's fp16/bf16 optimizers have none
         self.config = make_config(config, **qsr_kwargs)
         self.synchronizer = Synchronizer(
             detect_engine(model, process_group), self.config, num_warmup_steps, num_training_steps
@@ -97,11 +97,17 @@ class LocalOptimizer(torch.optim.Optimizer):
         """Take one local optimizer step; average parameters if it ends a round (then ``last_step_synced`` is True)."""
         if not self._is_optimizer_step():
             self.last_step_synced = False
-            return self.optimizer.step(closure)
-        self.synchronizer.begin_step(self.param_groups[0]["lr"])
-        loss = self.optimizer.step(closure)
+            return self._inner_step(closure)
+        # a DeepSpeed engine has already stepped, and stepped its lr scheduler, inside `accelerator.backward`
+        step_lr = getattr(self.synchronizer.engine, "step_lr", None)
+        self.synchronizer.begin_step(self.param_groups[0]["lr"] if step_lr is None else step_lr)
+        loss = self._inner_step(closure)
         self.last_step_synced = self.synchronizer.end_step()
         return loss
+
+    def _inner_step(self, closure: Callable[[], float] | None) -> float | None:
+        # accelerate's DeepSpeedOptimizerWrapper.step() takes no closure
+        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the inner optimizer's gradients."""
