@@ -1,0 +1,175 @@
+"""Every recipe parses into the four dataclasses and validates; overrides win; unknown keys fail; configs load."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from transformers import get_scheduler
+
+from qsr_hf.config import QSRConfig
+from qsr_hf.planner import plan
+from qsr_hf.train import DataArguments, ModelArguments, make_callbacks, make_parser, parse_recipe
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("**/*.yaml"))
+IMAGENET = [p for p in RECIPES if "imagenet1k" in p.parent.name]
+METHODS = ["parallel", "constant", "post_local", "linear", "cubic", "qsr"]
+CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def test_recipe_tree_is_complete():
+    for family in ("vit_b16_imagenet1k", "resnet152_imagenet1k"):
+        assert sorted(p.stem for p in (ROOT / "recipes" / family).glob("*.yaml")) == sorted(METHODS), family
+    assert {p.stem for p in (ROOT / "recipes" / "demo").glob("*.yaml")} == {"qsr", "parallel"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=rel)
+def test_recipe_parses_and_validates(recipe):
+    model_args, data_args, qsr_config, args = parse_recipe(recipe, ["--output_dir", "unused"])
+    assert isinstance(model_args, ModelArguments) and isinstance(data_args, DataArguments)
+    assert isinstance(qsr_config, QSRConfig)  # __post_init__ checks ran
+    assert args.max_steps > 0, "the planner needs max_steps"
+    assert 0 <= args.get_warmup_steps(args.max_steps) < args.max_steps
+    assert str(args.lr_scheduler_type.value) == "cosine_with_min_lr"
+    min_lr = args.lr_scheduler_kwargs["min_lr"]
+    assert isinstance(min_lr, float) and 0 < min_lr < args.learning_rate  # "1e-6" in YAML would be a string
+    qsr_config.build_schedule(args.get_warmup_steps(args.max_steps))
+    assert (qsr_config.qsr_rule == "ddp") == (recipe.stem == "parallel")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=rel)
+def test_every_number_has_a_source_comment(recipe):
+    text = recipe.read_text()
+    values = yaml.safe_load(text)
+    for line in text.splitlines():
+        match = re.match(r"^(\w+):(.*)$", line)
+        if not match:
+            continue
+        value = values[match.group(1)]
+        numeric = isinstance(value, (int, float, dict, list)) and not isinstance(value, bool)
+        if numeric:
+            assert "#" in match.group(2), (
+                f"{rel(recipe)}: `{line}` needs a comment: paper / official code / assumption"
+            )
+
+
+@pytest.mark.parametrize("recipe", IMAGENET, ids=rel)
+def test_imagenet_recipes_follow_the_paper(recipe):
+    _, data_args, qsr_config, args = parse_recipe(recipe, [])
+    vit = recipe.parent.name.startswith("vit")
+    assert args.max_steps == (93_600 if vit else 62_400)
+    assert args.learning_rate == (0.008 if vit else 0.8)
+    assert args.get_warmup_steps(args.max_steps) == (10_000 if vit else 1_560)
+    assert args.fp16 and data_args.dataset_name == "ILSVRC/imagenet-1k" and data_args.image_size == 224
+    assert data_args.mixup_alpha == (0.2 if vit else 0.0) and data_args.label_smoothing == (0.0 if vit else 0.1)
+    local = recipe.stem != "parallel"
+    if vit:
+        assert args.weight_decay == (0.05 if local else 0.1) and args.max_grad_norm == (0.0 if local else 1.0)
+    if local:
+        assert qsr_config.qsr_h_base == 4
+    if recipe.stem == "qsr" and vit:
+        assert qsr_config.qsr_alpha == 0.0175
+    if recipe.stem == "parallel":
+        assert make_callbacks(qsr_config) == [], "the data-parallel baseline is plain DDP, without the callback"
+
+
+def replay_lrs(args) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.get_warmup_steps(args.max_steps),
+        num_training_steps=args.max_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    lrs = []
+    for _ in range(args.max_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_vit_qsr_recipe_replays_the_official_schedule():
+    # Trainer's own lr schedule + the planner give the official code's schedule (PAPER.md, derived): 9,711 syncs,
+    # first round longer than H_base at step 17,876, last round 8,142 steps.
+    _, _, qsr_config, args = parse_recipe(ROOT / "recipes/vit_b16_imagenet1k/qsr.yaml", [])
+    result = plan(qsr_config, replay_lrs(args), args.get_warmup_steps(args.max_steps))
+    assert result.syncs == 9_711 and result.first_step_above(4) == 17_876 and result.round_lengths[-1] == 8_142
+    assert abs(result.comm_ratio - 0.10375) < 1e-5
+
+
+def test_cli_overrides_win_over_the_yaml():
+    argv = ["--max_steps", "8", "--qsr_alpha", "0.05", "--image_size", "32", "--output_dir", "somewhere"]
+    _, data_args, qsr_config, args = parse_recipe(ROOT / "recipes/demo/qsr.yaml", argv)
+    assert (args.max_steps, qsr_config.qsr_alpha, data_args.image_size, args.output_dir) == (8, 0.05, 32, "somewhere")
+    _, _, qsr_config, args = parse_recipe(ROOT / "recipes/demo/qsr.yaml", [])
+    assert (args.max_steps, qsr_config.qsr_alpha) == (400, 0.022)
+
+
+def test_parse_without_recipe_uses_defaults():
+    model_args, data_args, qsr_config, _ = parse_recipe(None, ["--qsr_rule", "constant", "--output_dir", "x"])
+    assert model_args.model_type == "demo_vit" and data_args.dataset_name == "fashion_mnist_local"
+    assert qsr_config.qsr_rule == "constant" and qsr_config.qsr_h_base == 4
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({"qsr_rule": "constant", "qsr_hbase": 4, "learning_rate": 0.1}))
+    with pytest.raises(ValueError, match="qsr_hbase"):
+        parse_recipe(recipe, [])
+
+
+def test_unknown_cli_flag_fails():
+    with pytest.raises((ValueError, SystemExit)):
+        parse_recipe(ROOT / "recipes/demo/qsr.yaml", ["--qsr_hbase", "4"])
+
+
+@pytest.mark.parametrize(("override", "match"), [(["--qsr_rule", "qsr", "--qsr_alpha", "-1"], "qsr_alpha")])
+def test_invalid_values_fail_before_training(override, match):
+    with pytest.raises(ValueError, match=match):
+        parse_recipe(ROOT / "recipes/demo/parallel.yaml", override)
+
+
+def test_non_mapping_recipe_fails(tmp_path):
+    recipe = tmp_path / "list.yaml"
+    recipe.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        parse_recipe(recipe, [])
+
+
+def test_parser_covers_the_four_dataclasses():
+    assert [cls.__name__ for cls in make_parser().dataclass_types] == [
+        "ModelArguments",
+        "DataArguments",
+        "QSRConfig",
+        "TrainingArguments",
+    ]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=rel)
+def test_accelerate_config_loads(path):
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2
+    if path.stem == "multi_cpu":
+        assert config.num_processes == 2 and config.num_machines == 1
+    if path.stem.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == 0, "only ZeRO stage 0 can take local steps"
+
+
+def test_recipes_readme_commands_name_existing_files():
+    readme = (ROOT / "recipes" / "README.md").read_text()
+    named = set(re.findall(r"(?:recipes|accelerate_configs)/[\w./-]+\.yaml", readme))
+    assert named, "the README should name recipes"
+    missing = [p for p in named if not (ROOT / p).is_file()]
+    assert not missing, f"recipes/README.md names missing files: {missing}"
+    for recipe in RECIPES:
+        assert rel(recipe) in readme, f"{rel(recipe)} is not in recipes/README.md"
