@@ -7,13 +7,10 @@ import datetime
 import json
 import math
 import os
-import pickle
 import platform
-import socket
 import statistics
 import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,60 +100,12 @@ def quantile(xs: Sequence[float], q: float) -> float:
     return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# one spawned-gloo runner for tests and benchmarks: the one in tests/testing_utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from testing_utils import run_distributed  # noqa: E402
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, queue: Any) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        ACCELERATE_USE_CPU="true",
-        OMP_NUM_THREADS="1",
-    )
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, "ok", pickle.dumps(fn(rank=rank, world_size=world_size, **kwargs))))
-    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_distributed(fn: Callable, world_size: int = 2, timeout: float = 1800, **kwargs: Any) -> list[Any]:
-    """Run ``fn(rank=, world_size=, **kwargs)`` in ``world_size`` spawned gloo processes on loopback (1 thread each)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = pickle.loads(payload)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world_size)]
+__all__ = ["machine_info", "median", "paper_lr_schedule", "print_table", "quantile", "run_distributed", "write_result"]
 
 
 def paper_lr_schedule(

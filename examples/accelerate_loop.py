@@ -67,6 +67,7 @@ def main() -> None:
     stats = optimizer.stats.to_logs()  # QSR
     if accelerator.is_main_process:
         print(f"test accuracy {correct / total:.3f}; {stats}")
+    accelerator.end_training()  # destroys the process group: a clean gloo shutdown
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def main() -> None:
         qsr = next(c for c in trainer.callback_handler.callbacks if isinstance(c, QSRCallback))
         summary = qsr.summary()
         print(f"test accuracy {metrics['eval_accuracy']:.4f}; {summary}")
+    trainer.accelerator.end_training()  # destroy the process group: gloo may abort at exit otherwise
 
 
 if __name__ == "__main__":

@@ -299,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if push:
             repo_id = args.hub_model_id or Path(args.output_dir).name
             hub.push_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+    trainer.accelerator.end_training()  # destroy the process group: gloo may abort at exit otherwise
     return eval_metrics
 
 

@@ -1,0 +1,193 @@
+"""Time one parameter average across 2 gloo processes (loopback): qsr_hf vs accelerate vs torch vs the floor.
+
+    python benchmarks/averaging.py            # 11M, 87M (ViT-B/16), 204M parameters; ~3 min on 2 cores
+    python benchmarks/averaging.py --quick    # 11M only
+
+Methods, each averaging the same fp32 parameters of a model with ViT shapes:
+
+- ``floor``: one ``all_reduce`` of one preallocated flat buffer of the same bytes (no division, no copies).
+- ``floor_div``: the same plus the in-place division by the world size: the least an in-place *average* costs on gloo,
+  which has no averaging reduce op.
+- ``qsr_hf``: `qsr_hf.ParameterAverager.average()` (parameters are views of one flat buffer: all_reduce + div in place).
+- ``torch_periodic``: `torch.distributed.algorithms.model_averaging.averagers.PeriodicModelAverager(period=1)`
+  (torch.cat into a new flat buffer, div, all_reduce, re-bind each ``p.data`` to a slice).
+- ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=1).step()` (barrier, then per parameter
+  clone + all_reduce + div, re-binding ``p.data``).
+- ``per_param_inplace``: one in-place ``all_reduce`` per parameter (for reference: the per-call cost alone).
+
+Each method has its own copy of the model; the methods are interleaved (order rotated every repetition) so that load
+drift on a shared machine hits all of them alike. Reported: the median over ``--reps`` repetitions (after one warm-up
+round) of the slower rank's time, and its ratio to the floor; also the minimum (best of N), which a loaded, shared
+machine disturbs least. Results go to ``benchmarks/results/averaging.json``.
+"""
+
+import argparse
+import os
+import time
+import warnings
+
+from _common import machine_info, median, print_table, run_distributed, write_result
+
+
+SIZES = {
+    # name: ViTConfig overrides (ViTForImageClassification, 1000 classes)
+    "vit_s6_11M": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6, "intermediate_size": 1536},
+    "vit_b16_87M": {},  # transformers' ViTConfig defaults are ViT-B/16
+    "vit_l16x16_204M": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
+}
+METHODS = ["floor", "floor_div", "qsr_hf", "torch_periodic", "accelerate_localsgd", "per_param_inplace"]
+
+
+def vit_shapes(overrides: dict) -> list[tuple[int, ...]]:
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    with torch.device("meta"):
+        model = ViTForImageClassification(ViTConfig(num_labels=1000, **overrides))
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def _worker(rank, world_size, shapes, reps, methods):
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.local_sgd import LocalSGD
+    from torch import nn
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+    from qsr_hf import ParameterAverager
+
+    accelerator = Accelerator(cpu=True)
+    zero = torch.zeros(1)
+
+    def make_model():
+        model = nn.Module()
+        model.params = nn.ParameterList(nn.Parameter(torch.empty(s).uniform_(-1, 1) + rank) for s in shapes)
+        # PeriodicModelAverager only averages parameters that have a gradient: a zero-stride one costs no memory
+        for p in model.parameters():
+            p.grad = zero.expand(p.shape)
+        return model
+
+    # one model per method, so that no method re-binds another's parameters (methods are interleaved below)
+    models = {m: make_model() for m in methods if not m.startswith("floor")}
+    numel = sum(p.numel() for p in next(iter(models.values())).parameters())
+    ops, build_s = {}, None
+    for method in methods:
+        model = models.get(method)
+        if method == "floor":
+            floor = torch.ones(numel)
+            ops[method] = lambda floor=floor: dist.all_reduce(floor)
+        elif method == "floor_div":
+            floor_div = torch.ones(numel)
+
+            def all_reduce_div(buf=floor_div):
+                dist.all_reduce(buf)
+                buf.div_(world_size)
+
+            ops[method] = all_reduce_div
+        elif method == "qsr_hf":
+            t0 = time.perf_counter()
+            ops[method] = ParameterAverager(list(model.parameters())).average
+            build_s = time.perf_counter() - t0
+        elif method == "torch_periodic":
+            with warnings.catch_warnings():  # "period 1: use DDP instead" - we time one average on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                averager = PeriodicModelAverager(period=1, warmup_steps=0)
+            ops[method] = lambda averager=averager, model=model: averager.average_parameters(model.parameters())
+        elif method == "accelerate_localsgd":
+            ops[method] = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1).step
+        elif method == "per_param_inplace":
+
+            def per_param(model=model):
+                for p in model.parameters():
+                    dist.all_reduce(p.data)
+                    p.data.div_(world_size)
+
+            ops[method] = per_param
+        else:
+            raise ValueError(method)
+
+    # interleave the methods, rotating their order, so that load drift on a shared machine hits all of them alike
+    times = {m: [] for m in methods}
+    for i in range(reps + 1):  # round 0 is a warm-up
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]
+        for method in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            ops[method]()
+            dt = time.perf_counter() - t0
+            if i:
+                times[method].append(dt)
+    # sanity: every rank ends with the same parameters in every model
+    check = torch.stack([p.detach().double().sum() for m in models.values() for p in m.parameters()])
+    gathered = [torch.zeros_like(check) for _ in range(world_size)]
+    dist.all_gather(gathered, check)
+    return {
+        "numel": numel,
+        "num_tensors": len(shapes),
+        "times": times,
+        "qsr_hf_build_s": build_s,
+        "equal_after": all(torch.equal(g, gathered[0]) for g in gathered),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=9, help="timed repetitions per method (after 1 warm-up)")
+    parser.add_argument("--quick", action="store_true", help="smallest model only")
+    parser.add_argument("--sizes", nargs="*", default=None, choices=list(SIZES))
+    args = parser.parse_args(argv)
+    sizes = args.sizes or (["vit_s6_11M"] if args.quick else list(SIZES))
+
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    rows, records = [], []
+    for name in sizes:
+        shapes = vit_shapes(SIZES[name])
+        results = run_distributed(_worker, world_size=2, timeout=1800, shapes=shapes, reps=args.reps, methods=METHODS)
+        numel = results[0]["numel"]
+        # per repetition, the slower rank decides; then the median over repetitions
+        slower = {m: [max(ts) for ts in zip(*(r["times"][m] for r in results), strict=True)] for m in METHODS}
+        med = {m: median(slower[m]) for m in METHODS}
+        best = {m: min(slower[m]) for m in METHODS}
+        record = {
+            "model": name,
+            "params": numel,
+            "tensors": results[0]["num_tensors"],
+            "mbytes_fp32": numel * 4 / 1e6,
+            "median_s": med,
+            "ratio_to_floor": {m: med[m] / med["floor"] for m in METHODS},
+            "min_s": best,
+            "min_ratio_to_floor": {m: best[m] / best["floor"] for m in METHODS},
+            "floor_gbit_per_s": numel * 4 * 8 / med["floor"] / 1e9,
+            "qsr_hf_one_time_build_s": max(r["qsr_hf_build_s"] for r in results),
+            "params_equal_across_ranks_after": all(r["equal_after"] for r in results),
+            "samples_s": {m: [r["times"][m] for r in results] for m in METHODS},
+        }
+        records.append(record)
+        rows.append(
+            [name, f"{numel / 1e6:.1f}M", "median", *(f"{med[m]:.3f} ({med[m] / med['floor']:.2f}x)" for m in METHODS)]
+        )
+        rows.append(["", "", "min", *(f"{best[m]:.3f} ({best[m] / best['floor']:.2f}x)" for m in METHODS)])
+
+    path = write_result(
+        "averaging",
+        {
+            "setup": "2 spawned processes, gloo over loopback, 1 thread each, fp32 parameters with ViT shapes",
+            "reps": args.reps,
+            "loadavg_at_start": load_at_start,
+            "statistic": "median (and min) over reps of the slower rank's time, after 1 warm-up round",
+            "results": records,
+        },
+    )
+    print(f"machine: {machine_info()['cpu_model']}, {machine_info()['cpu_cores']} cores; seconds (ratio to floor)")
+    print_table(["model", "params", "stat", *METHODS], rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
