@@ -5,7 +5,7 @@ every sync rule: data-parallel (gradients averaged every step), constant H in {2
 power rules linear / QSR / cubic. Same init, same data order and same AdamW + cosine schedule for all rules within a
 seed, so differences between rules are paired. Writes benchmarks/results/generalization.{json,md,png}.
 
-    python benchmarks/generalization.py              # the committed run (~30 min on 2 CPU cores)
+    python benchmarks/generalization.py              # the committed run (14 min on 2 CPU cores)
     python benchmarks/generalization.py --quick      # smoke test (~1 min)
 
 Data: /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist). Without it, the run falls back to

@@ -9,6 +9,7 @@ from typing import Any
 from qsr_hf.config import RULES, QSRConfig
 from qsr_hf.lr_schedule import lr_sequence
 from qsr_hf.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
+from qsr_hf.scaling import predict_wall_clock
 
 
 def _plan_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,30 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-switch", type=float, help="pick α so H first exceeds H_base at this fraction")
     p.add_argument("--plot", help="write lr and H against the step to this PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    wall = p.add_argument_group("wall-clock prediction, data-parallel vs this plan (qsr_hf.scaling; all four needed)")
+    wall.add_argument("--workers", type=int, help="N data-parallel workers")
+    wall.add_argument("--bandwidth-gbps", type=float, help="per-worker link bandwidth, Gbit/s")
+    wall.add_argument("--compute-s-per-step", type=float, help="seconds of one optimizer step without communication")
+    wall.add_argument("--model-params", type=float, help="trainable parameters (e.g. 86.6e6 for ViT-B/16)")
+    wall.add_argument("--bytes-per-param", type=int, default=4, help="bytes all-reduced per parameter (4: fp32)")
+    wall.add_argument("--latency-ms", type=float, default=0.0, help="per-hop latency, ms")
+    wall.add_argument("--ddp-overlap", type=float, default=0.0, help="share of DDP's all-reduce hidden by backward")
     return p
+
+
+def _wall_clock(result: Plan, ns: argparse.Namespace) -> dict[str, float] | None:
+    inputs = (ns.workers, ns.bandwidth_gbps, ns.compute_s_per_step, ns.model_params)
+    if all(v is None for v in inputs):
+        return None
+    if any(v is None for v in inputs):
+        raise SystemExit(
+            "a wall-clock prediction needs --workers, --bandwidth-gbps, --compute-s-per-step, --model-params"
+        )
+    prediction = predict_wall_clock(
+        result, ns.compute_s_per_step, ns.model_params * ns.bytes_per_param, ns.bandwidth_gbps * 1e9, ns.workers,
+        latency_s=ns.latency_ms / 1e3, ddp_overlap=ns.ddp_overlap,
+    )  # fmt: skip
+    return prediction.to_dict()
 
 
 def _from_recipe(path: str) -> tuple[QSRConfig, list[float], int]:
@@ -122,6 +146,9 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
     config = QSRConfig(**fields)
     result = plan(config, lrs, warmup)
     summary = _summary(config, result, lrs)
+    wall = _wall_clock(result, ns)
+    if wall is not None:
+        summary["wall_clock"] = wall
     if ns.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -131,6 +158,11 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
             print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")
         print(f"last rounds: {summary['last_rounds']}")
         print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_ratio:.3f}%")
+        if wall is not None:
+            print(
+                f"predicted wall clock: data-parallel {wall['ddp_h']:.2f} h, this plan {wall['local_h']:.2f} h "
+                f"(x{wall['speedup']:.2f}); one all-reduce {wall['allreduce_s']:.3f} s"
+            )
     if ns.plot:
         _plot(ns.plot, result, lrs)
     return summary

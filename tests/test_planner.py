@@ -6,6 +6,7 @@ from qsr_hf import QSRConfig, plan
 from qsr_hf.cli import plan_main
 from qsr_hf.lr_schedule import lr_sequence
 from qsr_hf.planner import alpha_for_comm_budget, alpha_for_switch_fraction
+from qsr_hf.scaling import predict_wall_clock
 
 
 VIT_STEPS, VIT_WARMUP = 93_600, 10_000  # PAPER.md: 300 epochs x 312 steps, 10k warm-up, cosine 8e-3 -> 1e-6
@@ -75,3 +76,20 @@ def test_plan_cli_step_decay_and_plot(tmp_path):
     assert out.stat().st_size > 1000
     h = {row["step"]: row["H"] for row in summary["profile"]}
     assert h[0] == 2 and h[360] == 156 and h[720] == 900 - 720 or h[720] > 156
+
+
+def test_plan_cli_predicts_wall_clock(capsys):
+    flags = ["--peak-lr", "0.008", "--total-steps", "9360", "--warmup-steps", "1000", "--min-lr", "1e-6", "--alpha",
+             "0.0175", "--h-base", "4"]  # fmt: skip
+    wall = ["--workers", "16", "--bandwidth-gbps", "25", "--compute-s-per-step", "0.75", "--model-params", "86.6e6"]
+    summary = plan_main(flags + wall)
+    expected = predict_wall_clock(
+        plan(QSRConfig(qsr_alpha=0.0175, qsr_h_base=4), lr_sequence(0.008, 9360, 1000, "cosine_with_min_lr",
+             {"min_lr": 1e-6}), 1000),
+        0.75, 4 * 86.6e6, 25e9, 16,
+    )  # fmt: skip
+    assert summary["wall_clock"] == expected.to_dict()
+    assert summary["wall_clock"]["ddp_h"] > summary["wall_clock"]["local_h"]
+    assert "predicted wall clock: data-parallel" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--compute-s-per-step"):
+        plan_main([*flags, "--workers", "16"])
