@@ -251,6 +251,19 @@ def test_trainer_bf16_autocast(tmp_path):
     assert torch.equal(r0["final"], r1["final"]) and not torch.equal(r0["params"][3], r1["params"][3])
 
 
+def test_trainer_torch_compile(tmp_path):
+    # TrainingArguments(torch_compile=True): Trainer compiles the model (inductor on CPU, ~20 s); the DDP wrapper is
+    # still found and kept in no_sync, so ranks drift apart between syncs and agree after each
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=2)
+    r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=6, torch_compile=True)
+    assert r0["synced"] == [False, True] * 3
+    assert r0["param_allreduces"] == 3 * r0["buckets"]
+    for i in (1, 3, 5):
+        assert torch.equal(r0["params"][i], r1["params"][i]), f"ranks differ after the sync at step {i}"
+    for i in (2, 4):  # step 0 has lr 0 (warm-up) and changes nothing
+        assert not torch.equal(r0["params"][i], r1["params"][i]), f"ranks equal between syncs at step {i}"
+
+
 def test_missing_lr_scheduler_is_an_error(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     from transformers import TrainerControl, TrainerState
