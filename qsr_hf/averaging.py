@@ -50,6 +50,27 @@ def averaged_tensors(module: nn.Module, average_buffers: bool) -> list[torch.Ten
     return tensors
 
 
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's per-parameter floating-point state tensors (momentum, Adam moments), in parameter order.
+
+    Scalars (Adam's ``step``) are left out: they are equal on every rank. Parameters without state yet (before the
+    first step) contribute nothing, so the list grows once the optimizer has stepped.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): the (possibly wrapped) optimizer; its ``param_groups`` and ``state``.
+
+    Returns:
+        `list[torch.Tensor]`: the tensors, in the order of ``param_groups`` (the same on every rank).
+    """
+    tensors: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
+                    tensors.append(value)
+    return tensors
+
+
 class _Bucket:
     """One flat buffer whose slices are the storage of ``tensors``."""
 
@@ -136,14 +157,21 @@ class ParameterAverager:
         """Rebuild the buckets if a tensor was re-bound or replaced since they were built (e.g. by ``model.to``)."""
         if self._collect is not None:
             current = list(self._collect())
-            if len(current) != len(self.tensors) or any(
-                a is not b for a, b in zip(current, self.tensors, strict=False)
-            ):
+            kept = len(current) >= len(self.tensors) and all(
+                a is b for a, b in zip(current, self.tensors, strict=False)
+            )
+            if kept and len(current) > len(self.tensors) and all(b.intact() for b in self.buckets):
+                # only new tensors (optimizer state created by the first step): regroup, nothing was broken
+                self.tensors = current
+                self.buckets = self._build()
+                return
+            if not kept:
                 self.tensors = current
                 self.buckets = []
         if not self.buckets or not all(b.intact() for b in self.buckets):
             logger.warning(
-                "qsr_hf: parameters were moved or re-cast after the averager was built; rebuilding its flat buffers",
+                "qsr_hf: averaged tensors were moved, re-cast or replaced since the last sync (model.to, a reloaded state); "
+                "rebuilding the flat buffers",
                 main_process_only=True,
             )
             self.buckets = self._build()

@@ -76,7 +76,7 @@ class QSRCallback(TrainerCallback):
         model = self.trainer.model_wrapped if self.trainer is not None else kwargs["model"]
         engine = detect_engine(model)
         warmup = args.get_warmup_steps(state.max_steps)
-        self.synchronizer = Synchronizer(engine, self.config, warmup, state.max_steps)
+        self.synchronizer = Synchronizer(engine, self.config, warmup, state.max_steps, kwargs.get("optimizer"))
         if state.global_step > 0:
             self._restore(args, state, kwargs["optimizer"])
 

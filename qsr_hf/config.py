@@ -32,6 +32,9 @@ class QSRConfig:
         qsr_average_buffers (`bool`, defaults to `True`):
             Also average floating-point buffers (BatchNorm running statistics) at each sync. The official code keeps
             them local and re-estimates them before evaluation; averaging them is our documented deviation.
+        qsr_average_optimizer_state (`bool`, defaults to `False`):
+            Also average the optimizer's floating-point state (momentum, Adam moments) at each sync. The paper and
+            its official code keep it local (the default); averaging it sends 2-3x the bytes per sync.
         qsr_fp32_average (`bool`, defaults to `True`):
             Average bf16/fp16 tensors in fp32 (the paper averages in fp32).
         qsr_sync_before_eval (`bool`, defaults to `True`):
@@ -63,6 +66,10 @@ class QSRConfig:
         metadata={
             "help": "Average floating-point buffers (BatchNorm statistics) at each sync (deviation: see README)."
         },
+    )
+    qsr_average_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "Average the optimizer state (momentum, Adam moments) too; the paper keeps it local."},
     )
     qsr_fp32_average: bool = field(
         default=True,

@@ -87,6 +87,8 @@ class DeepSpeedEngineAdapter(LocalEngine):
             every step or shards the optimizer state.
     """
 
+    can_average_optimizer_state = False  # DeepSpeed's optimizer wrappers keep the moments and masters themselves
+
     def __init__(self, engine: Any, process_group: ProcessGroup | None = None) -> None:
         _validate(engine)
         super().__init__(engine.module)

@@ -30,6 +30,7 @@ class LocalEngine:
 
     world_size = 1
     process_group: ProcessGroup | None = None
+    can_average_optimizer_state = True  # the optimizer is a torch optimizer whose state tensors can be averaged
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

@@ -72,7 +72,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.defaults = getattr(optimizer, "defaults", {})  # DeepSpeed's fp16/bf16 optimizers have none
         self.config = make_config(config, **qsr_kwargs)
         self.synchronizer = Synchronizer(
-            detect_engine(model, process_group), self.config, num_warmup_steps, num_training_steps
+            detect_engine(model, process_group), self.config, num_warmup_steps, num_training_steps, optimizer
         )
         if self.config.qsr_rule == "ddp":
             logger.info("qsr_hf: qsr_rule='ddp' averages parameters after every step", main_process_only=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from qsr_hf.accounting import SyncStats
-from qsr_hf.averaging import ParameterAverager
+from qsr_hf.averaging import ParameterAverager, optimizer_state_tensors
 from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import LocalEngine
@@ -28,9 +28,18 @@ class Synchronizer:
         config ([`QSRConfig`]): the QSR settings.
         warmup_steps (`int`): lr warm-up in optimizer steps (H = H_base during it).
         total_steps (`int` or `None`): optimizer steps of the run, to end training on a sync.
+        optimizer (`torch.optim.Optimizer`, *optional*): the optimizer whose state a sync also averages when
+            ``config.qsr_average_optimizer_state`` is set.
     """
 
-    def __init__(self, engine: LocalEngine, config: QSRConfig, warmup_steps: int, total_steps: int | None) -> None:
+    def __init__(
+        self,
+        engine: LocalEngine,
+        config: QSRConfig,
+        warmup_steps: int,
+        total_steps: int | None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
@@ -38,11 +47,15 @@ class Synchronizer:
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
         self.averager: ParameterAverager | None = None
+        if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
+            raise NotImplementedError(
+                f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
+                + ("" if optimizer is None else ": its optimizer state is not a plain torch optimizer's")
+                + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
+            )
         if self.distributed:
             self.averager = ParameterAverager(
-                functools.partial(engine.averaged_tensors, config.qsr_average_buffers),
-                engine.process_group,
-                config.qsr_fp32_average,
+                functools.partial(self._synced_tensors, optimizer), engine.process_group, config.qsr_fp32_average
             )
             engine.disable_gradient_sync()
         else:
@@ -89,6 +102,12 @@ class Synchronizer:
     def close(self) -> None:
         """Switch the backend's gradient all-reduce back on (end of training)."""
         self.engine.restore_gradient_sync()
+
+    def _synced_tensors(self, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+        tensors = self._local_tensors()
+        if self.config.qsr_average_optimizer_state:
+            tensors += optimizer_state_tensors(optimizer)
+        return tensors
 
     def _local_tensors(self) -> list[torch.Tensor]:
         return self.engine.averaged_tensors(self.config.qsr_average_buffers)

@@ -264,6 +264,14 @@ def test_trainer_torch_compile(tmp_path):
         assert not torch.equal(r0["params"][i], r1["params"][i]), f"ranks equal between syncs at step {i}"
 
 
+def test_trainer_optimizer_state_averaging_option(tmp_path):
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=3, qsr_average_optimizer_state=True)
+    r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=6)
+    assert r0["synced"] == [False, False, True] * 2 and torch.equal(r0["final"], r1["final"])
+    param_bytes = sum(p.numel() * 4 for p in ViTForImageClassification(tiny_vit_config()).parameters())
+    assert r0["stats"]["bytes_averaged"] == 2 * 3 * param_bytes, "a sync sends parameters and both AdamW moments"
+
+
 def test_missing_lr_scheduler_is_an_error(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     from transformers import TrainerControl, TrainerState

@@ -5,7 +5,9 @@ import torch
 from testing_utils import BNMLP, run_distributed
 from torch.nn.parallel import DistributedDataParallel
 
+from qsr_hf import QSRConfig
 from qsr_hf.engines import DDPEngine, LocalEngine, detect_engine, find_wrapper
+from qsr_hf.synchronizer import Synchronizer
 
 
 def _detect(rank, world_size, kind):
@@ -60,3 +62,16 @@ def test_gradient_sync_stays_off_through_nested_no_sync():
 def test_compiled_ddp_is_unwrapped(kind):
     for _, _, _, compiled in run_distributed(_detect, kind=kind):
         assert compiled == DDPEngine.__name__
+
+
+def test_optimizer_state_averaging_needs_a_torch_optimizer():
+    config = QSRConfig(qsr_rule="constant", qsr_average_optimizer_state=True)
+    module = BNMLP()
+    with pytest.raises(NotImplementedError, match="qsr_average_optimizer_state=False"):
+        Synchronizer(LocalEngine(module), config, 0, 10, optimizer=None)
+
+    class NoStateEngine(LocalEngine):  # what the DeepSpeed adapter declares
+        can_average_optimizer_state = False
+
+    with pytest.raises(NotImplementedError, match="NoStateEngine"):
+        Synchronizer(NoStateEngine(module), config, 0, 10, torch.optim.SGD(module.parameters(), lr=0.1))

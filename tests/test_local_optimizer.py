@@ -118,6 +118,21 @@ def test_constant_h_local_steps_and_syncs():
     assert not torch.allclose(r0["momentum"], r1["momentum"])
 
 
+def test_optimizer_state_averaged_when_configured():
+    steps, h = 5, 2
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=h, qsr_average_optimizer_state=True)
+    r0, r1 = run_distributed(_train, config=config, steps=steps, optimizer="adamw")
+    assert r0["synced"] == [False, True, False, True, True]
+    assert torch.equal(r0["momentum"], r1["momentum"]), "Adam moments differ after the final sync"
+    assert torch.equal(r0["params"][-1], r1["params"][-1])
+    model = BNMLP()
+    params = sum(p.numel() for p in model.parameters()) * 4
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
+    # every sync sends parameters, BatchNorm statistics and both AdamW moments (exp_avg, exp_avg_sq)
+    assert r0["stats"]["bytes_averaged"] == 3 * (3 * params + buffers)
+    assert r0["grad_allreduces"] == 0
+
+
 def test_schedule_matches_planner_with_decaying_lr():
     steps = 40
     lr_fn = _inverse_decay
