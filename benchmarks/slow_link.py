@@ -1,6 +1,6 @@
 """Train one model over a slow link between two "hosts": data-parallel vs qsr_hf vs accelerate vs torch local SGD.
 
-    sudo python benchmarks/slow_link.py       # ~8-12 min on 2 cores; needs root (network namespaces, tc)
+    sudo python benchmarks/slow_link.py       # 5.5 min on 2 cores; needs root (network namespaces, tc)
 
 Two Linux network namespaces joined by a veth pair stand in for two hosts; each runs one training process
 (``ip netns exec``), and gloo talks over the veth (``GLOO_SOCKET_IFNAME``). Both veth ends are shaped with ``tc``

@@ -67,7 +67,9 @@ def main() -> None:
     stats = optimizer.stats.to_logs()  # QSR
     if accelerator.is_main_process:
         print(f"test accuracy {correct / total:.3f}; {stats}")
-    accelerator.end_training()  # destroys the process group: a clean gloo shutdown
+    accelerator.end_training()
+    # free the DDP wrapper (and with it the process group) now: left to interpreter shutdown, gloo can abort
+    model, optimizer = accelerator.free_memory(model, optimizer)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Synchronization Rule. Run it on 2 CPU processes:
 """
 
 import argparse
+import gc
 
 import numpy as np
 import torch
@@ -68,8 +69,9 @@ def main() -> None:
         qsr = next(c for c in trainer.callback_handler.callbacks if isinstance(c, QSRCallback))
         summary = qsr.summary()
         print(f"test accuracy {metrics['eval_accuracy']:.4f}; {summary}")
-    trainer.accelerator.end_training()  # destroy the process group: gloo may abort at exit otherwise
+    trainer.accelerator.end_training()  # destroy the process group
 
 
 if __name__ == "__main__":
     main()
+    gc.collect()  # free the Trainer's process group now: left to interpreter shutdown, gloo can abort the process

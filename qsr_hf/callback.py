@@ -4,6 +4,7 @@ the same `Synchronizer` (schedule, averaging, accounting) and per-rank checkpoin
 
 import gc
 import os
+import weakref
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -46,7 +47,12 @@ class QSRCallback(TrainerCallback):
     def __init__(self, config: QSRConfig | None = None, **kwargs: Any) -> None:
         self.config = make_config(config, **kwargs)
         self.synchronizer: Synchronizer | None = None
-        self.trainer: Trainer | None = None
+        self._trainer: weakref.ReferenceType[Trainer] | None = None
+
+    @property
+    def trainer(self) -> Trainer | None:
+        """The Trainer this callback runs in (a weak reference: no Trainer <-> callback cycle to outlive training)."""
+        return self._trainer() if self._trainer is not None else None
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _find_trainer(self) -> Trainer | None:
@@ -72,8 +78,9 @@ class QSRCallback(TrainerCallback):
             # it all-gathers a token count on every step: local steps must not communicate
             logger.info("qsr_hf: setting average_tokens_across_devices=False (it communicates on every step)")
             args.average_tokens_across_devices = False
-        self.trainer = self._find_trainer()
-        model = self.trainer.model_wrapped if self.trainer is not None else kwargs["model"]
+        trainer = self._find_trainer()
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
+        model = trainer.model_wrapped if trainer is not None else kwargs["model"]
         engine = detect_engine(model)
         warmup = args.get_warmup_steps(state.max_steps)
         self.synchronizer = Synchronizer(engine, self.config, warmup, state.max_steps, kwargs.get("optimizer"))

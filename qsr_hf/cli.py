@@ -177,9 +177,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[0] == "plan":
         plan_main(argv[1:])
     else:
-        from qsr_hf.train import main as train_main
+        from qsr_hf.train import run
 
-        train_main(argv[1:])
+        run(argv[1:])
 
 
 if __name__ == "__main__":

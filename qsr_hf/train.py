@@ -9,6 +9,7 @@ values become the parser's defaults, then ``--key value`` on the command line ov
 """
 
 import dataclasses
+import gc
 import os
 import shlex
 import sys
@@ -299,9 +300,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if push:
             repo_id = args.hub_model_id or Path(args.output_dir).name
             hub.push_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
-    trainer.accelerator.end_training()  # destroy the process group: gloo may abort at exit otherwise
+    trainer.accelerator.end_training()  # destroy the process group
     return eval_metrics
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """``python -m qsr_hf.train`` / ``qsr-hf train``: :func:`main`, then free the process group before shutdown."""
+    main(argv)
+    # the Trainer, DDP wrapper and process group sit in reference cycles; collected during interpreter shutdown,
+    # gloo's worker threads can abort the process ("terminate called without an active exception")
+    gc.collect()
+
+
 if __name__ == "__main__":
-    main()
+    run()
