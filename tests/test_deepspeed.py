@@ -71,7 +71,19 @@ def _ds_config(precision, clip, stage=0):
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
         config["data_types"] = {"buffer_dtype": "bf16"}  # BatchNorm statistics in bf16 too (DeepSpeed keeps fp32)
+    if precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}  # dynamic loss scaling
     return config
+
+
+def _skip_if_fp16_unsupported(precision):
+    from deepspeed.accelerator import get_accelerator
+
+    if precision == "fp16" and not get_accelerator().is_fp16_supported():
+        pytest.skip(
+            f"DeepSpeed's {get_accelerator().device_name()} accelerator refuses fp16 here "
+            "('Type fp16 is not supported on your device': torch has no mkldnn fp16 on this CPU)"
+        )
 
 
 def _masters(engine):
@@ -195,6 +207,7 @@ def _check_local_steps_and_syncs(r0, r1, steps, h):
     [
         ("fp32", "torch", "AdamW"),
         ("bf16", "torch", "FP16_UnfusedOptimizer"),
+        ("fp16", "torch", "FP16_UnfusedOptimizer"),  # dynamic loss scaling; skipped where DeepSpeed refuses fp16
         # DeepSpeed's FusedAdam (what an "AdamW" DeepSpeed config builds) gets the flat-master FP16_Optimizer; on CPU
         # its op is compiled on first use (minutes)
         pytest.param("bf16", "fused", "FP16_Optimizer", marks=pytest.mark.slow),
@@ -203,6 +216,7 @@ def _check_local_steps_and_syncs(r0, r1, steps, h):
 def test_zero0_local_steps_no_collectives_with_clipping(precision, optimizer, wrapper):
     # gradient_clipping=1.0: DeepSpeed all-reduces the clipping norm (fp32) or an overflow flag (bf16) every step
     # unless the adapter makes them local
+    _skip_if_fp16_unsupported(precision)
     steps, h = 5, 2
     r0, r1 = run_distributed(_train, precision=precision, clip=1.0, steps=steps, h=h, optimizer=optimizer)
     assert r0["optimizer"] == wrapper
@@ -216,7 +230,8 @@ def test_zero0_local_steps_no_collectives_with_clipping(precision, optimizer, wr
     for i in range(steps):
         m0, m1 = r0["masters"][i], r1["masters"][i]
         # the bf16 model weights are the masters rounded, at every step (after a sync too)
-        assert torch.equal(r0["weights"][i], m0.to(torch.bfloat16).float()), f"model != bf16(masters), step {i}"
+        low = torch.bfloat16 if precision == "bf16" else torch.float16
+        assert torch.equal(r0["weights"][i], m0.to(low).float()), f"model != {precision}(masters), step {i}"
         if r0["synced"][i]:
             k = sum(r0["synced"][: i + 1]) - 1
             mean = (r0["pre_sync_masters"][k] + r1["pre_sync_masters"][k]) / 2
