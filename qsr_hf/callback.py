@@ -3,6 +3,7 @@ the same `Synchronizer` (schedule, averaging, accounting) and per-rank checkpoin
 """
 
 import gc
+import itertools
 import os
 import weakref
 from typing import Any
@@ -121,6 +122,17 @@ class QSRCallback(TrainerCallback):
         # evaluation and checkpoint saving see the averaged model
         if control.should_save or (control.should_evaluate and self.config.qsr_sync_before_eval):
             self.synchronizer.sync_now()
+        if control.should_evaluate and self.config.qsr_sync_before_eval:
+            self._reestimate_batchnorm()
+
+    def _reestimate_batchnorm(self) -> None:
+        # the official code's BatchNorm handling: statistics recomputed on training batches, then averaged
+        n = self.config.qsr_bn_reestimate_batches
+        if not n or self.trainer is None:
+            return
+        trainer = self.trainer
+        batches = itertools.islice(trainer.get_train_dataloader(), n)
+        self.synchronizer.reestimate_batchnorm(batches, lambda model, batch: model(**trainer._prepare_inputs(batch)))
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -161,6 +173,7 @@ class QSRCallback(TrainerCallback):
         if self.synchronizer is None:
             return
         self.synchronizer.sync_now()
+        self._reestimate_batchnorm()
         if self.trainer is not None:
             self.trainer.log({f"{key}_final": value for key, value in self.summary().items()})
         self.synchronizer.close()

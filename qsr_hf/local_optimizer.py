@@ -1,13 +1,14 @@
 """`LocalOptimizer`: QSR local training for hand-written `accelerate launch` loops."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from qsr_hf.batchnorm import ForwardFn
 from qsr_hf.checkpoint import load_rank_state, save_rank_state
 from qsr_hf.config import QSRConfig, make_config
 from qsr_hf.engines import detect_engine
@@ -120,6 +121,18 @@ class LocalOptimizer(torch.optim.Optimizer):
     def sync_now(self) -> bool:
         """Average now, outside the schedule (e.g. before evaluation or saving). Returns whether it averaged."""
         return self.synchronizer.sync_now()
+
+    def reestimate_batchnorm(self, batches: Iterable[Any], forward: ForwardFn) -> int:
+        """The official code's BatchNorm step before an evaluation (with ``qsr_average_buffers=False``).
+
+        Call after `sync_now()`: every rank recomputes the running statistics on ``batches`` with the averaged
+        parameters, then they are averaged across ranks. E.g.
+        ``optimizer.reestimate_batchnorm(itertools.islice(train_loader, 128), lambda m, b: m(b[0]))``.
+
+        Returns:
+            `int`: the number of batches used on this rank.
+        """
+        return self.synchronizer.reestimate_batchnorm(batches, forward)
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state plus the schedule position under ``"qsr"``."""

@@ -5,12 +5,14 @@ schedule) and [`SyncStats`] (what was communicated) together, and owns their sta
 """
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from qsr_hf.accounting import SyncStats
 from qsr_hf.averaging import ParameterAverager, optimizer_state_tensors
+from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
 from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import LocalEngine
@@ -98,6 +100,23 @@ class Synchronizer:
             num_bytes = self.averager.average()
             self.engine.after_average()
         self.stats.record_sync(num_bytes, scheduled)
+
+    def reestimate_batchnorm(self, batches: Iterable[Any], forward: ForwardFn) -> int:
+        """Recompute BatchNorm statistics on ``batches`` with the current (averaged) parameters, then average them.
+
+        The official code's way of handling BatchNorm (see `qsr_hf.batchnorm`). Counted as an extra sync.
+
+        Returns:
+            `int`: the number of batches used on this rank.
+        """
+        used = reestimate_batchnorm(self.engine.module, batches, forward)
+        statistics = batchnorm_statistics(self.engine.module)
+        if self.distributed and statistics:
+            num_bytes = ParameterAverager(
+                statistics, self.engine.process_group, self.config.qsr_fp32_average
+            ).average()
+            self.stats.record_sync(num_bytes, scheduled=False)
+        return used
 
     def close(self) -> None:
         """Switch the backend's gradient all-reduce back on (end of training)."""

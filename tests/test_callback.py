@@ -272,6 +272,42 @@ def test_trainer_optimizer_state_averaging_option(tmp_path):
     assert r0["stats"]["bytes_averaged"] == 2 * 3 * param_bytes, "a sync sends parameters and both AdamW moments"
 
 
+def _bn_trainer_run(rank, world_size, out_dir, reestimate):
+    from qsr_hf.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("demo_resnet", [str(i) for i in range(4)], image_size=16, num_channels=3)
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {"pixel_values": torch.randn(64, 3, 16, 16, generator=g).numpy(), "labels": torch.randint(0, 4, (64,)).numpy()}
+    ).with_format("torch")
+    config = QSRConfig(
+        qsr_rule="constant", qsr_h_base=4, qsr_average_buffers=False, qsr_bn_reestimate_batches=reestimate
+    )
+    args = TrainingArguments(
+        output_dir=out_dir, use_cpu=True, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+        lr_scheduler_type="constant", eval_strategy="steps", eval_steps=2, report_to=[], save_strategy="no",
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    qsr = QSRCallback(config)
+    recorder = Recorder(qsr)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[qsr, recorder])
+    trainer.train()
+    return {"at_eval": recorder.at_eval, "extra_syncs": qsr.synchronizer.stats.extra_syncs}
+
+
+def test_trainer_batchnorm_reestimated_before_eval(tmp_path):
+    # buffers stay local between syncs; before the mid-round eval at step 2 the statistics are recomputed and averaged
+    r0, r1 = run_distributed(_bn_trainer_run, out_dir=str(tmp_path), reestimate=2)
+    assert len(r0["at_eval"]) == 2
+    for a, b in zip(r0["at_eval"], r1["at_eval"], strict=True):
+        assert torch.equal(a, b), "parameters or BatchNorm statistics differ across ranks at evaluation"
+    # extra syncs: parameters before the step-2 eval, statistics before both evals and at the end of training
+    assert r0["extra_syncs"] == 4
+    local = run_distributed(_bn_trainer_run, out_dir=str(tmp_path / "local"), reestimate=0)
+    assert not torch.equal(local[0]["at_eval"][0], local[1]["at_eval"][0]), "without it, statistics stay local"
+
+
 def test_missing_lr_scheduler_is_an_error(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     from transformers import TrainerControl, TrainerState

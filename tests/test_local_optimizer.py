@@ -228,6 +228,51 @@ def test_buffers_averaged_by_default():
     assert torch.equal(r0["params"][-1], r1["params"][-1])  # includes BatchNorm running stats
 
 
+def _bn_reestimate(rank, world_size):
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = BNMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = accelerator.prepare(model, opt)
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=2, qsr_average_buffers=False, qsr_bn_reestimate_batches=3)
+    local = LocalOptimizer(opt, model, config, num_training_steps=4)
+    for x, y in rank_batches(rank, 4):
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        local.step()
+        local.zero_grad()
+    bn = model.module.net[1]
+    before = bn.running_mean.clone()
+    batches = rank_batches(rank, 3, seed=7)
+    with torch.no_grad():  # what this rank's re-estimate should see: the mean of its batches' pre-BN means
+        local_mean = torch.stack([model.module.net[0](x).mean(0) for x, _ in batches]).mean(0)
+    extra_before = local.stats.extra_syncs
+    used = local.reestimate_batchnorm(batches, lambda m, b: m(b[0]))
+    local.close()
+    return {
+        "used": used,
+        "running_mean": bn.running_mean.clone(),
+        "running_var": bn.running_var.clone(),
+        "local_mean": local_mean,
+        "before": before,
+        "params_after": [p.detach().clone() for p in model.module.parameters()],
+        "extra_syncs": local.stats.extra_syncs - extra_before,
+        "training": model.module.training,
+        "momentum": bn.momentum,
+    }
+
+
+def test_batchnorm_reestimated_then_averaged():
+    r0, r1 = run_distributed(_bn_reestimate)
+    assert r0["used"] == 3 and r0["extra_syncs"] == 1
+    # statistics: recomputed from each rank's own batches, then averaged: equal on both ranks, the mean of the two
+    torch.testing.assert_close(r0["running_mean"], (r0["local_mean"] + r1["local_mean"]) / 2)
+    assert torch.equal(r0["running_mean"], r1["running_mean"]) and torch.equal(r0["running_var"], r1["running_var"])
+    assert not torch.equal(r0["before"], r1["before"]), "statistics were local before"
+    for a, b in zip(r0["params_after"], r1["params_after"], strict=True):
+        assert torch.equal(a, b)
+    assert r0["training"] and r0["momentum"] == 0.1, "mode and momentum restored"
+
+
 def _resume(rank, world_size, steps, cut):
     config = QSRConfig(qsr_rule="qsr", qsr_alpha=0.25, qsr_h_base=2)
     lr_fn = _inverse_decay

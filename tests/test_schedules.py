@@ -62,6 +62,8 @@ BAD_CONFIGS = [
     ({"qsr_alpha": None}, "needs qsr_alpha"),
     ({"qsr_alpha": 0.1, "qsr_h_base": 0}, "qsr_h_base must be an integer >= 1"),
     ({"qsr_alpha": 0.1, "qsr_h_base": 4, "qsr_h_max": 2}, "qsr_h_max must be >= qsr_h_base"),
+    ({"qsr_rule": "constant", "qsr_bn_reestimate_batches": -1}, "qsr_bn_reestimate_batches must be an integer"),
+    ({"qsr_rule": "constant", "qsr_bn_reestimate_batches": 8}, "set qsr_average_buffers=False"),
     ({"qsr_rule": "quadratic"}, "qsr_rule must be one of"),
     ({"qsr_rule": "post_local"}, "needs qsr_switch_step"),
 ]
