@@ -18,24 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 import yaml
 from accelerate.logging import get_logger
-from transformers import (
-    EvalPrediction,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from qsr_hf import data, hub, models
 from qsr_hf.config import QSRConfig
+from qsr_hf.image_trainer import ImageClassificationTrainer, compute_metrics, top_k_indices
 
 
 logger = get_logger(__name__)
@@ -134,62 +125,6 @@ def parse_recipe(path: str | os.PathLike | None, argv: Sequence[str] = ()) -> Ar
             if action.dest in values:
                 action.required = False
     return tuple(parser.parse_args_into_dataclasses(args=list(argv)))
-
-
-class ImageClassificationTrainer(Trainer):
-    """`Trainer` with a soft-target cross-entropy (mixup, label smoothing) and optional decay on all parameters.
-
-    The loss is a per-micro-batch mean (``loss_is_scaled_for_ga = False``) and no label count is gathered across
-    processes: `Trainer`'s ``num_items_in_batch`` machinery would add a collective to every step.
-
-    Args:
-        mixup_alpha (`float`, defaults to 0): mixup α for training batches (0: off).
-        label_smoothing (`float`, defaults to 0): label smoothing of the cross-entropy.
-        weight_decay_all_params (`bool`, defaults to `False`): decay biases and norm weights too.
-        *args, **kwargs: passed to `Trainer`.
-    """
-
-    loss_is_scaled_for_ga = False
-
-    def __init__(
-        self, *args: Any, mixup_alpha: float = 0.0, label_smoothing: float = 0.0, weight_decay_all_params: bool = False,
-        **kwargs: Any,
-    ) -> None:  # fmt: skip
-        super().__init__(*args, **kwargs)
-        self.mixup_alpha = mixup_alpha
-        self.label_smoothing = label_smoothing
-        self.weight_decay_all_params = weight_decay_all_params
-        self.model_accepts_loss_kwargs = False
-
-    def compute_loss(
-        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, **kwargs: Any
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Cross-entropy against hard labels, or mixed soft labels in training when ``mixup_alpha > 0``."""
-        labels, pixel_values = inputs.pop("labels"), inputs.pop("pixel_values")
-        if model.training and self.mixup_alpha > 0:
-            num_labels = self.accelerator.unwrap_model(model).config.num_labels
-            pixel_values, labels = data.mixup_batch(pixel_values, labels, self.mixup_alpha, num_labels)
-        outputs = model(pixel_values=pixel_values, **inputs)
-        loss = F.cross_entropy(outputs.logits.float(), labels, label_smoothing=self.label_smoothing)
-        return (loss, outputs) if return_outputs else loss
-
-    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
-        """All parameter names when ``weight_decay_all_params``, else `Trainer`'s choice."""
-        if self.weight_decay_all_params:
-            return [name for name, _ in model.named_parameters()]
-        return super().get_decay_parameter_names(model)
-
-
-def top_k_indices(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Keep the 5 best class ids per example (``preprocess_logits_for_metrics``: no gathering of full logits)."""
-    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-
-
-def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions) from the indices of [`top_k_indices`]."""
-    top, labels = prediction.predictions, prediction.label_ids
-    hits = np.asarray(top[0] if isinstance(top, tuple) else top) == np.asarray(labels)[:, None]
-    return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
 
 
 def make_callbacks(qsr_config: QSRConfig) -> list[TrainerCallback]:
