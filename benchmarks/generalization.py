@@ -1,6 +1,6 @@
 """Small-scale replication of the QSR paper's generalization claim (GitHub issue 7).
 
-K simulated workers (qsr_hf.simulation, one process per run) train the same small CNN on Fashion-MNIST with
+K simulated workers (qsr_hf.analysis.simulation, one process per run) train the same small CNN on Fashion-MNIST with
 every sync rule: data-parallel (gradients averaged every step), constant H in {2, 4, 8}, post-local, and the
 power rules linear / QSR / cubic. Same init, same data order and same AdamW + cosine schedule for all rules within a
 seed, so differences between rules are paired. Writes benchmarks/results/generalization.{json,md,png}.
@@ -30,8 +30,8 @@ from torch import nn
 from transformers import get_scheduler
 
 from qsr_hf import QSRConfig
-from qsr_hf.planner import plan
-from qsr_hf.simulation import DataParallelSimulation, LocalTrainingSimulation, shard_batch
+from qsr_hf.analysis.planner import plan
+from qsr_hf.analysis.simulation import DataParallelSimulation, LocalTrainingSimulation, shard_batch
 
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -394,7 +394,7 @@ def plot(rows: list[dict], runs: list[dict], path: Path, meta: dict) -> None:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 2 epochs on 2,048 examples")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--workers", type=int, default=4, help="K simulated workers")
     p.add_argument("--global-batch", type=int, default=256, help="B; each worker gets B/K per step")
     p.add_argument("--epochs", type=int, default=20)

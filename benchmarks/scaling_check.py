@@ -1,4 +1,4 @@
-"""Check `qsr_hf.scaling` against the paper's ViT-B wall-clock times (RTX 3090, 25 Gbps, NCCL, no DDP overlap).
+"""Check `qsr_hf.analysis.scaling` against the paper's ViT-B wall-clock times (RTX 3090, 25 Gbps, NCCL, no DDP overlap).
 
     python benchmarks/scaling_check.py        # pure Python, ~2 s
 
@@ -18,7 +18,7 @@ Results go to ``benchmarks/results/scaling_check.json``.
 from _common import paper_lr_schedule, print_table, write_result
 
 from qsr_hf import QSRConfig, plan
-from qsr_hf.scaling import (
+from qsr_hf.analysis.scaling import (
     implied_allreduce_seconds,
     predict_wall_clock,
     ring_allreduce_seconds,

@@ -418,7 +418,7 @@ def main(argv=None):
         _rate_bps(rate)
 
     from qsr_hf import QSRConfig, plan
-    from qsr_hf.scaling import implied_allreduce_seconds, ring_allreduce_seconds
+    from qsr_hf.analysis.scaling import implied_allreduce_seconds, ring_allreduce_seconds
 
     lrs, warmup, alpha = schedule(args.steps)
     qsr_plan = plan(QSRConfig(qsr_alpha=alpha, qsr_h_base=4), lrs, warmup)

@@ -15,8 +15,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from qsr_hf.callback import QSRCallback  # QSR
-from qsr_hf.data import ImageTransform, build_transform, class_names, collate_images, load_image_dataset
-from qsr_hf.models import build_model
+from qsr_hf.training.data import ImageTransform, build_transform, class_names, collate_images, load_image_dataset
+from qsr_hf.training.models import build_model
 
 
 def accuracy(prediction) -> dict[str, float]:

@@ -13,7 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qsr_hf.checkpoint import load_rank_state, rank_state_path, save_rank_state
 from qsr_hf.config import QSRConfig, make_config
-from qsr_hf.engines import detect_engine
+from qsr_hf.engines import FSDP_UNSUPPORTED, detect_engine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.synchronizer import Synchronizer
 
@@ -71,10 +71,7 @@ class QSRCallback(TrainerCallback):
         if kwargs.get("lr_scheduler") is None:
             raise ValueError("QSRCallback needs an lr scheduler: QSR picks each round's length from the current lr")
         if args.fsdp:
-            raise NotImplementedError(
-                "qsr_hf does not support FSDP (each rank must hold full parameters and its own optimizer state); "
-                "remove `fsdp` from TrainingArguments and use DDP or DeepSpeed ZeRO stage 0"
-            )
+            raise NotImplementedError(f"{FSDP_UNSUPPORTED} (remove `fsdp` from TrainingArguments)")
         if getattr(args, "average_tokens_across_devices", False):
             # it all-gathers a token count on every step: local steps must not communicate
             logger.info("qsr_hf: setting average_tokens_across_devices=False (it communicates on every step)")

@@ -1,22 +1,41 @@
-"""`qsr-hf`: ``train`` a recipe, or ``plan`` a run's sync schedule. The only module that prints."""
+"""`qsr-hf`: ``train`` a recipe, or ``plan`` a run's sync schedule. The only module that prints.
+
+Nothing heavy is imported before the subcommand is known: ``qsr-hf --help`` and ``qsr-hf plan`` start without
+torch or transformers (a recipe or an lr replay loads transformers when it is needed).
+"""
 
 import argparse
+import dataclasses
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from qsr_hf.config import RULES, QSRConfig
-from qsr_hf.lr_schedule import lr_sequence
-from qsr_hf.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
-from qsr_hf.scaling import predict_wall_clock
+from qsr_hf.analysis.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
+from qsr_hf.analysis.scaling import predict_wall_clock
+from qsr_hf.config import QSRConfig
 
 
-def _plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qsr-hf plan",
-        description="Replay a sync rule over an lr schedule: round lengths, syncs, communication vs data-parallel.",
-    )
+PLAN_HELP = "replay a sync rule over an lr schedule: round lengths, syncs, communication vs data-parallel"
+TRAIN_HELP = "train a YAML recipe with Trainer + QSRCallback (run it under `accelerate launch` for several processes)"
+# QSRConfig fields that `plan` accepts as flags; type, choices and help come from the dataclass
+_PLAN_CONFIG_FIELDS = ("qsr_rule", "qsr_alpha", "qsr_h_base", "qsr_h_max", "qsr_switch_step")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    types = {"qsr_rule": str, "qsr_alpha": float, "qsr_h_base": int, "qsr_h_max": int, "qsr_switch_step": int}
+    for f in dataclasses.fields(QSRConfig):
+        if f.name in _PLAN_CONFIG_FIELDS:
+            flag = "--" + f.name.removeprefix("qsr_").replace("_", "-")
+            p.add_argument(
+                flag, dest=f.name, type=types[f.name], choices=f.metadata.get("choices"),
+                help=f"{f.metadata['help']} Default: the recipe's, else {f.default}.",
+            )  # fmt: skip
+
+
+def _plan_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="qsr-hf plan", description=PLAN_HELP)
     p.add_argument("recipe", nargs="?", help="recipe YAML (takes lr schedule and QSR settings from it)")
     p.add_argument("--peak-lr", type=float, help="learning rate after warm-up")
     p.add_argument("--total-steps", type=int, help="optimizer steps")
@@ -27,16 +46,14 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine decay")
     p.add_argument("--milestones", type=int, nargs="*", default=[], help="step decay: steps where lr *= --gamma")
     p.add_argument("--gamma", type=float, default=0.1, help="step decay factor")
-    p.add_argument("--rule", choices=RULES, help="sync rule (default: the recipe's, else qsr)")
-    p.add_argument("--alpha", type=float, help="α in H = max(H_base, ⌊(α/η)^γ⌋)")
-    p.add_argument("--h-base", type=int, help="H_base, optimizer steps")
-    p.add_argument("--h-max", type=int, help="cap on H, optimizer steps")
-    p.add_argument("--switch-step", type=int, help="post_local switch step")
+    _add_config_flags(p)
     p.add_argument("--target-comm", type=float, help="pick the smallest α communicating at most this (e.g. 0.1)")
     p.add_argument("--target-switch", type=float, help="pick α so H first exceeds H_base at this fraction")
     p.add_argument("--plot", help="write lr and H against the step to this PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    wall = p.add_argument_group("wall-clock prediction, data-parallel vs this plan (qsr_hf.scaling; all four needed)")
+    wall = p.add_argument_group(
+        "wall-clock prediction, data-parallel vs this plan (qsr_hf.analysis.scaling; all four needed)"
+    )
     wall.add_argument("--workers", type=int, help="N data-parallel workers")
     wall.add_argument("--bandwidth-gbps", type=float, help="per-worker link bandwidth, Gbit/s")
     wall.add_argument("--compute-s-per-step", type=float, help="seconds of one optimizer step without communication")
@@ -63,7 +80,8 @@ def _wall_clock(result: Plan, ns: argparse.Namespace) -> dict[str, float] | None
 
 
 def _from_recipe(path: str) -> tuple[QSRConfig, list[float], int]:
-    from qsr_hf.train import parse_recipe
+    from qsr_hf.analysis.lr_schedule import lr_sequence
+    from qsr_hf.training.train import parse_recipe
 
     _, _, qsr_config, args = parse_recipe(path, [])
     if args.max_steps <= 0:
@@ -78,6 +96,8 @@ def _from_recipe(path: str) -> tuple[QSRConfig, list[float], int]:
 def _from_flags(ns: argparse.Namespace) -> tuple[QSRConfig, list[float], int]:
     if ns.peak_lr is None or ns.total_steps is None:
         raise SystemExit("give a recipe YAML, or --peak-lr and --total-steps")
+    from qsr_hf.analysis.lr_schedule import lr_sequence
+
     kinds = {"cosine": ("cosine_with_min_lr", {"min_lr": ns.min_lr}), "constant": ("constant_with_warmup", {})}
     kind, kwargs = kinds.get(ns.decay, (ns.decay, {}))
     if ns.decay == "step":
@@ -87,8 +107,7 @@ def _from_flags(ns: argparse.Namespace) -> tuple[QSRConfig, list[float], int]:
 
 
 def _override(config: QSRConfig, ns: argparse.Namespace) -> dict[str, Any]:
-    flags = {"qsr_rule": ns.rule, "qsr_alpha": ns.alpha, "qsr_h_base": ns.h_base, "qsr_h_max": ns.h_max}
-    flags["qsr_switch_step"] = ns.switch_step
+    flags = {name: getattr(ns, name) for name in _PLAN_CONFIG_FIELDS}
     return {**config.to_dict(), **{k: v for k, v in flags.items() if v is not None}}
 
 
@@ -168,18 +187,36 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``qsr-hf`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "plan"):
-        print("usage: qsr-hf {train RECIPE.yaml [--key value ...] | plan [RECIPE.yaml] [options]}")
-        raise SystemExit(2)
-    if argv[0] == "plan":
-        plan_main(argv[1:])
-    else:
-        from qsr_hf.train import run
+def _parser() -> argparse.ArgumentParser:
+    from qsr_hf import __version__
 
-        run(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="qsr-hf", description="QSR local training for Hugging Face Trainer, Accelerate and DeepSpeed."
+    )
+    p.add_argument("--version", action="version", version=f"qsr-hf {__version__}")
+    p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
+    sub = p.add_subparsers(dest="command", metavar="{train,plan}", required=True)
+    train = sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP, add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE.yaml [--key value ...] (`train --help`)")
+    _plan_parser(sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``qsr-hf`` command: ``qsr-hf {train,plan} ...``; errors are one line unless ``--debug``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "plan":
+            plan_main(argv[argv.index("plan") + 1 :])
+        else:
+            from qsr_hf.training.train import run
+
+            run(ns.args)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+        if ns.debug:
+            traceback.print_exc()
+        raise SystemExit(f"qsr-hf {ns.command}: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -99,9 +99,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         if not self._is_optimizer_step():
             self.last_step_synced = False
             return self._inner_step(closure)
-        # a DeepSpeed engine has already stepped, and stepped its lr scheduler, inside `accelerator.backward`
-        step_lr = getattr(self.synchronizer.engine, "step_lr", None)
-        self.synchronizer.begin_step(self.param_groups[0]["lr"] if step_lr is None else step_lr)
+        self.synchronizer.begin_step(self.synchronizer.engine.step_lr(self.optimizer))
         loss = self._inner_step(closure)
         self.last_step_synced = self.synchronizer.end_step()
         return loss

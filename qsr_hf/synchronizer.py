@@ -15,7 +15,7 @@ from qsr_hf.averaging import ParameterAverager, optimizer_state_tensors
 from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
 from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
-from qsr_hf.engines import LocalEngine
+from qsr_hf.engines import Engine
 from qsr_hf.logging_utils import get_logger
 
 
@@ -36,7 +36,7 @@ class Synchronizer:
 
     def __init__(
         self,
-        engine: LocalEngine,
+        engine: Engine,
         config: QSRConfig,
         warmup_steps: int,
         total_steps: int | None,
@@ -142,8 +142,9 @@ class Synchronizer:
             "qsr": self.state_dict(),
             "tensors": [t.detach().to("cpu", copy=True) for t in self._local_tensors()],
         }
-        if hasattr(self.engine, "local_state_dict"):
-            state["engine"] = self.engine.local_state_dict()
+        engine_state = self.engine.local_state_dict()
+        if engine_state:
+            state["engine"] = engine_state
         return state
 
     def load_local_state_dict(self, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
@@ -158,7 +159,7 @@ class Synchronizer:
             for target, saved in zip(tensors, state["tensors"], strict=True):
                 target.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
-        if "engine" in state and hasattr(self.engine, "load_local_state_dict"):
+        if "engine" in state:
             self.engine.load_local_state_dict(state["engine"])
         self.engine.after_average()
         self.load_state_dict(state["qsr"])

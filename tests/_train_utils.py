@@ -43,8 +43,17 @@ def make_imagenet_like(root: Path, n_train: int = 24, n_eval: int = 12, num_clas
 def launch_train(
     args: list[str], timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m qsr_hf.train ARGS`` (2 CPU processes)."""
-    cmd = ["accelerate", "launch", "--config_file", str(MULTI_CPU), "--main_process_port", "0", "-m", "qsr_hf.train"]
+    """``accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m qsr_hf.training.train ARGS`` (2 CPU processes)."""
+    cmd = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(MULTI_CPU),
+        "--main_process_port",
+        "0",
+        "-m",
+        "qsr_hf.training.train",
+    ]
     cmd += args
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(cmd, check=False, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -12,8 +12,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTForImageClassification
 
 from qsr_hf import QSRConfig
+from qsr_hf.analysis.planner import plan
 from qsr_hf.callback import QSRCallback
-from qsr_hf.planner import plan
 
 
 def make_dataset(n=64, seed=0):
@@ -273,7 +273,7 @@ def test_trainer_optimizer_state_averaging_option(tmp_path):
 
 
 def _bn_trainer_run(rank, world_size, out_dir, reestimate):
-    from qsr_hf.models import build_model
+    from qsr_hf.training.models import build_model
 
     torch.manual_seed(0)
     model = build_model("demo_resnet", [str(i) for i in range(4)], image_size=16, num_channels=3)

@@ -8,8 +8,8 @@ import torch
 from _train_utils import make_imagenet_like
 from accelerate import PartialState
 
-from qsr_hf import data
-from qsr_hf.models import MODEL_TYPES, build_image_processor, build_model
+from qsr_hf.training import data
+from qsr_hf.training.models import MODEL_TYPES, build_image_processor, build_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from testing_utils import BNMLP, flat_params, rank_batches, require_deepspeed, run_distributed
 
 from qsr_hf import LocalOptimizer, QSRConfig
-from qsr_hf.planner import plan
+from qsr_hf.analysis.planner import plan
 
 
 pytestmark = require_deepspeed

@@ -6,7 +6,9 @@ from testing_utils import BNMLP, run_distributed
 from torch.nn.parallel import DistributedDataParallel
 
 from qsr_hf import QSRConfig
-from qsr_hf.engines import DDPEngine, LocalEngine, detect_engine, find_wrapper
+from qsr_hf.engines import detect_engine, find_wrapper
+from qsr_hf.engines.ddp import DDPEngine
+from qsr_hf.engines.single_process import SingleProcessEngine
 from qsr_hf.synchronizer import Synchronizer
 
 
@@ -39,7 +41,7 @@ def test_fsdp_is_refused_with_a_clear_error():
 
 
 def test_single_process_is_local():
-    assert isinstance(detect_engine(BNMLP()), LocalEngine)
+    assert isinstance(detect_engine(BNMLP()), SingleProcessEngine)
 
 
 def _no_sync_kept(rank, world_size):
@@ -68,9 +70,9 @@ def test_optimizer_state_averaging_needs_a_torch_optimizer():
     config = QSRConfig(qsr_rule="constant", qsr_average_optimizer_state=True)
     module = BNMLP()
     with pytest.raises(NotImplementedError, match="qsr_average_optimizer_state=False"):
-        Synchronizer(LocalEngine(module), config, 0, 10, optimizer=None)
+        Synchronizer(SingleProcessEngine(module), config, 0, 10, optimizer=None)
 
-    class NoStateEngine(LocalEngine):  # what the DeepSpeed adapter declares
+    class NoStateEngine(SingleProcessEngine):  # what the DeepSpeed adapter declares
         can_average_optimizer_state = False
 
     with pytest.raises(NotImplementedError, match="NoStateEngine"):

@@ -6,7 +6,7 @@ from typing import ClassVar
 import pytest
 from huggingface_hub import ModelCard
 
-from qsr_hf import hub
+from qsr_hf.training import hub
 
 
 QSR = {"qsr_rule": "qsr", "qsr_alpha": 0.0175, "qsr_h_base": 4, "qsr_h_max": None, "qsr_switch_step": None}
@@ -40,7 +40,13 @@ def fake_api(monkeypatch):
 
 def test_model_card_records_qsr_settings_schedule_comm_and_accuracy(tmp_path):
     card = hub.build_model_card(
-        "vit-b16-qsr", "ILSVRC/imagenet-1k", QSR, FACTS, SUMMARY, EVAL, command="accelerate launch -m qsr_hf.train x"
+        "vit-b16-qsr",
+        "ILSVRC/imagenet-1k",
+        QSR,
+        FACTS,
+        SUMMARY,
+        EVAL,
+        command="accelerate launch -m qsr_hf.training.train x",
     )
     text = card.content
     assert "QSR: H = max(H_base, ⌊(α/η)²⌋)" in text
@@ -48,7 +54,7 @@ def test_model_card_records_qsr_settings_schedule_comm_and_accuracy(tmp_path):
     assert "| qsr/syncs | 9711 |" in text and "10.38%" in text  # communication vs data-parallel
     assert "| peak learning rate | 0.008 |" in text and "| warm-up steps | 10000 |" in text
     assert "| top1 | 0.8098 |" in text and "runtime" not in text
-    assert "accelerate launch -m qsr_hf.train x" in text and "gu2024quadratic" in text
+    assert "accelerate launch -m qsr_hf.training.train x" in text and "gu2024quadratic" in text
     path = hub.save_model_card(card, tmp_path / "out")
     loaded = ModelCard.load(path)
     assert loaded.data.library_name == "transformers" and "qsr_hf" in loaded.data.tags
@@ -78,7 +84,7 @@ def test_push_uploads_the_run_folder_without_checkpoints(tmp_path, fake_api):
 def test_train_pushes_once_at_the_end_with_the_qsr_card(tmp_path, fake_api, monkeypatch):
     # The whole train.main path, one process, a few steps: card written, then pushed through the stand-in API.
     monkeypatch.setenv("WORLD_SIZE", "1")
-    from qsr_hf.train import main
+    from qsr_hf.training.train import main
 
     out = tmp_path / "run"
     argv = ["recipes/demo/qsr.yaml", "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "no"]

@@ -8,7 +8,7 @@ from testing_utils import BNMLP, flat_params, rank_batches, run_distributed
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from qsr_hf import LocalOptimizer, QSRConfig
-from qsr_hf.planner import plan
+from qsr_hf.analysis.planner import plan
 
 
 def _count_grad_allreduce(ddp):

@@ -3,10 +3,10 @@
 import pytest
 
 from qsr_hf import QSRConfig, plan
+from qsr_hf.analysis.lr_schedule import lr_sequence
+from qsr_hf.analysis.planner import alpha_for_comm_budget, alpha_for_switch_fraction
+from qsr_hf.analysis.scaling import predict_wall_clock
 from qsr_hf.cli import plan_main
-from qsr_hf.lr_schedule import lr_sequence
-from qsr_hf.planner import alpha_for_comm_budget, alpha_for_switch_fraction
-from qsr_hf.scaling import predict_wall_clock
 
 
 VIT_STEPS, VIT_WARMUP = 93_600, 10_000  # PAPER.md: 300 epochs x 312 steps, 10k warm-up, cosine 8e-3 -> 1e-6

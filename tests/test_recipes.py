@@ -9,9 +9,9 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from transformers import get_scheduler
 
+from qsr_hf.analysis.planner import plan
 from qsr_hf.config import QSRConfig
-from qsr_hf.planner import plan
-from qsr_hf.train import DataArguments, ModelArguments, make_callbacks, make_parser, parse_recipe
+from qsr_hf.training.train import DataArguments, ModelArguments, make_callbacks, make_parser, parse_recipe
 
 
 ROOT = Path(__file__).resolve().parents[1]

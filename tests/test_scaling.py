@@ -1,11 +1,11 @@
-"""qsr_hf.scaling: the ring all-reduce cost model and wall-clock predictions (pure, milliseconds)."""
+"""qsr_hf.analysis.scaling: the ring all-reduce cost model and wall-clock predictions (pure, milliseconds)."""
 
 import math
 
 import pytest
 
-from qsr_hf.planner import Plan
-from qsr_hf.scaling import (
+from qsr_hf.analysis.planner import Plan
+from qsr_hf.analysis.scaling import (
     WallClockPrediction,
     implied_allreduce_seconds,
     predict_wall_clock,

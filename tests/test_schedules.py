@@ -3,9 +3,9 @@
 import pytest
 
 from qsr_hf import ConstantSchedule, PostLocalSchedule, PowerSchedule, QSRConfig
+from qsr_hf.analysis.planner import plan
 from qsr_hf.clock import SyncClock
 from qsr_hf.config import make_config
-from qsr_hf.planner import plan
 
 
 # (config kwargs, lr per step, warmup, expected round lengths)

@@ -1,4 +1,4 @@
-"""The one-process simulation (qsr_hf.simulation) against real 2-process gloo runs (LocalOptimizer, Accelerate DDP).
+"""The one-process simulation (qsr_hf.analysis.simulation) against real 2-process gloo runs (LocalOptimizer, Accelerate DDP).
 
 Same init, same data (rank k gets shard k of every global batch), same AdamW and lr schedule. The comparison is
 bitwise (torch.equal), after every optimizer step, of all parameters and floating-point buffers (BatchNorm running
@@ -12,8 +12,8 @@ from testing_utils import BNMLP, flat_params, run_distributed
 from transformers import get_scheduler
 
 from qsr_hf import LocalOptimizer, QSRConfig
-from qsr_hf.planner import plan
-from qsr_hf.simulation import DataParallelSimulation, LocalTrainingSimulation, shard_batch
+from qsr_hf.analysis.planner import plan
+from qsr_hf.analysis.simulation import DataParallelSimulation, LocalTrainingSimulation, shard_batch
 
 
 STEPS, WARMUP, GLOBAL_BATCH, WORKERS = 24, 3, 16, 2

@@ -1,4 +1,4 @@
-"""End to end: `accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m qsr_hf.train RECIPE` on 2 CPU
+"""End to end: `accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m qsr_hf.training.train RECIPE` on 2 CPU
 processes; assertions on the files the run writes (metrics, model card, per-rank state), not only the exit code."""
 
 import json
@@ -7,7 +7,7 @@ import os
 import pytest
 from _train_utils import launch_train
 
-from qsr_hf.train import _check_world_size, parse_recipe
+from qsr_hf.training.train import _check_world_size, parse_recipe
 
 
 SHORT = ["--max_train_samples", "1024", "--max_eval_samples", "256", "--disable_tqdm", "true"]

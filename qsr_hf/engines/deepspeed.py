@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from qsr_hf.averaging import averaged_tensors
-from qsr_hf.engines import LocalEngine
+from qsr_hf.engines.base import Engine
 
 
 _ZERO_UNSUPPORTED = (
@@ -70,7 +70,7 @@ def _validate(engine: Any) -> None:
         )
 
 
-class DeepSpeedEngineAdapter(LocalEngine):
+class DeepSpeedEngineAdapter(Engine):
     """Adapter for a `deepspeed.DeepSpeedEngine` with ZeRO stage 0: local steps, then averaging of the fp32 weights.
 
     Built by [`detect_engine`] from the engine returned by ``deepspeed.initialize`` or ``accelerator.prepare``
@@ -98,7 +98,7 @@ class DeepSpeedEngineAdapter(LocalEngine):
         optimizer = engine.optimizer
         self.has_masters = isinstance(optimizer, FP16_Optimizer | FP16_UnfusedOptimizer)
         self._flat_masters = isinstance(optimizer, FP16_Optimizer)  # one flat fp32 master per parameter group
-        self.step_lr: float | None = None
+        self._step_lr: float | None = None
         self._lr_hook: Any = None
 
     # -- per-step communication ---------------------------------------------------------------------------------
@@ -134,7 +134,12 @@ class DeepSpeedEngineAdapter(LocalEngine):
     def _record_lr(self, module: nn.Module, args: Any) -> None:
         # The engine steps its lr scheduler inside `accelerator.backward`, before `LocalOptimizer.step` runs: the lr
         # the step used is the one current at the forward pass.
-        self.step_lr = self.engine.optimizer.param_groups[0]["lr"]
+        self._step_lr = self.engine.optimizer.param_groups[0]["lr"]
+
+    def step_lr(self, optimizer: torch.optim.Optimizer) -> float:
+        """The lr recorded at the last forward pass: the engine has already stepped its scheduler by the time
+        ``optimizer.step()`` is called (inside ``accelerator.backward``)."""
+        return super().step_lr(optimizer) if self._step_lr is None else self._step_lr
 
     # -- averaging ----------------------------------------------------------------------------------------------
     def _master_groups(self) -> list[tuple[list[torch.Tensor], list[nn.Parameter]]]:

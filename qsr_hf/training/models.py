@@ -140,7 +140,7 @@ def build_image_processor(
     image_std: list[float] | None = None,
     crop_pct: float = 0.875,
 ) -> BaseImageProcessor:
-    """The image processor saved with the model, matching the evaluation transform of `qsr_hf.data`.
+    """The image processor saved with the model, matching the evaluation transform of `qsr_hf.training.data`.
 
     Args:
         model_name_or_path (`str`, *optional*): checkpoint whose processor to start from; `None`: a new one that

@@ -15,7 +15,7 @@ model; `implied_allreduce_seconds` recovers the all-reduce time that measured wa
 
 from dataclasses import dataclass
 
-from qsr_hf.planner import Plan
+from qsr_hf.analysis.planner import Plan
 
 
 def ring_allreduce_seconds(

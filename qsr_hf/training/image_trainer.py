@@ -1,6 +1,6 @@
 """`ImageClassificationTrainer` (soft-target cross-entropy for mixup and label smoothing) and top-1/top-5 metrics.
 
-Used by the recipe runner (`qsr_hf.train`); nothing here knows about QSR.
+Used by the recipe runner (`qsr_hf.training.train`); nothing here knows about QSR.
 """
 
 from typing import Any
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer
 
-from qsr_hf import data
+from qsr_hf.training import data
 
 
 class ImageClassificationTrainer(Trainer):

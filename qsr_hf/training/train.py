@@ -1,4 +1,4 @@
-"""Recipe runner: ``python -m qsr_hf.train RECIPE.yaml [--key value ...]`` (also under ``accelerate launch ... -m``).
+"""Recipe runner: ``python -m qsr_hf.training.train RECIPE.yaml [--key value ...]`` (also under ``accelerate launch ... -m``).
 
 One YAML recipe fills four dataclasses (`ModelArguments`, `DataArguments`, `QSRConfig`, `TrainingArguments`): its
 values become the parser's defaults, then ``--key value`` on the command line overrides them. The run trains with
@@ -24,9 +24,9 @@ from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, s
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
-from qsr_hf import data, hub, models
 from qsr_hf.config import QSRConfig
-from qsr_hf.image_trainer import ImageClassificationTrainer, compute_metrics, top_k_indices
+from qsr_hf.training import data, hub, models
+from qsr_hf.training.image_trainer import ImageClassificationTrainer, compute_metrics, top_k_indices
 
 
 logger = get_logger(__name__)
@@ -54,7 +54,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Which data, and how it is augmented (kornia; see `qsr_hf.data`)."""
+    """Which data, and how it is augmented (kornia; see `qsr_hf.training.data`)."""
 
     dataset_name: str = field(
         default="fashion_mnist_local",
@@ -119,7 +119,7 @@ def parse_recipe(path: str | os.PathLike | None, argv: Sequence[str] = ()) -> Ar
         known = {f.name for cls in parser.dataclass_types for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"recipe {path}: unknown key(s) {unknown}; see `python -m qsr_hf.train --help`")
+            raise ValueError(f"recipe {path}: unknown key(s) {unknown}; see `python -m qsr_hf.training.train --help`")
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the YAML satisfies a required flag
             if action.dest in values:
@@ -225,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     trainer.save_state()
 
     if trainer.is_world_process_zero():
-        command = shlex.join(["accelerate", "launch", "-m", "qsr_hf.train", *([recipe] if recipe else []), *argv])
+        command = shlex.join(
+            ["accelerate", "launch", "-m", "qsr_hf.training.train", *([recipe] if recipe else []), *argv]
+        )
         facts = hub.training_facts(args, trainer.state.global_step, trainer.state.max_steps)
         card = hub.build_model_card(
             Path(args.output_dir).name, data_args.dataset_name, qsr_config.to_dict(), facts, summary, eval_metrics,
@@ -240,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """``python -m qsr_hf.train`` / ``qsr-hf train``: :func:`main`, then free the process group before shutdown."""
+    """``python -m qsr_hf.training.train`` / ``qsr-hf train``: :func:`main`, then free the process group before shutdown."""
     main(argv)
     # the Trainer, DDP wrapper and process group sit in reference cycles; collected during interpreter shutdown,
     # gloo's worker threads can abort the process ("terminate called without an active exception")

@@ -1,0 +1,61 @@
+"""`Engine`: what the runtime needs from a training backend. Every backend adapter implements all of it.
+
+An engine answers four questions for the [`Synchronizer`]: how to switch the backend's per-step gradient all-reduce
+off (and back on), which tensors a sync averages and over which process group, what to do after they were averaged
+(e.g. copy fp32 masters into low-precision weights), and which per-rank state the backend keeps outside the optimizer
+a checkpoint must hold.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from qsr_hf.averaging import averaged_tensors
+
+
+class Engine:
+    """Base class of the backend adapters; the defaults are those of a plain module trained in one process.
+
+    Args:
+        module (`nn.Module`): the unwrapped model.
+
+    Attributes:
+        module (`nn.Module`): the unwrapped model (what evaluation, BatchNorm re-estimation and checkpoints use).
+        process_group (`ProcessGroup` or `None`): the group a sync averages over; `None` for a single process.
+        world_size (`int`): number of QSR workers in that group.
+        can_average_optimizer_state (`bool`): whether the optimizer is a torch optimizer whose state tensors can be
+            averaged (``qsr_average_optimizer_state``).
+    """
+
+    process_group: ProcessGroup | None = None
+    world_size: int = 1
+    can_average_optimizer_state: bool = True
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def disable_gradient_sync(self) -> None:
+        """Switch the backend's per-step gradient all-reduce off (start of local training)."""
+
+    def restore_gradient_sync(self) -> None:
+        """Switch the backend's per-step gradient all-reduce back on (end of local training)."""
+
+    def averaged_tensors(self, average_buffers: bool) -> list[torch.Tensor]:
+        """The tensors a sync averages: trainable parameters and, optionally, persistent floating-point buffers."""
+        return averaged_tensors(self.module, average_buffers)
+
+    def after_average(self) -> None:
+        """Propagate averaged tensors to where the backend reads them (nothing for plain parameters)."""
+
+    def step_lr(self, optimizer: torch.optim.Optimizer) -> float:
+        """The learning rate of the optimizer step about to be taken (the rule's η)."""
+        return float(optimizer.param_groups[0]["lr"])
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """Per-rank backend state a checkpoint must hold besides the optimizer's (none by default)."""
+        return {}
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`local_state_dict` returned."""
