@@ -30,6 +30,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from qsr_hf import QSRConfig
+from qsr_hf.analysis.lr_schedule import lr_sequence
 from qsr_hf.analysis.planner import plan
 from qsr_hf.analysis.simulation import DataParallelSimulation, LocalTrainingSimulation, shard_batch
 
@@ -142,18 +143,6 @@ def make_scheduler_fn(args, total_steps: int, warmup_steps: int):
         num_training_steps=total_steps,
         scheduler_specific_kwargs=kwargs,
     )
-
-
-def lr_sequence(args, total_steps: int, warmup_steps: int) -> list[float]:
-    """The lr of every optimizer step, replayed from the same scheduler the workers use."""
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=args.lr)
-    sched = make_scheduler_fn(args, total_steps, warmup_steps)(opt)
-    lrs = []
-    for _ in range(total_steps):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return lrs
 
 
 def rule_configs(args, lrs: list[float], warmup_steps: int) -> dict[str, QSRConfig | None]:
@@ -442,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     n = min(args.train_subset or len(y_train), len(y_train))
     total = args.epochs * (n // args.global_batch)
     warmup = round(args.warmup_fraction * total)
-    lrs = lr_sequence(args, total, warmup)
+    # the lr of every optimizer step, replayed from the same scheduler type the workers use
+    lrs = lr_sequence(args.lr, total, warmup, "cosine_with_min_lr", {"min_lr_rate": args.min_lr_rate})
     configs = rule_configs(args, lrs, warmup)
     for rule in args.rules:
         if configs[rule] is not None:

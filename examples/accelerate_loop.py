@@ -33,12 +33,17 @@ def main() -> None:
     test = DataLoader(TensorDataset(x[1500:], y[1500:]), batch_size=256)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.steps // 10, args.steps)
+    # accelerate's convention: a prepared scheduler advances num_processes times per optimizer step, so it is built
+    # with the step counts of one process
+    n = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.steps // 10 * n, args.steps * n)
     model, optimizer, train, test, scheduler = accelerator.prepare(model, optimizer, train, test, scheduler)
     optimizer = LocalOptimizer(  # QSR: after prepare; no gradient all-reduce from here on
-        optimizer, model, QSRConfig(qsr_alpha=args.alpha, qsr_h_base=2),  # QSR
-        num_training_steps=args.steps, num_warmup_steps=args.steps // 10,  # QSR
-    )  # fmt: skip
+        optimizer,
+        model,
+        QSRConfig(qsr_alpha=args.alpha, qsr_h_base=2),
+        lr_scheduler=scheduler,  # QSR
+    )  # QSR: warm-up and length (in optimizer steps) are read from the scheduler
 
     step = 0
     while step < args.steps:

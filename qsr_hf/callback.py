@@ -8,7 +8,7 @@ import os
 import weakref
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qsr_hf.checkpoint import load_rank_state, rank_state_path, save_rank_state
@@ -26,15 +26,19 @@ class QSRCallback(TrainerCallback):
 
     From the first step on, no gradient is all-reduced; each rank takes local optimizer steps and the parameters
     (and floating-point buffers) are averaged at the end of each round, whose length H comes from the sync rule and
-    the learning rate of the round's first step. The model is also averaged before every evaluation (configurable),
-    every checkpoint save and at the end of training, so metrics, checkpoints and the pushed model are the averaged
-    model; these extra syncs are counted apart (``qsr/extra_syncs``) and leave the round schedule unchanged. Every
-    rank writes ``qsr_state_rank{r}.pt`` (its local optimizer state and the schedule position) into each checkpoint
-    folder, and reads it back on ``trainer.train(resume_from_checkpoint=...)``.
+    the learning rate of the round's first step. Evaluations and checkpoints mid-round see an averaged copy of the
+    model; each rank's local parameters are put back afterwards, so they do not change what is trained
+    (``qsr_eval_copy``). The model is averaged at the end of training, so the saved and pushed model is the average.
+    Every rank writes ``qsr_state_rank{r}.pt`` (its local parameters, optimizer state and the schedule position) into
+    each checkpoint folder, and reads it back on ``trainer.train(resume_from_checkpoint=...)``. The ``qsr/*`` metrics
+    are added to the Trainer's own logs (loss, learning rate, grad norm), so every ``report_to`` backend gets both.
 
     Args:
         config ([`QSRConfig`], *optional*):
             QSR settings.
+        trainer ([`Trainer`], *optional*):
+            The Trainer this callback runs in. Without it (the one-line form), the Trainer holding this callback is
+            looked up once at the start of training.
         **kwargs:
             `QSRConfig` fields, with or without the ``qsr_`` prefix (``alpha=0.0175, h_base=4``).
 
@@ -42,13 +46,15 @@ class QSRCallback(TrainerCallback):
 
     ```python
     trainer = Trainer(model, args, train_dataset=ds, callbacks=[QSRCallback(alpha=0.0175, h_base=4)])
+    # or, explicitly bound:
+    trainer.add_callback(QSRCallback(alpha=0.0175, h_base=4, trainer=trainer))
     ```
     """
 
-    def __init__(self, config: QSRConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: QSRConfig | None = None, *, trainer: Trainer | None = None, **kwargs: Any) -> None:
         self.config = make_config(config, **kwargs)
         self.synchronizer: Synchronizer | None = None
-        self._trainer: weakref.ReferenceType[Trainer] | None = None
+        self._trainer: weakref.ReferenceType[Trainer] | None = weakref.ref(trainer) if trainer is not None else None
 
     @property
     def trainer(self) -> Trainer | None:
@@ -76,8 +82,21 @@ class QSRCallback(TrainerCallback):
             # it all-gathers a token count on every step: local steps must not communicate
             logger.info("qsr_hf: setting average_tokens_across_devices=False (it communicates on every step)")
             args.average_tokens_across_devices = False
-        trainer = self._find_trainer()
+        trainer = self.trainer or self._find_trainer()
         self._trainer = weakref.ref(trainer) if trainer is not None else None
+        if trainer is None and self.config.qsr_bn_reestimate_batches:
+            logger.warning(
+                "qsr_hf: QSRCallback could not find its Trainer, so BatchNorm statistics cannot be re-estimated "
+                "(qsr_bn_reestimate_batches); pass it explicitly: QSRCallback(..., trainer=trainer)",
+                main_process_only=False,
+            )
+        if trainer is not None:
+            # right after DefaultFlowCallback (which sets should_evaluate/should_save/should_log) and before the
+            # report_to integrations, so the qsr/* metrics are in `logs` when they see them
+            others = [c for c in trainer.callback_handler.callbacks if c is not self]
+            flow = [i for i, c in enumerate(others) if isinstance(c, DefaultFlowCallback)]
+            at = flow[-1] + 1 if flow else 0
+            trainer.callback_handler.callbacks = [*others[:at], self, *others[at:]]
         model = trainer.model_wrapped if trainer is not None else kwargs["model"]
         engine = detect_engine(model)
         warmup = args.get_warmup_steps(state.max_steps)
@@ -106,7 +125,8 @@ class QSRCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Open a round if needed, its H set by the lr this step uses."""
+        """Put back the local parameters an evaluation replaced; open a round if needed, its H set by this step's lr."""
+        self.synchronizer.leave_averaged_view()
         self.synchronizer.begin_step(kwargs["optimizer"].param_groups[0]["lr"])
 
     def on_optimizer_step(
@@ -116,10 +136,12 @@ class QSRCallback(TrainerCallback):
         self.synchronizer.end_step()
 
     def _consistency_point(self, control: TrainerControl) -> None:
-        # evaluation and checkpoint saving see the averaged model
-        if control.should_save or (control.should_evaluate and self.config.qsr_sync_before_eval):
-            self.synchronizer.sync_now()
-        if control.should_evaluate and self.config.qsr_sync_before_eval:
+        # evaluation and checkpoint saving see the averaged model (a copy unless qsr_eval_copy=False); the local
+        # tensors come back at the next step, the save of this step's checkpoint, or the end of training
+        evaluate = control.should_evaluate and self.config.qsr_sync_before_eval
+        if control.should_save or evaluate:
+            self.synchronizer.enter_averaged_view(batchnorm=evaluate and self.config.qsr_bn_reestimate_batches > 0)
+        if evaluate:
             self._reestimate_batchnorm()
 
     def _reestimate_batchnorm(self) -> None:
@@ -134,10 +156,8 @@ class QSRCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Sync before an evaluation or save that follows this step; log ``qsr/*`` with the Trainer's logs."""
+        """Put the averaged model in place for an evaluation or save that follows this step."""
         self._consistency_point(control)
-        if control.should_log and self.trainer is not None:
-            self.trainer.log(self.synchronizer.stats.to_logs())
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -153,13 +173,19 @@ class QSRCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Without a Trainer handle, add ``qsr/*`` to the logs for the callbacks after this one (progress bar)."""
-        if self.trainer is None and logs is not None and self.synchronizer is not None:
-            logs.update(self.synchronizer.stats.to_logs())
+        """Add ``qsr/*`` to the Trainer's own log entry (its loss, lr and grad norm stay as they are)."""
+        if logs is None or self.synchronizer is None or "loss" not in logs:  # only the Trainer's training log
+            return
+        qsr_logs = self.synchronizer.stats.to_logs()
+        logs.update(qsr_logs)
+        # the Trainer appended a copy of `logs` to the history before calling the callbacks
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(qsr_logs)
 
     # -- checkpoints and the end ---------------------------------------------------------------------------------
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Write this rank's local optimizer state and the schedule position into the checkpoint folder."""
+        """Put the local parameters back, then write them, the local optimizer state and the schedule position."""
+        self.synchronizer.leave_averaged_view()
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         save_rank_state(directory, self.synchronizer.local_state_dict(kwargs["optimizer"]))
 
@@ -169,6 +195,7 @@ class QSRCallback(TrainerCallback):
         """Average an unfinished last round, record the summary in the log history, switch gradient sync back on."""
         if self.synchronizer is None:
             return
+        self.synchronizer.leave_averaged_view()
         self.synchronizer.sync_now()
         self._reestimate_batchnorm()
         if self.trainer is not None:

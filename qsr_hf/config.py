@@ -42,7 +42,12 @@ class QSRConfig:
         qsr_fp32_average (`bool`, defaults to `True`):
             Average bf16/fp16 tensors in fp32 (the paper averages in fp32).
         qsr_sync_before_eval (`bool`, defaults to `True`):
-            Average the model before each evaluation (Trainer), so metrics are those of the averaged model.
+            Evaluate the averaged model (Trainer); `False` evaluates each rank's own model (per-worker evaluation).
+        qsr_eval_copy (`bool`, defaults to `True`):
+            Evaluate and save an averaged copy of the model mid-round and then put every rank's local parameters
+            back, so evaluations and checkpoints leave the training trajectory unchanged (the official code evaluates
+            at syncs only). `False`: an extra sync before each evaluation and save (v0.1 behaviour: the round's
+            local progress is averaged away early, which changes training).
     """
 
     qsr_rule: str = field(
@@ -86,6 +91,13 @@ class QSRConfig:
     qsr_sync_before_eval: bool = field(
         default=True,
         metadata={"help": "Average the model before each evaluation (Trainer); false gives per-worker evaluation."},
+    )
+    qsr_eval_copy: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate/save an averaged copy and restore each rank's local parameters after (training "
+            "unchanged); false: an extra sync before each evaluation and save (changes the trajectory)."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -1,5 +1,6 @@
 """`LocalOptimizer`: QSR local training for hand-written `accelerate launch` loops."""
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,6 +20,54 @@ from qsr_hf.synchronizer import Synchronizer
 logger = get_logger(__name__)
 
 
+def scheduler_steps_per_optimizer_step(lr_scheduler: Any) -> int:
+    """How many times ``lr_scheduler.step()`` advances the underlying scheduler per optimizer step.
+
+    A scheduler passed through ``accelerator.prepare`` (an `AcceleratedScheduler`) steps ``num_processes`` times per
+    call unless ``split_batches`` is set or it is not stepped with the optimizer: accelerate's convention is that the
+    scheduler is built with the step counts of a single-process run.
+    """
+    from accelerate.scheduler import AcceleratedScheduler
+    from accelerate.state import AcceleratorState
+
+    if not isinstance(lr_scheduler, AcceleratedScheduler):
+        return 1
+    if not lr_scheduler.step_with_optimizer or lr_scheduler.split_batches:
+        return 1
+    return AcceleratorState().num_processes
+
+
+def scheduler_lengths(lr_scheduler: Any) -> tuple[int | None, int | None]:
+    """Warm-up and total length of ``lr_scheduler`` in optimizer steps, where it declares them.
+
+    `transformers` schedulers (``get_scheduler``, ``get_cosine_schedule_with_warmup``, ...) keep ``num_warmup_steps``
+    and ``num_training_steps`` in their lr function; they are divided by
+    [`scheduler_steps_per_optimizer_step`]. `None` where the scheduler does not say.
+    """
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    keywords: dict[str, Any] = {}
+    for fn in getattr(inner, "lr_lambdas", []):
+        if isinstance(fn, functools.partial):
+            keywords = fn.keywords
+    per_step = scheduler_steps_per_optimizer_step(lr_scheduler)
+    warmup, total = keywords.get("num_warmup_steps"), keywords.get("num_training_steps")
+    return (
+        None if warmup is None else -(-int(warmup) // per_step),
+        None if total is None else int(total) // per_step,
+    )
+
+
+def _resolve(name: str, given: int | None, derived: int | None, per_step: int) -> int | None:
+    if given is not None and derived is not None and given != derived:
+        raise ValueError(
+            f"{name}={given} but the lr scheduler's is {derived} optimizer steps (it declares {derived * per_step} "
+            f"scheduler steps and advances {per_step} per optimizer step, accelerate's convention for a scheduler "
+            f"passed through `accelerator.prepare`). Build the scheduler with {name} x num_processes (the "
+            f"single-process count), or drop {name} and let LocalOptimizer read it from `lr_scheduler`"
+        )
+    return derived if given is None else given
+
+
 class LocalOptimizer(torch.optim.Optimizer):
     """Wrap an optimizer so that each rank takes local steps and parameters are averaged at the end of each round.
 
@@ -35,10 +84,15 @@ class LocalOptimizer(torch.optim.Optimizer):
             The prepared model (DDP-wrapped, or a DeepSpeed ZeRO-0 engine).
         config ([`QSRConfig`], *optional*):
             QSR settings; keyword overrides without the ``qsr_`` prefix are accepted too (``alpha=0.02``).
+        lr_scheduler (*optional*):
+            The (prepared) lr scheduler. A `transformers` scheduler declares its warm-up and length, which are then
+            read from it in optimizer steps (accounting for accelerate stepping a prepared scheduler
+            ``num_processes`` times per optimizer step), so QSR's warm-up and the lr cannot disagree.
         num_training_steps (`int`, *optional*):
-            Total optimizer steps; the last round is clipped so training ends on a sync.
-        num_warmup_steps (`int`, defaults to 0):
-            Optimizer steps of lr warm-up; the rule uses H_base during them.
+            Total optimizer steps; the last round is clipped so training ends on a sync. Read from ``lr_scheduler``
+            when it declares it; an explicit value that disagrees is an error.
+        num_warmup_steps (`int`, *optional*):
+            Optimizer steps of lr warm-up (the rule uses H_base during them); 0 if neither given nor declared.
         process_group (`ProcessGroup`, *optional*):
             Data-parallel group for an unwrapped model (defaults to the wrapper's group).
 
@@ -62,8 +116,9 @@ class LocalOptimizer(torch.optim.Optimizer):
         model: nn.Module,
         config: QSRConfig | None = None,
         *,
+        lr_scheduler: Any = None,
         num_training_steps: int | None = None,
-        num_warmup_steps: int = 0,
+        num_warmup_steps: int | None = None,
         process_group: ProcessGroup | None = None,
         **qsr_kwargs: Any,
     ) -> None:
@@ -72,8 +127,15 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.defaults = getattr(optimizer, "defaults", {})  # DeepSpeed's fp16/bf16 optimizers have none
         self.config = make_config(config, **qsr_kwargs)
+        if lr_scheduler is not None:
+            per_step = scheduler_steps_per_optimizer_step(lr_scheduler)
+            warmup, total = scheduler_lengths(lr_scheduler)
+            num_warmup_steps = _resolve("num_warmup_steps", num_warmup_steps, warmup, per_step)
+            num_training_steps = _resolve("num_training_steps", num_training_steps, total, per_step)
+        self.num_warmup_steps = num_warmup_steps or 0
+        self._lr_before: float | None = None  # lr of the previous optimizer step, to check the declared warm-up
         self.synchronizer = Synchronizer(
-            detect_engine(model, process_group), self.config, num_warmup_steps, num_training_steps, optimizer
+            detect_engine(model, process_group), self.config, self.num_warmup_steps, num_training_steps, optimizer
         )
         if self.config.qsr_rule == "ddp":
             logger.info("qsr_hf: qsr_rule='ddp' averages parameters after every step", main_process_only=True)
@@ -99,10 +161,28 @@ class LocalOptimizer(torch.optim.Optimizer):
         if not self._is_optimizer_step():
             self.last_step_synced = False
             return self._inner_step(closure)
-        self.synchronizer.begin_step(self.synchronizer.engine.step_lr(self.optimizer))
+        lr = self.synchronizer.engine.step_lr(self.optimizer)
+        self._check_warmup(lr)
+        self.synchronizer.begin_step(lr)
         loss = self._inner_step(closure)
         self.last_step_synced = self.synchronizer.end_step()
         return loss
+
+    def _check_warmup(self, lr: float) -> None:
+        # the rule uses H_base during the declared warm-up; an lr that falls inside it means the two disagree
+        step = self.synchronizer.clock.step
+        if self._lr_before is not None and step < self.num_warmup_steps and lr < self._lr_before * (1 - 1e-6):
+            logger.warning(
+                f"qsr_hf: the lr fell from {self._lr_before:.4g} to {lr:.4g} at optimizer step {step}, inside the "
+                f"declared warm-up of {self.num_warmup_steps} steps: is the scheduler stepped num_processes times "
+                "per optimizer step (accelerate's convention for a prepared scheduler)? Pass "
+                "`lr_scheduler=scheduler` to LocalOptimizer so warm-up and length are read from it",
+                main_process_only=False,
+            )
+            self._lr_before = float("-inf")  # warn once
+            return
+        if self._lr_before != float("-inf"):
+            self._lr_before = lr
 
     def _inner_step(self, closure: Callable[[], float] | None) -> float | None:
         # accelerate's DeepSpeedOptimizerWrapper.step() takes no closure

@@ -55,16 +55,32 @@ class Synchronizer:
                 + ("" if optimizer is None else ": its optimizer state is not a plain torch optimizer's")
                 + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
             )
+        self._held: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # local tensors kept aside (eval copy)
+        self._gradient_sync = True  # the backend's own per-step gradient all-reduce
         if self.distributed:
             self.averager = ParameterAverager(
                 functools.partial(self._synced_tensors, optimizer), engine.process_group, config.qsr_fp32_average
             )
-            engine.disable_gradient_sync()
+            self._set_gradient_sync(self._data_parallel_step(0))
         else:
             logger.warning(
                 "qsr_hf: single-process run, so there is nothing to synchronize; training runs as usual",
                 main_process_only=True,
             )
+
+    def _data_parallel_step(self, step: int) -> bool:
+        # post-local SGD's first phase is true data-parallel training (gradients all-reduced every step), as in
+        # Lin et al. and torch's PostLocalSGDOptimizer; it is not local training with H = 1
+        return self.config.qsr_rule == "post_local" and step < self.config.qsr_switch_step
+
+    def _set_gradient_sync(self, on: bool) -> None:
+        if on == self._gradient_sync or not self.distributed:
+            return
+        if on:
+            self.engine.restore_gradient_sync()
+        else:
+            self.engine.disable_gradient_sync()
+        self._gradient_sync = on
 
     def begin_step(self, lr: float) -> int:
         """Start an optimizer step that uses learning rate ``lr``; returns the current round's H."""
@@ -74,8 +90,15 @@ class Synchronizer:
 
     def end_step(self) -> bool:
         """Finish an optimizer step; average the parameters if the round is over. Returns whether it averaged."""
+        data_parallel = self._data_parallel_step(self.clock.step)
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
+        # before the next step's backward: the switch from phase 1 must not all-reduce the first local gradients
+        self._set_gradient_sync(self._data_parallel_step(self.clock.step))
+        if due and data_parallel:
+            # the backend all-reduced this step's gradients: parameters already agree, nothing to average
+            self.stats.record_sync(self.stats.grad_bytes_per_step if self.distributed else 0, scheduled=True)
+            return False
         if due:
             self._average(scheduled=True)
         return due and self.distributed
@@ -90,6 +113,44 @@ class Synchronizer:
             return False
         self._average(scheduled=False)
         return True
+
+    def enter_averaged_view(self, batchnorm: bool = False) -> None:
+        """Make the model the average of the ranks' models, for an evaluation or a checkpoint.
+
+        With ``qsr_eval_copy`` (the default) each rank's local tensors are kept aside and put back by
+        :meth:`leave_averaged_view`, so the training trajectory is the one without the evaluation; otherwise this is
+        an extra sync (:meth:`sync_now`). Right after a scheduled sync the model is averaged already and nothing is
+        communicated.
+
+        Args:
+            batchnorm (`bool`, defaults to `False`): also keep the BatchNorm statistics aside (a re-estimation for
+                the evaluation will overwrite them).
+        """
+        if self._held is not None:
+            return
+        if not self.config.qsr_eval_copy:
+            self.sync_now()
+            return
+        needs_average = self.distributed and self.clock.in_round and self.clock.steps_into_round > 0
+        kept = []
+        if needs_average:
+            self.averager.ensure_views()
+            kept = list(self.averager.tensors)
+        if batchnorm:
+            kept += batchnorm_statistics(self.engine.module)
+        self._held = [(t, t.detach().clone()) for t in kept]
+        if needs_average:
+            self._average(scheduled=False)
+
+    def leave_averaged_view(self) -> None:
+        """Put back the local tensors kept aside by :meth:`enter_averaged_view` (bitwise)."""
+        if self._held is None:
+            return
+        with torch.no_grad():
+            for target, local in self._held:
+                target.copy_(local)
+            self.engine.after_average()
+        self._held = None
 
     def _average(self, scheduled: bool) -> None:
         if self.averager is None:
@@ -120,7 +181,7 @@ class Synchronizer:
 
     def close(self) -> None:
         """Switch the backend's gradient all-reduce back on (end of training)."""
-        self.engine.restore_gradient_sync()
+        self._set_gradient_sync(True)
 
     def _synced_tensors(self, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
         tensors = self._local_tensors()
@@ -172,3 +233,4 @@ class Synchronizer:
         """Restore what :meth:`state_dict` returned."""
         self.clock.load_state_dict(state["clock"])
         self.stats.load_state_dict(state["stats"])
+        self._set_gradient_sync(self._data_parallel_step(self.clock.step))

@@ -1,5 +1,7 @@
 """LocalOptimizer on real 2-process gloo groups with the real Accelerator and DDP."""
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -169,11 +171,14 @@ def test_bf16_autocast_and_clipping_stay_local():
     assert not torch.equal(r0["params"][0], r1["params"][0]) and torch.equal(r0["params"][1], r1["params"][1])
 
 
-def _ddp_reference(rank, world_size, steps):
+def _ddp_reference(rank, world_size, steps, optimizer="sgd"):
     torch.manual_seed(0)
     accelerator = Accelerator()
     model = BNMLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     model, opt = accelerator.prepare(model, opt)
     out = []
     for x, y in rank_batches(rank, steps):
@@ -347,3 +352,129 @@ def _unwrapped(rank, world_size):
 def test_unwrapped_model_in_multiprocess_run_is_an_error():
     messages = run_distributed(_unwrapped)
     assert all(m is not None and "not wrapped for data parallelism" in m for m in messages)
+
+
+def test_post_local_phase_one_is_data_parallel():
+    # post-local SGD (Lin et al.): true gradient all-reduce until the switch, then local rounds of H_base; with AdamW,
+    # where local training with H = 1 would differ (per-worker moments), phase 1 equals DDP bitwise
+    steps, switch = 10, 6
+    config = QSRConfig(qsr_rule="post_local", qsr_switch_step=switch, qsr_h_base=2)
+    r0, r1 = run_distributed(_train, config=config, steps=steps, optimizer="adamw")
+    ref = run_distributed(_ddp_reference, steps=steps, optimizer="adamw")
+    for i in range(switch):
+        for rank, run in enumerate((r0, r1)):
+            assert torch.equal(run["params"][i], ref[rank][i]), f"rank {rank}, step {i + 1}: phase 1 is not DDP"
+    assert r0["grad_allreduces"] == switch, "one gradient all-reduce per step in phase 1, none after"
+    assert r0["synced"] == [False] * switch + [False, True, False, True]
+    for i in (6, 8):  # inside the local rounds [6, 8) and [8, 10)
+        assert not torch.equal(r0["params"][i], r1["params"][i]), f"step {i + 1}: ranks equal inside a round"
+    assert torch.equal(r0["params"][-1], r1["params"][-1])
+    # the counting comm hook's all_reduce (one per phase-1 step) plus one per bucket for each of the two syncs
+    assert r0["param_allreduces"] == switch + 2 * r0["buckets"], "phase 1 averages no parameters"
+    assert r0["stats"]["syncs"] == switch + 2
+
+
+def _scheduler_run(rank, world_size, warmup, total, explicit):
+    import logging
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.getLogger("qsr_hf").addHandler(Grab())
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = BNMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    n = accelerator.num_processes
+    # accelerate's convention (its by_feature/local_sgd.py): single-process counts, stepped n times per step
+    sched = get_cosine_schedule_with_warmup(opt, warmup * n, total * n)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    errors = []
+    for wrong in ({"num_training_steps": total * n}, {"num_warmup_steps": warmup * n}):
+        try:
+            LocalOptimizer(opt, model, QSRConfig(qsr_rule="constant", qsr_h_base=2), lr_scheduler=sched, **wrong)
+        except ValueError as e:
+            errors.append(str(e))
+    config = QSRConfig(qsr_alpha=0.02, qsr_h_base=2)
+    if explicit:  # v0.1's example: the declared warm-up counts optimizer steps, the scheduler runs n times faster
+        local = LocalOptimizer(opt, model, config, num_training_steps=total * n, num_warmup_steps=warmup * n)
+    else:
+        local = LocalOptimizer(opt, model, config, lr_scheduler=sched)
+    lrs = []
+    for x, y in rank_batches(rank, total):
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        lrs.append(local.param_groups[0]["lr"])
+        local.step()
+        sched.step()
+        local.zero_grad()
+    clock = local.synchronizer.clock
+    return {"errors": errors, "lrs": lrs, "total": clock.total_steps, "warmup": clock.schedule.warmup_steps,
+            "warnings": records}  # fmt: skip
+
+
+def test_prepared_scheduler_gives_warmup_and_length_in_optimizer_steps():
+    warmup, total = 4, 16
+    runs = run_distributed(_scheduler_run, warmup=warmup, total=total, explicit=False)
+    for rank, run in enumerate(runs):
+        assert (run["warmup"], run["total"]) == (warmup, total), f"rank {rank}"
+        assert max(range(total), key=run["lrs"].__getitem__) == warmup, "the lr peaks at the end of the warm-up"
+        decay = run["lrs"][warmup:]
+        assert all(b <= a for a, b in itertools.pairwise(decay)), "the lr must not rise again after its peak"
+        assert decay[-1] < 0.02 * max(run["lrs"]), "the lr reaches the end of its cosine at the last step"
+        assert len(run["errors"]) == 2, f"rank {rank}: a contradicting explicit count must be refused"
+        assert "num_training_steps=32 but the lr scheduler's is 16 optimizer steps" in run["errors"][0]
+        assert not run["warnings"]
+    explicit = run_distributed(_scheduler_run, warmup=warmup, total=total, explicit=True)
+    for rank, run in enumerate(explicit):
+        assert any("inside the declared warm-up of 8 steps" in m for m in run["warnings"]), f"rank {rank} not warned"
+
+
+def _stop_mid_round(rank, world_size, stop_after):
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = BNMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))  # 3 warm-up steps
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    counter = _count_grad_allreduce(model)
+    # after warm-up lr = 0.1 and (alpha / lr)^2 = 3.5, so H = 3; during warm-up H = H_base = 2
+    config = QSRConfig(qsr_alpha=0.1 * 3.5**0.5, qsr_h_base=2)
+    local = LocalOptimizer(opt, model, config, num_training_steps=11, num_warmup_steps=3)
+    synced = []
+    batches = rank_batches(rank, stop_after + 1)
+    for x, y in batches[:stop_after]:
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        local.step()
+        sched.step()
+        local.zero_grad()
+        synced.append(local.last_step_synced)
+    before_close = flat_params(model.module)
+    local.close()
+    after_close = flat_params(model.module)
+    grads_before = counter["n"]
+    x, y = batches[-1]  # one more step after close(): plain DDP again, gradients all-reduced
+    accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+    opt.step()
+    return {"synced": synced, "before_close": before_close, "after_close": after_close,
+            "grads_after_close": counter["n"] - grads_before, "grads_before": grads_before,
+            "after_ddp_step": flat_params(model.module)}  # fmt: skip
+
+
+def test_literal_sync_steps_and_close_mid_round():
+    # a literal schedule (not from plan()): warm-up rounds of H_base = 2, including the round [2, 4) that starts on
+    # the last warm-up step, then H = 3 from the rule, and the last round clipped to end at step 11
+    full = run_distributed(_stop_mid_round, stop_after=11)
+    assert [i + 1 for i, s in enumerate(full[0]["synced"]) if s] == [2, 4, 7, 10, 11]
+    # stopped after 9 steps, inside the round [7, 10): close() averages, then DDP reduces gradients again
+    r0, r1 = run_distributed(_stop_mid_round, stop_after=9)
+    assert not torch.equal(r0["before_close"], r1["before_close"]), "ranks must differ inside the open round"
+    assert torch.equal(r0["after_close"], r1["after_close"]), "close() must average an unfinished round"
+    assert r0["grads_before"] == 0, "no gradient all-reduce during local training"
+    assert r0["grads_after_close"] == 1, "after close() DDP must all-reduce gradients again"
+    n_params = sum(p.numel() for p in BNMLP().parameters())
+    assert torch.equal(r0["after_ddp_step"][:n_params], r1["after_ddp_step"][:n_params])
