@@ -81,3 +81,45 @@ def test_views_share_storage_with_parameters():
     assert averager.buckets[0].intact()
     model.net[0].bias.data = model.net[0].bias.data.clone()
     assert not averager.buckets[0].intact()
+
+
+def _snapshot_divisor(rank, world_size, mode):
+    torch.manual_seed(rank)
+    model = BNMLP().to(torch.bfloat16)
+    averager = ParameterAverager(averaged_tensors(model, average_buffers=True), mode=mode)
+    before = [t.detach().clone() for t in averager.tensors]
+    snap = averager.snapshot()
+    averager.average(divisor=1)  # a plain sum
+    summed = [t.detach().clone() for t in averager.tensors]
+    averager.restore(snap)
+    restored = [t.detach().clone() for t in averager.tensors]
+    errors = []
+    for bad in ([], [s.double() for s in snap], [torch.zeros(3)]):
+        try:
+            averager.restore(bad)
+        except ValueError as e:
+            errors.append(str(e))
+    for bad in (0, 1.5, True):
+        try:
+            averager.average(divisor=bad)
+        except ValueError as e:
+            errors.append(str(e))
+    return {
+        "before": before,
+        "summed": summed,
+        "restored": restored,
+        "snap_is_copy": snap[0] is not averager.buckets[0].flat,
+        "errors": errors,
+    }
+
+
+def test_snapshot_restore_and_divisor():
+    for mode in ("inplace", "copy"):
+        r0, r1 = run_distributed(_snapshot_divisor, mode=mode)
+        for r in (r0, r1):
+            assert all(torch.equal(a, b) for a, b in zip(r["restored"], r["before"], strict=True)), mode
+            assert r["snap_is_copy"]
+            assert len(r["errors"]) == 6
+            assert all("snapshot" in e for e in r["errors"][:3]) and all("divisor" in e for e in r["errors"][3:])
+        for s, b0, b1 in zip(r0["summed"], r0["before"], r1["before"], strict=True):
+            assert torch.equal(s, (b0.float() + b1.float()).to(torch.bfloat16)), f"{mode}: divisor=1 is the sum"
