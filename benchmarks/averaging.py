@@ -9,6 +9,10 @@ Methods, each averaging the same fp32 parameters of a model with ViT shapes:
 - ``floor_div``: the same plus the in-place division by the world size: the least an in-place *average* costs on gloo,
   which has no averaging reduce op.
 - ``qsr_hf``: `qsr_hf.ParameterAverager.average()` (parameters are views of one flat buffer: all_reduce + div in place).
+- ``qsr_hf_copy``: the same in copy mode (``mode="copy"``: tensors keep their storage; copy into a persistent send
+  buffer, all_reduce, divide, copy back), as FSDP2 shards and the overlapped sync use it.
+- ``qsr_hf_async``: in-place mode through ``average(async_op=True)`` then ``wait()`` at once: the handle's overhead.
+- ``qsr_hf_copy_async``: copy mode, async, waited at once.
 - ``torch_periodic``: `torch.distributed.algorithms.model_averaging.averagers.PeriodicModelAverager(period=1)`
   (torch.cat into a new flat buffer, div, all_reduce, re-bind each ``p.data`` to a slice).
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=1).step()` (barrier, then per parameter
@@ -40,7 +44,17 @@ SIZES = {
         "intermediate_size": 4096,
     },
 }
-METHODS = ["floor", "floor_div", "qsr_hf", "torch_periodic", "accelerate_localsgd", "per_param_inplace"]
+METHODS = [
+    "floor",
+    "floor_div",
+    "qsr_hf",
+    "qsr_hf_copy",
+    "qsr_hf_async",
+    "qsr_hf_copy_async",
+    "torch_periodic",
+    "accelerate_localsgd",
+    "per_param_inplace",
+]
 
 
 def vit_shapes(overrides: dict) -> list[tuple[int, ...]]:
@@ -94,6 +108,12 @@ def _worker(rank, world_size, shapes, reps, methods):
             t0 = time.perf_counter()
             ops[method] = ParameterAverager(list(model.parameters())).average
             build_s = time.perf_counter() - t0
+        elif method.startswith("qsr_hf_"):
+            averager = ParameterAverager(list(model.parameters()), mode="copy" if "copy" in method else "inplace")
+            if method.endswith("async"):
+                ops[method] = lambda averager=averager: averager.average(async_op=True).wait()
+            else:
+                ops[method] = averager.average
         elif method == "torch_periodic":
             with warnings.catch_warnings():  # "period 1: use DDP instead" - we time one average on purpose
                 warnings.simplefilter("ignore", UserWarning)

@@ -17,6 +17,7 @@ from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import Engine
 from qsr_hf.logging_utils import get_logger
+from qsr_hf.overlap import OverlappedSync
 
 
 logger = get_logger(__name__)
@@ -49,6 +50,7 @@ class Synchronizer:
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
         self.averager: ParameterAverager | None = None
+        self.overlap: OverlappedSync | None = None
         if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
             raise NotImplementedError(
                 f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
@@ -56,9 +58,15 @@ class Synchronizer:
                 + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
             )
         if self.distributed:
+            # overlap (qsr_overlap_sync, see qsr_hf.overlap): copy-mode averager, the average folded in one step late
+            overlapped = getattr(config, "qsr_overlap_sync", False)
             self.averager = ParameterAverager(
-                functools.partial(self._synced_tensors, optimizer), engine.process_group, config.qsr_fp32_average
+                functools.partial(self._synced_tensors, optimizer),
+                engine.process_group,
+                config.qsr_fp32_average,
+                mode="copy" if overlapped else "inplace",
             )
+            self.overlap = OverlappedSync(self.averager) if overlapped else None
             engine.disable_gradient_sync()
         else:
             logger.warning(
@@ -76,6 +84,7 @@ class Synchronizer:
         """Finish an optimizer step; average the parameters if the round is over. Returns whether it averaged."""
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
+        self._finish_overlap()  # overlap: the previous round's average, one step late
         if due:
             self._average(scheduled=True)
         return due and self.distributed
@@ -86,6 +95,7 @@ class Synchronizer:
         Returns:
             `bool`: whether an average happened (not in a single-process run, nor right after a scheduled sync).
         """
+        self._finish_overlap()  # overlap: an exact average before evaluation or a checkpoint
         if not self.distributed or not self.clock.in_round or self.clock.steps_into_round == 0:
             return False
         self._average(scheduled=False)
@@ -96,10 +106,19 @@ class Synchronizer:
             if scheduled:
                 self.stats.syncs += 1
             return
+        last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
+        if self.overlap is not None and scheduled and not last:
+            self.stats.record_sync(self.overlap.start(), scheduled)  # overlap: folded in at the next end_step
+            return
         with torch.no_grad():
             num_bytes = self.averager.average()
             self.engine.after_average()
         self.stats.record_sync(num_bytes, scheduled)
+
+    def _finish_overlap(self) -> None:
+        if self.overlap is not None and self.overlap.finish():
+            with torch.no_grad():
+                self.engine.after_average()
 
     def reestimate_batchnorm(self, batches: Iterable[Any], forward: ForwardFn) -> int:
         """Recompute BatchNorm statistics on ``batches`` with the current (averaged) parameters, then average them.
@@ -120,6 +139,7 @@ class Synchronizer:
 
     def close(self) -> None:
         """Switch the backend's gradient all-reduce back on (end of training)."""
+        self._finish_overlap()
         self.engine.restore_gradient_sync()
 
     def _synced_tensors(self, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
