@@ -9,6 +9,10 @@ Methods, each averaging the same fp32 parameters of a model with ViT shapes:
 - ``floor_div``: the same plus the in-place division by the world size: the least an in-place *average* costs on gloo,
   which has no averaging reduce op.
 - ``qsr_hf``: `qsr_hf.ParameterAverager.average()` (parameters are views of one flat buffer: all_reduce + div in place).
+- ``qsr_hf_copy``: the same in copy mode (``mode="copy"``: tensors keep their storage; copy into a persistent send
+  buffer, all_reduce, divide, copy back), as FSDP2 shards and the overlapped sync use it.
+- ``qsr_hf_async``: in-place mode through ``average(async_op=True)`` then ``wait()`` at once: the handle's overhead.
+- ``qsr_hf_copy_async``: copy mode, async, waited at once.
 - ``torch_periodic``: `torch.distributed.algorithms.model_averaging.averagers.PeriodicModelAverager(period=1)`
   (torch.cat into a new flat buffer, div, all_reduce, re-bind each ``p.data`` to a slice).
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=1).step()` (barrier, then per parameter
@@ -40,7 +44,17 @@ SIZES = {
         "intermediate_size": 4096,
     },
 }
-METHODS = ["floor", "floor_div", "qsr_hf", "torch_periodic", "accelerate_localsgd", "per_param_inplace"]
+METHODS = [
+    "floor",
+    "floor_div",
+    "qsr_hf",
+    "qsr_hf_copy",
+    "qsr_hf_async",
+    "qsr_hf_copy_async",
+    "torch_periodic",
+    "accelerate_localsgd",
+    "per_param_inplace",
+]
 
 
 def vit_shapes(overrides: dict) -> list[tuple[int, ...]]:
@@ -73,10 +87,12 @@ def _worker(rank, world_size, shapes, reps, methods):
             p.grad = zero.expand(p.shape)
         return model
 
-    # one model per method, so that no method re-binds another's parameters (methods are interleaved below)
-    models = {m: make_model() for m in methods if not m.startswith("floor")}
+    # one model per method, so that no method re-binds another's parameters (methods are interleaved below); the async
+    # rows reuse the blocking row's averager (same mode, same buffers): two fewer model copies in memory
+    shares = {"qsr_hf_async": "qsr_hf", "qsr_hf_copy_async": "qsr_hf_copy"}
+    models = {m: make_model() for m in methods if not m.startswith("floor") and m not in shares}
     numel = sum(p.numel() for p in next(iter(models.values())).parameters())
-    ops, build_s = {}, None
+    ops, averagers, build_s = {}, {}, None
     for method in methods:
         model = models.get(method)
         if method == "floor":
@@ -90,10 +106,15 @@ def _worker(rank, world_size, shapes, reps, methods):
                 buf.div_(world_size)
 
             ops[method] = all_reduce_div
-        elif method == "qsr_hf":
+        elif method in ("qsr_hf", "qsr_hf_copy"):
             t0 = time.perf_counter()
-            ops[method] = ParameterAverager(list(model.parameters())).average
-            build_s = time.perf_counter() - t0
+            averagers[method] = ParameterAverager(
+                list(model.parameters()), mode="copy" if "copy" in method else "inplace"
+            )
+            build_s = build_s or time.perf_counter() - t0
+            ops[method] = averagers[method].average
+        elif method in shares:
+            ops[method] = lambda averager=averagers[shares[method]]: averager.average(async_op=True).wait()
         elif method == "torch_periodic":
             with warnings.catch_warnings():  # "period 1: use DDP instead" - we time one average on purpose
                 warnings.simplefilter("ignore", UserWarning)

@@ -1,24 +1,31 @@
 """`ParameterAverager`: average tensors across a process group with one all-reduce per (device, dtype) bucket.
 
-The tensors are re-bound as views of one flat buffer per (device, dtype) (``t.data = flat[a:b].view_as(t)``), so a
-sync is a single in-place all-reduce of that buffer: no flatten copy, no per-parameter calls. If something re-binds a
-tensor afterwards (``model.to(dtype)``, a reloaded state dict that replaced storage), the views are detected as
-broken before the next sync and the buckets are rebuilt.
+In the default in-place mode the tensors are re-bound as views of one flat buffer per (device, dtype)
+(``t.data = flat[a:b].view_as(t)``), so a sync is a single in-place all-reduce of that buffer: no flatten copy, no
+per-parameter calls. Copy mode keeps the tensors' storage (FSDP2 DTensor shards, overlap) and copies through a
+persistent send buffer. ``average(async_op=True)`` returns an [`AverageHandle`]. If something re-binds or re-casts a
+tensor afterwards (``model.to(dtype)``, a reloaded state dict that replaced storage), this is detected before the
+next sync and the buckets are rebuilt.
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.distributed.tensor import DTensor
 
+from qsr_hf.flat_buckets import FlatBucket as _Bucket
+from qsr_hf.flat_buckets import local_tensor as _local
 from qsr_hf.logging_utils import get_logger
 
 
 logger = get_logger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+AveragerMode = Literal["inplace", "copy"]
 
 
 def averaged_tensors(module: nn.Module, average_buffers: bool) -> list[torch.Tensor]:
@@ -71,54 +78,90 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tens
     return tensors
 
 
-class _Bucket:
-    """One flat buffer whose slices are the storage of ``tensors``."""
+class AverageHandle:
+    """An average in flight, returned by ``ParameterAverager.average(async_op=True)``; :meth:`wait` finishes it.
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.tensors = list(tensors)
-        first = self.tensors[0]
-        if len(self.tensors) == 1 and first.is_contiguous():
-            # a single contiguous tensor (e.g. an optimizer's flat master copy) is averaged where it is
-            self.flat = first.data.view(-1)
-        else:
-            numel = sum(t.numel() for t in self.tensors)
-            self.flat = torch.empty(numel, dtype=first.dtype, device=first.device)
-            offset = 0
-            with torch.no_grad():
-                for t in self.tensors:
-                    n = t.numel()
-                    view = self.flat[offset : offset + n].view_as(t)
-                    view.copy_(t.data)
-                    t.data = view
-                    offset += n
-        self.pointers = [t.data_ptr() for t in self.tensors]
+    Copy mode: the tensors are untouched until :meth:`wait`, which folds the result into them. In-place mode: the
+    collective writes into the tensors' own storage while in flight, so they must not be used until :meth:`wait`.
+    """
 
-    def intact(self) -> bool:
-        """Whether every tensor still lives in this bucket's buffer."""
-        return all(
-            t.data_ptr() == ptr and t.dtype == self.flat.dtype and t.device == self.flat.device
-            for t, ptr in zip(self.tensors, self.pointers, strict=True)
-        )
+    def __init__(self, averager: "ParameterAverager", divisor: int, async_op: bool, keep_local_change: bool) -> None:
+        self._averager = averager
+        self._divisor = divisor
+        self._pending: list[tuple[_Bucket, torch.Tensor, Any, torch.Tensor | None]] = []
+        for bucket in averager.buckets:
+            reduce_dtype = averager._reduce_dtype(bucket.dtype)
+            if not bucket.rebind:
+                wide = bucket.gather(bucket.flat)
+            elif reduce_dtype == bucket.flat.dtype:
+                wide = bucket.flat
+            else:
+                wide = bucket.flat.to(reduce_dtype)
+            sent = wide.clone() if keep_local_change else None
+            work = dist.all_reduce(wide, group=averager.process_group, async_op=async_op)
+            self._pending.append((bucket, wide, work, sent))
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`wait` has run."""
+        return not self._pending
+
+    @torch.no_grad()
+    def wait(self) -> int:
+        """Wait for the collectives, divide, and write the average into the tensors (once; later calls do nothing).
+
+        With ``keep_local_change=True`` each tensor becomes ``average + (current value - value sent)``: the change
+        made locally while the average was in flight is kept on top of it.
+
+        Returns:
+            `int`: bytes this rank contributed to the collectives.
+        """
+        for bucket, wide, work, sent in self._pending:
+            if work is not None:
+                work.wait()
+            wide.div_(self._divisor)
+            if sent is not None:
+                for t, view in bucket.views(sent.neg_()):
+                    view.add_(_local(t))  # sent := current - sent, the local change since the send
+                wide.add_(sent)
+            if not bucket.rebind:
+                bucket.scatter(wide)
+            elif wide is not bucket.flat:
+                bucket.flat.copy_(wide)
+        self._pending.clear()
+        if self._averager._in_flight is self:
+            self._averager._in_flight = None
+        return self._averager.bytes_per_sync
 
 
 class ParameterAverager:
-    """Average tensors across the ranks of a process group, in place, one collective per (device, dtype) bucket.
+    """Average tensors across the ranks of a process group, one collective per (device, dtype) bucket.
+
+    Two modes share the bucket code. ``"inplace"`` (the default, fastest): the tensors are re-bound as views of one
+    flat buffer per bucket, and a sync is one in-place all-reduce of it. ``"copy"``: the tensors keep their storage;
+    a sync copies them into a persistent flat send buffer (already in the reduce dtype), all-reduces it and copies the
+    result back. Copy mode is for tensors that cannot be re-bound (FSDP2's DTensor shards: their local shards are
+    used) and for keeping the tensors usable while an asynchronous average is in flight.
 
     Args:
         tensors (`Iterable[torch.Tensor]` or `Callable[[], Iterable[torch.Tensor]]`):
-            What to average (see [`averaged_tensors`]); they are re-bound as views of flat buffers. Pass a callable
-            that re-collects them (``lambda: averaged_tensors(model, True)``) so that tensors replaced later, such as
-            buffers after ``model.to(dtype)``, are picked up.
+            What to average (see [`averaged_tensors`]). Pass a callable that re-collects them
+            (``lambda: averaged_tensors(model, True)``) so that tensors replaced later, such as buffers after
+            ``model.to(dtype)``, are picked up.
         process_group (`ProcessGroup`, *optional*):
             The data-parallel group; `None` means the default (WORLD) group.
         fp32_average (`bool`, defaults to `True`):
-            Sum bf16/fp16 buckets in fp32 (one temporary fp32 copy of the bucket), as the paper does.
+            Sum bf16/fp16 buckets in fp32, as the paper does.
+        mode (`str`, defaults to `"inplace"`):
+            `"inplace"` (re-bind into flat buffers) or `"copy"` (copy in, all-reduce, copy out).
 
     Example:
 
     ```python
     averager = ParameterAverager(averaged_tensors(model, average_buffers=True))
     bytes_sent = averager.average()  # parameters now bitwise equal on every rank
+    handle = averager.average(async_op=True)  # start; ...; then
+    handle.wait()
     ```
     """
 
@@ -127,18 +170,28 @@ class ParameterAverager:
         tensors: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
         process_group: ProcessGroup | None = None,
         fp32_average: bool = True,
+        mode: AveragerMode = "inplace",
     ) -> None:
+        if mode not in ("inplace", "copy"):
+            raise ValueError(f"ParameterAverager mode must be 'inplace' or 'copy', got {mode!r}")
         self._collect = tensors if callable(tensors) else None
         self.tensors = list(tensors() if callable(tensors) else tensors)
         self.process_group = process_group
         self.fp32_average = fp32_average
+        self.mode = mode
+        self._in_flight: AverageHandle | None = None
         self.buckets = self._build()
 
     def _build(self) -> list[_Bucket]:
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for t in self.tensors:
-            groups.setdefault((t.device, t.dtype), []).append(t)
-        return [_Bucket(ts) for ts in groups.values()]
+            if self.mode == "inplace" and isinstance(t, DTensor):
+                raise ValueError(
+                    "ParameterAverager(mode='inplace') cannot re-bind DTensor (FSDP2) parameters; use mode='copy'"
+                )
+            local = _local(t)
+            groups.setdefault((local.device, local.dtype), []).append(t)
+        return [_Bucket(ts, self.mode == "inplace", self._reduce_dtype(dt)) for (_, dt), ts in groups.items()]
 
     @property
     def num_buckets(self) -> int:
@@ -155,6 +208,8 @@ class ParameterAverager:
 
     def ensure_views(self) -> None:
         """Rebuild the buckets if a tensor was re-bound or replaced since they were built (e.g. by ``model.to``)."""
+        if self._in_flight is not None:
+            raise RuntimeError("an asynchronous average is in flight: call wait() on its handle first")
         if self._collect is not None:
             current = list(self._collect())
             kept = len(current) >= len(self.tensors) and all(
@@ -176,22 +231,69 @@ class ParameterAverager:
             )
             self.buckets = self._build()
 
+    @overload
+    def average(
+        self, divisor: int | None = None, async_op: Literal[False] = False, keep_local_change: bool = False
+    ) -> int: ...
+
+    @overload
+    def average(
+        self, divisor: int | None = None, *, async_op: Literal[True], keep_local_change: bool = False
+    ) -> AverageHandle: ...
+
     @torch.no_grad()
-    def average(self) -> int:
-        """All-reduce every bucket and divide by the world size, in place.
+    def average(
+        self, divisor: int | None = None, async_op: bool = False, keep_local_change: bool = False
+    ) -> int | AverageHandle:
+        """All-reduce every bucket and divide, writing the average into the tensors.
+
+        Args:
+            divisor (`int`, *optional*):
+                What the sum is divided by; `None` means the world size of the process group. A rank that must not
+                count (non-finite values) contributes zeros and the others pass the number of ranks that do.
+            async_op (`bool`, defaults to `False`):
+                Return an [`AverageHandle`] at once instead of blocking; its ``wait()`` finishes the average.
+            keep_local_change (`bool`, defaults to `False`):
+                With ``async_op=True`` in copy mode only: at ``wait()`` each tensor becomes the average plus the change
+                made to it locally since the send (the one-step-delayed overlap).
 
         Returns:
-            `int`: bytes this rank contributed to the collectives.
+            `int` (bytes this rank contributed to the collectives), or an [`AverageHandle`] when ``async_op=True``.
+        """
+        if divisor is not None and (isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1):
+            raise ValueError(f"divisor must be a positive int (the number of ranks that count), got {divisor!r}")
+        if keep_local_change and not (async_op and self.mode == "copy"):
+            raise ValueError("keep_local_change=True needs async_op=True and ParameterAverager(mode='copy')")
+        self.ensure_views()
+        divisor = dist.get_world_size(self.process_group) if divisor is None else divisor
+        handle = AverageHandle(self, divisor, async_op, keep_local_change)
+        if not async_op:
+            return handle.wait()
+        self._in_flight = handle
+        return handle
+
+    @torch.no_grad()
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of the averaged tensors' current values, one flat tensor per bucket (see :meth:`restore`)."""
+        self.ensure_views()
+        return [b.flat.clone() if b.rebind else b.gather(torch.empty_like(b.flat)) for b in self.buckets]
+
+    @torch.no_grad()
+    def restore(self, snapshot: Sequence[torch.Tensor]) -> None:
+        """Write back what :meth:`snapshot` returned, bitwise.
+
+        Raises:
+            `ValueError`: if the snapshot does not match the buckets (another model, or tensors added since).
         """
         self.ensure_views()
-        world_size = dist.get_world_size(self.process_group)
-        for bucket in self.buckets:
-            reduce_dtype = self._reduce_dtype(bucket.flat.dtype)
-            if reduce_dtype == bucket.flat.dtype:
-                dist.all_reduce(bucket.flat, group=self.process_group)
-                bucket.flat.div_(world_size)
+        shapes = [(tuple(b.flat.shape), b.flat.dtype) for b in self.buckets]
+        if [(tuple(s.shape), s.dtype) for s in snapshot] != shapes:
+            raise ValueError(
+                f"the snapshot's buffers {[(tuple(s.shape), s.dtype) for s in snapshot]} do not match this averager's "
+                f"buckets {shapes}: take the snapshot from the same averager after the same tensors were added"
+            )
+        for bucket, saved in zip(self.buckets, snapshot, strict=True):
+            if bucket.rebind:
+                bucket.flat.copy_(saved)
             else:
-                wide = bucket.flat.to(reduce_dtype)
-                dist.all_reduce(wide, group=self.process_group)
-                bucket.flat.copy_(wide.div_(world_size))
-        return self.bytes_per_sync
+                bucket.scatter(saved)

@@ -48,6 +48,10 @@ class QSRConfig:
             back, so evaluations and checkpoints leave the training trajectory unchanged (the official code evaluates
             at syncs only). `False`: an extra sync before each evaluation and save (v0.1 behaviour: the round's
             local progress is averaged away early, which changes training).
+        qsr_overlap_sync (`bool`, defaults to `False`):
+            Overlap each scheduled sync with the next optimizer step: the all-reduce starts at the end of the round
+            and is folded in one step later (parameters = the average + that step's local change). Not the exact QSR
+            update (not in the official code); syncs before evaluation/save and the last sync of training stay exact.
     """
 
     qsr_rule: str = field(
@@ -97,6 +101,13 @@ class QSRConfig:
         metadata={
             "help": "Evaluate/save an averaged copy and restore each rank's local parameters after (training "
             "unchanged); false: an extra sync before each evaluation and save (changes the trajectory)."
+        },
+    )
+    qsr_overlap_sync: bool = field(
+        default=False,
+        metadata={
+            "help": "Overlap each scheduled sync with the next step (one-step-delayed average: params = average + "
+            "that step's local change). Not the exact QSR update; off by default."
         },
     )
 

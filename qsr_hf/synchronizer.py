@@ -17,6 +17,7 @@ from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import Engine
 from qsr_hf.logging_utils import get_logger
+from qsr_hf.overlap import OverlappedSync
 
 
 logger = get_logger(__name__)
@@ -49,6 +50,7 @@ class Synchronizer:
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
         self.averager: ParameterAverager | None = None
+        self.overlap: OverlappedSync | None = None
         if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
             raise NotImplementedError(
                 f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
@@ -58,9 +60,15 @@ class Synchronizer:
         self._held: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # local tensors kept aside (eval copy)
         self._gradient_sync = True  # the backend's own per-step gradient all-reduce
         if self.distributed:
+            # overlap (qsr_overlap_sync, see qsr_hf.overlap): copy-mode averager, the average folded in one step late
+            overlapped = config.qsr_overlap_sync
             self.averager = ParameterAverager(
-                functools.partial(self._synced_tensors, optimizer), engine.process_group, config.qsr_fp32_average
+                functools.partial(self._synced_tensors, optimizer),
+                engine.process_group,
+                config.qsr_fp32_average,
+                mode="copy" if overlapped else "inplace",
             )
+            self.overlap = OverlappedSync(self.averager) if overlapped else None
             self._set_gradient_sync(self._data_parallel_step(0))
         else:
             logger.warning(
@@ -95,6 +103,7 @@ class Synchronizer:
         self.stats.steps = self.clock.step
         # before the next step's backward: the switch from phase 1 must not all-reduce the first local gradients
         self._set_gradient_sync(self._data_parallel_step(self.clock.step))
+        self._finish_overlap()  # overlap: the previous round's average, one step late
         if due and data_parallel:
             # the backend all-reduced this step's gradients: parameters already agree, nothing to average
             self.stats.record_sync(self.stats.grad_bytes_per_step if self.distributed else 0, scheduled=True)
@@ -109,6 +118,7 @@ class Synchronizer:
         Returns:
             `bool`: whether an average happened (not in a single-process run, nor right after a scheduled sync).
         """
+        self._finish_overlap()  # overlap: an exact average before evaluation or a checkpoint
         if not self.distributed or not self.clock.in_round or self.clock.steps_into_round == 0:
             return False
         self._average(scheduled=False)
@@ -128,6 +138,7 @@ class Synchronizer:
         """
         if self._held is not None:
             return
+        self._finish_overlap()
         if not self.config.qsr_eval_copy:
             self.sync_now()
             return
@@ -157,10 +168,19 @@ class Synchronizer:
             if scheduled:
                 self.stats.syncs += 1
             return
+        last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
+        if self.overlap is not None and scheduled and not last:
+            self.stats.record_sync(self.overlap.start(), scheduled)  # overlap: folded in at the next end_step
+            return
         with torch.no_grad():
             num_bytes = self.averager.average()
             self.engine.after_average()
         self.stats.record_sync(num_bytes, scheduled)
+
+    def _finish_overlap(self) -> None:
+        if self.overlap is not None and self.overlap.finish():
+            with torch.no_grad():
+                self.engine.after_average()
 
     def reestimate_batchnorm(self, batches: Iterable[Any], forward: ForwardFn) -> int:
         """Recompute BatchNorm statistics on ``batches`` with the current (averaged) parameters, then average them.
@@ -181,6 +201,7 @@ class Synchronizer:
 
     def close(self) -> None:
         """Switch the backend's gradient all-reduce back on (end of training)."""
+        self._finish_overlap()
         self._set_gradient_sync(True)
 
     def _synced_tensors(self, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:

@@ -1,0 +1,70 @@
+"""The overlapped (one-step-delayed) sync, ``qsr_overlap_sync``: exact bookkeeping on a real 2-process gloo group."""
+
+import copy
+import dataclasses
+
+import torch
+from testing_utils import rank_batches, run_distributed
+from torch import nn
+
+from qsr_hf import LocalOptimizer, ParameterAverager, QSRConfig
+
+
+@dataclasses.dataclass
+STEPS, H = 7, 2  # rounds end after steps 2, 4, 6 (started async, folded one step later) and 7 (the last: blocking)
+
+
+def _overlap_run(rank, world_size):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    ref = copy.deepcopy(model)  # the reference: plain local SGD and the delayed rule written out below
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=H, qsr_overlap_sync=True)
+    local = LocalOptimizer(opt, model, config, num_training_steps=STEPS)
+    ref_params = list(ref.parameters())
+    pending, out = None, {"ours": [], "ref": [], "pending": []}
+    for i, (x, y) in enumerate(rank_batches(rank, STEPS)):
+        nn.functional.cross_entropy(model(x), y).backward()
+        local.step()
+        local.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        with torch.no_grad():
+            if pending is not None:  # params = average(sent) + (params now - params sent)
+                sent, avg = pending
+                for p, s, a in zip(ref_params, sent, avg, strict=True):
+                    p.copy_(a + (p - s))
+                pending = None
+            if (i + 1) % H == 0 or i + 1 == STEPS:
+                avg = [p.detach().clone() for p in ref_params]
+                ParameterAverager(avg).average()
+                if i + 1 == STEPS:
+                    for p, a in zip(ref_params, avg, strict=True):
+                        p.copy_(a)
+                else:
+                    pending = ([p.detach().clone() for p in ref_params], avg)
+        out["ours"].append(torch.cat([p.detach().reshape(-1) for p in model.module.parameters()]))
+        out["ref"].append(torch.cat([p.detach().reshape(-1) for p in ref_params]))
+        out["pending"].append(local.synchronizer.overlap.pending)
+    out["mode"] = local.synchronizer.averager.mode
+    out["syncs"] = local.synchronizer.stats.syncs
+    return out
+
+
+def test_overlapped_sync_is_the_delayed_average_bitwise():
+    r0, r1 = run_distributed(_overlap_run)
+    for r in (r0, r1):
+        assert r["mode"] == "copy" and r["syncs"] == 4
+        assert r["pending"] == [False, True, False, True, False, True, False]
+        for step, (ours, ref) in enumerate(zip(r["ours"], r["ref"], strict=True), 1):
+            assert torch.equal(ours, ref), f"step {step}: overlapped sync differs from the delayed rule"
+    equal = [torch.equal(a, b) for a, b in zip(r0["ours"], r1["ours"], strict=True)]
+    # in flight after steps 2, 4, 6: ranks differ; folded after 3, 5 with the local change: still differ; the last
+    # sync (step 7) is blocking: the final model is the exact average
+    assert equal == [False] * 6 + [True]
