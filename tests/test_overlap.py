@@ -1,7 +1,6 @@
 """The overlapped (one-step-delayed) sync, ``qsr_overlap_sync``: exact bookkeeping on a real 2-process gloo group."""
 
 import copy
-import dataclasses
 
 import torch
 from testing_utils import rank_batches, run_distributed
@@ -10,7 +9,6 @@ from torch import nn
 from qsr_hf import LocalOptimizer, ParameterAverager, QSRConfig
 
 
-@dataclasses.dataclass
 STEPS, H = 7, 2  # rounds end after steps 2, 4, 6 (started async, folded one step later) and 7 (the last: blocking)
 
 
