@@ -25,6 +25,11 @@ from qsr_hf.logging_utils import get_logger
 logger = get_logger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def reduce_dtype(dtype: torch.dtype, fp32_average: bool) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` is summed in: fp32 for bf16/fp16 when ``fp32_average`` (as the paper does)."""
+    return torch.float32 if fp32_average and dtype in _LOW_PRECISION else dtype
 AveragerMode = Literal["inplace", "copy"]
 
 
@@ -90,13 +95,13 @@ class AverageHandle:
         self._divisor = divisor
         self._pending: list[tuple[_Bucket, torch.Tensor, Any, torch.Tensor | None]] = []
         for bucket in averager.buckets:
-            reduce_dtype = averager._reduce_dtype(bucket.dtype)
+            wide_dtype = averager._reduce_dtype(bucket.dtype)
             if not bucket.rebind:
                 wide = bucket.gather(bucket.flat)
-            elif reduce_dtype == bucket.flat.dtype:
+            elif wide_dtype == bucket.flat.dtype:
                 wide = bucket.flat
             else:
-                wide = bucket.flat.to(reduce_dtype)
+                wide = bucket.flat.to(wide_dtype)
             sent = wide.clone() if keep_local_change else None
             work = dist.all_reduce(wide, group=averager.process_group, async_op=async_op)
             self._pending.append((bucket, wide, work, sent))
@@ -204,7 +209,7 @@ class ParameterAverager:
         return sum(b.flat.numel() * self._reduce_dtype(b.flat.dtype).itemsize for b in self.buckets)
 
     def _reduce_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return torch.float32 if self.fp32_average and dtype in _LOW_PRECISION else dtype
+        return reduce_dtype(dtype, self.fp32_average)
 
     def ensure_views(self) -> None:
         """Rebuild the buckets if a tensor was re-bound or replaced since they were built (e.g. by ``model.to``)."""

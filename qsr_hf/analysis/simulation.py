@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from qsr_hf.accounting import SyncStats
-from qsr_hf.averaging import _LOW_PRECISION, averaged_tensors
+from qsr_hf.averaging import averaged_tensors, reduce_dtype
 from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
 
@@ -107,7 +107,7 @@ class LocalTrainingSimulation:
         self._tensors = [averaged_tensors(m, config.qsr_average_buffers) for m in self.replicas]
         self.stats = SyncStats(grad_bytes_per_step=_trainable_bytes(model))
         self.bytes_per_sync = sum(
-            t.numel() * (4 if t.dtype in _LOW_PRECISION else t.element_size()) for t in self._tensors[0]
+            t.numel() * reduce_dtype(t.dtype, config.qsr_fp32_average).itemsize for t in self._tensors[0]
         )
 
     @property
@@ -147,7 +147,7 @@ class LocalTrainingSimulation:
         # ParameterAverager's arithmetic: sum over ranks (rank order) in fp32 when low precision, then divide by K
         out = []
         for group in zip(*self._tensors, strict=True):
-            dtype = torch.float32 if group[0].dtype in _LOW_PRECISION else group[0].dtype
+            dtype = reduce_dtype(group[0].dtype, self.config.qsr_fp32_average)
             total = group[0].detach().to(dtype, copy=True)
             for t in group[1:]:
                 total.add_(t.detach().to(dtype))
