@@ -30,6 +30,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def reduce_dtype(dtype: torch.dtype, fp32_average: bool) -> torch.dtype:
     """The dtype a tensor of ``dtype`` is summed in: fp32 for bf16/fp16 when ``fp32_average`` (as the paper does)."""
     return torch.float32 if fp32_average and dtype in _LOW_PRECISION else dtype
+
+
 AveragerMode = Literal["inplace", "copy"]
 
 

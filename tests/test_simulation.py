@@ -22,6 +22,8 @@ CONFIGS = {
     "constant": QSRConfig(qsr_rule="constant", qsr_h_base=3),
     # alpha just above PEAK_LR * sqrt(H_base): rounds 2, 2, 2, 2, 3, 5, 8 (the last one clipped to the end)
     "qsr": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2),
+    # data-parallel (gradients averaged, as DDP) for 10 steps, then local rounds of 3
+    "post_local": QSRConfig(qsr_rule="post_local", qsr_switch_step=10, qsr_h_base=3),
 }
 
 
@@ -107,7 +109,8 @@ def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
         assert len(set(expected.round_lengths)) > 2, "the QSR schedule should have rounds of several lengths"
     # workers differ between syncs and are equal at the end (training ends on a sync)
     assert torch.equal(flat_params(sim.replicas[0]), flat_params(sim.replicas[1]))
-    assert not torch.equal(real[0]["params"][0], real[1]["params"][0])
+    first_local = CONFIGS[rule].qsr_switch_step or 0
+    assert not torch.equal(real[0]["params"][first_local], real[1]["params"][first_local])
 
 
 def test_data_parallel_simulation_matches_ddp_bitwise(one_thread):

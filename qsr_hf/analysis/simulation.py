@@ -65,6 +65,8 @@ class LocalTrainingSimulation:
             Builds one worker's optimizer for its model copy. Optimizer states stay local, as in the paper.
         config ([`QSRConfig`]):
             The sync rule (``qsr``, ``linear``, ``cubic``, ``constant``, ``post_local`` or ``ddp`` for H = 1).
+            ``post_local`` runs true data-parallel steps (gradients averaged, as DDP does) until its switch step,
+            like `Synchronizer`.
         num_workers (`int`):
             K, the number of simulated workers (ranks).
         num_training_steps (`int`):
@@ -128,12 +130,19 @@ class LocalTrainingSimulation:
         if len(shards) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} shards, got {len(shards)}")
         self.stats.round_length = self.clock.begin_step(self.lr)
-        for model, optimizer, shard in zip(self.replicas, self.optimizers, shards, strict=True):
-            loss_fn(model, shard).backward()
+        data_parallel = self.config.qsr_rule == "post_local" and self.clock.step < self.config.qsr_switch_step
+        if data_parallel:
+            self._data_parallel_gradients(shards, loss_fn)
+        else:
+            for model, shard in zip(self.replicas, shards, strict=True):
+                loss_fn(model, shard).backward()
+        for optimizer in self.optimizers:
             optimizer.step()
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
-        if due:
+        if due and data_parallel:  # one gradient all-reduce; the replicas agree already
+            self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)
+        elif due:
             self.average()
             self.stats.record_sync(self.bytes_per_sync, scheduled=True)
         for scheduler in self.schedulers:
@@ -141,6 +150,23 @@ class LocalTrainingSimulation:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         return due
+
+    def _data_parallel_gradients(self, shards: Sequence[Any], loss_fn: LossFn) -> None:
+        # DDP: every forward starts from worker 0's buffers; each gradient times 1/K, summed in rank order
+        with torch.no_grad():
+            for model in self.replicas[1:]:
+                for b, b0 in zip(model.buffers(), self.replicas[0].buffers(), strict=True):
+                    b.copy_(b0)
+        for model, shard in zip(self.replicas, shards, strict=True):
+            loss_fn(model, shard).backward()
+        params = [[p for p in m.parameters() if p.requires_grad] for m in self.replicas]
+        with torch.no_grad():
+            for group in zip(*params, strict=True):
+                total = group[0].grad.mul(1.0 / self.num_workers)
+                for p in group[1:]:
+                    total.add_(p.grad.mul(1.0 / self.num_workers))
+                for p in group:
+                    p.grad.copy_(total)
 
     @torch.no_grad()
     def _averages(self) -> list[torch.Tensor]:
