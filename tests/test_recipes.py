@@ -228,3 +228,14 @@ def test_reproduce_line_names_the_accelerate_config(monkeypatch):
         "accelerate launch --config_file accelerate_configs/multi_cpu.yaml --num_processes 2 "
         "-m qsr_hf.training.train recipes/demo/qsr.yaml --max_steps 8"
     )
+
+
+def test_plan_of_a_recipe_prints_alpha_short_and_where_the_plot_went(tmp_path, capsys):
+    from qsr_hf.cli import plan_main
+
+    png = tmp_path / "plan.png"
+    summary = plan_main([str(ROOT / "recipes/demo/qsr.yaml"), "--target-comm", "0.2", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert png.is_file() and f"plot: {png.resolve()}" in out and summary["plot"] == str(png.resolve())
+    alpha = out.split("alpha=")[1].split()[0]
+    assert len(alpha.split(".")[-1].lstrip("0")) <= 6 and float(alpha) == pytest.approx(summary["alpha"], rel=1e-5)
