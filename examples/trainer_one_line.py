@@ -15,8 +15,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from qsr_hf.callback import QSRCallback  # QSR
-from qsr_hf.training.data import ImageTransform, build_transform, class_names, collate_images, load_image_dataset
+from qsr_hf.training.data import ImageDataset, class_names, load_image_dataset
 from qsr_hf.training.models import build_model
+from qsr_hf.training.transforms import EvalTransform, ImageCollator, TrainTransform
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -31,13 +32,9 @@ def main() -> None:
 
     train = load_image_dataset("fashion_mnist_local", "train", max_samples=cli.steps * 128)
     test = load_image_dataset("fashion_mnist_local", "test", max_samples=2000)
-    stats = {"mean": [0.2860], "std": [0.3530], "num_channels": 1}
-    train = train.with_transform(
-        ImageTransform(build_transform(28, train=True, crop_scale_min=1.0, **stats), num_channels=1)
-    )
-    test = test.with_transform(
-        ImageTransform(build_transform(28, train=False, eval_crop_pct=1.0, **stats), num_channels=1)
-    )
+    labels = class_names(train)
+    train = ImageDataset(train, TrainTransform(28, num_channels=1, crop_scale_min=1.0), seed=42)  # uint8 crops + flips
+    test = ImageDataset(test, EvalTransform(28, num_channels=1, crop_pct=1.0))
 
     args = TrainingArguments(
         output_dir=cli.output_dir,
@@ -49,17 +46,18 @@ def main() -> None:
         lr_scheduler_kwargs={"min_lr": 1e-5},  # QSR reads the lr: keep it above 0
         warmup_steps=cli.steps // 10,
         use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every parameter is used
         remove_unused_columns=False,  # the transform needs the image column
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
     )
     trainer = Trainer(
-        model=build_model("demo_resnet", class_names(train), image_size=28, num_channels=1),
+        model=build_model("demo_resnet", labels, image_size=28, num_channels=1),
         args=args,
         train_dataset=train,
         eval_dataset=test,
-        data_collator=collate_images,
+        data_collator=ImageCollator(mean=[0.2860], std=[0.3530]),  # uint8 -> normalized float, per batch
         compute_metrics=accuracy,
         callbacks=[QSRCallback(alpha=0.022, h_base=4)],  # QSR: H = max(4, floor((0.022 / lr)^2)) local steps per round
     )

@@ -10,6 +10,7 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from qsr_hf.analysis.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
@@ -130,7 +131,7 @@ def _summary(config: QSRConfig, result: Plan, lrs: Sequence[float]) -> dict[str,
     }
 
 
-def _plot(path: str, result: Plan, lrs: Sequence[float]) -> None:
+def _plot(path: str, result: Plan, lrs: Sequence[float]) -> str:
     try:
         import matplotlib
 
@@ -143,12 +144,16 @@ def _plot(path: str, result: Plan, lrs: Sequence[float]) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.step(result.round_starts, result.round_lengths, where="post", color="tab:red")
+    # each round is a flat segment from its first step to the next round's (the last one to the end of training)
+    starts = [*result.round_starts, result.total_steps]
+    ax2.step(starts, [*result.round_lengths, result.round_lengths[-1]], where="post", color="tab:red")
     ax2.set_yscale("log")
     ax2.set_ylabel("round length H", color="tab:red")
     ax.set_title(f"{result.syncs} syncs, {100 * result.comm_ratio:.2f}% of data-parallel communication")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(Path(path).resolve())
 
 
 def plan_main(argv: Sequence[str]) -> dict[str, Any]:
@@ -168,10 +173,12 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
     wall = _wall_clock(result, ns)
     if wall is not None:
         summary["wall_clock"] = wall
+    if ns.plot:
+        summary["plot"] = _plot(ns.plot, result, lrs)
     if ns.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"rule={config.qsr_rule} alpha={config.qsr_alpha} H_base={config.qsr_h_base} steps={len(lrs)}")
+        print(f"rule={config.qsr_rule} alpha={config.qsr_alpha:.6g} H_base={config.qsr_h_base} steps={len(lrs)}")
         print(f"{'step':>10} {'lr':>12} {'H':>8}")
         for row in summary["profile"]:
             print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")
@@ -182,8 +189,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
                 f"predicted wall clock: data-parallel {wall['ddp_h']:.2f} h, this plan {wall['local_h']:.2f} h "
                 f"(x{wall['speedup']:.2f}); one all-reduce {wall['allreduce_s']:.3f} s"
             )
-    if ns.plot:
-        _plot(ns.plot, result, lrs)
+        if ns.plot:
+            print(f"plot: {summary['plot']}")
     return summary
 
 

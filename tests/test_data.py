@@ -1,4 +1,5 @@
-"""Data path: hub-format (parquet, PIL + ClassLabel) and local Fashion-MNIST through one loader; transforms; mixup."""
+"""Data path: hub-format (parquet, encoded images + ClassLabel) and local Fashion-MNIST through one loader; uint8
+transforms, the normalizing collator, mixup."""
 
 from pathlib import Path
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 from _train_utils import make_imagenet_like
 from accelerate import PartialState
+from PIL import Image
 
-from qsr_hf.training import data
-from qsr_hf.training.models import MODEL_TYPES, build_image_processor, build_model
+from qsr_hf.training import data, transforms
+from qsr_hf.training.models import build_image_processor
 
 
 @pytest.fixture(scope="module")
@@ -34,28 +36,27 @@ def test_class_names_needs_a_class_label():
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("randaugment_n", [0, 2])
-def test_transforms_give_normalized_float_crops(imagenet_like, train, randaugment_n):
+def test_datasets_give_uint8_crops_and_the_collator_normalizes(imagenet_like, train):
     ds = data.load_image_dataset(str(imagenet_like), "train")
-    pipeline = data.build_transform(
-        16, data.IMAGENET_MEAN, data.IMAGENET_STD, train=train, randaugment_n=randaugment_n, randaugment_m=10
-    )
-    ds = data.apply_transform(ds, data.ImageTransform(pipeline))
-    rows = [ds[i] for i in range(6)]  # RGB, grey, CMYK, RGBA images of different sizes
-    batch = data.collate_images(rows)
+    tf = transforms.TrainTransform(16, randaugment_depth=2) if train else transforms.EvalTransform(16)
+    rows = data.ImageDataset(ds, tf, seed=0).__getitems__(list(range(6)))  # RGB, grey, CMYK, RGBA, varied sizes
+    assert all(r["pixel_values"].dtype == torch.uint8 and r["pixel_values"].shape == (3, 16, 16) for r in rows)
+    batch = transforms.ImageCollator(data.IMAGENET_MEAN, data.IMAGENET_STD)(rows)
     assert batch["pixel_values"].shape == (6, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [0, 1, 2, 0, 1, 2]
-    assert torch.isfinite(batch["pixel_values"]).all()
-    assert batch["pixel_values"].min() < -0.5 < 0.5 < batch["pixel_values"].max(), "normalized, not [0, 1]"
+    expected = (rows[0]["pixel_values"].float() / 255 - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        data.IMAGENET_STD
+    ).view(3, 1, 1)
+    assert torch.allclose(batch["pixel_values"][0], expected, atol=1e-5)
 
 
-def test_eval_transform_resizes_short_side_then_center_crops():
-    image = torch.zeros(1, 1, 40, 80)
-    image[..., 20:, :] = 1.0  # bottom half white
-    out = data.build_transform(16, [0.0], [1.0], train=False, num_channels=1, eval_crop_pct=0.5)(image)
-    # 40x80 -> short side 32 -> 32x64 -> center 16x16 crop: rows 8..24 of 32, half black, half white
-    assert out.shape == (1, 1, 16, 16)
-    assert torch.allclose(out.mean(), torch.tensor(0.5), atol=0.07)
+def test_eval_transform_takes_the_center_of_the_short_side():
+    image = np.zeros((40, 80), np.uint8)
+    image[20:, :] = 255  # bottom half white
+    out = transforms.EvalTransform(16, num_channels=1, crop_pct=0.5)(image)
+    # the center 20x20 of a 40x80 image (= resize to 32x64, center crop 16), resized to 16: half black, half white
+    assert out.shape == (1, 16, 16) and out.dtype == torch.uint8
+    assert abs(out.float().mean().item() / 255 - 0.5) < 0.07
 
 
 @pytest.mark.parametrize(
@@ -65,19 +66,34 @@ def test_eval_transform_resizes_short_side_then_center_crops():
         (np.full((5, 7), 255, dtype=np.int64), 3),
         (np.full((5, 7, 3), 255, dtype=np.uint8), 1),
         (np.full((5, 7, 4), 255, dtype=np.uint8), 3),
-        (np.full((5, 7, 3), 255, dtype=np.uint8).tolist(), 3),  # python format: nested lists
     ],
 )
-def test_to_tensor_converts_arrays_and_channels(image, channels):
-    out = data.to_tensor(image, channels)
-    assert out.shape == (1, channels, 5, 7) and out.dtype == torch.float32
-    assert torch.allclose(out, torch.ones_like(out))
+def test_arrays_of_any_channel_count_become_the_model_channels(image, channels):
+    out = transforms.EvalTransform(4, num_channels=channels, crop_pct=1.0)(image)
+    assert out.shape == (channels, 4, 4) and bool((out == 255).all())
 
 
-def test_grey_randaugment_skips_color_ops():
-    pipeline = data.build_transform(12, [0.5], [0.5], train=True, num_channels=1, randaugment_n=3, randaugment_m=20)
-    for _ in range(20):  # every op of the policy gets drawn eventually; none may need RGB
-        assert pipeline(torch.rand(1, 1, 14, 14)).shape == (1, 1, 12, 12)
+def test_jpeg_draft_decoding_matches_full_decoding(tmp_path):
+    # a 400x300 smooth JPEG; the training crop is decoded at a reduced scale, the result stays close to full decoding
+    y, x = np.mgrid[0:300, 0:400]
+    array = np.stack([x * 255 // 400, y * 255 // 300, (x + y) * 255 // 700], -1).astype(np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.jpg", quality=90)
+    image = {"bytes": (tmp_path / "a.jpg").read_bytes(), "path": None}
+    box = (0.0, 0.0, 300.0, 300.0)
+    fast = transforms.crop_resize(transforms.open_image(image), box, 32, "RGB", draft=True)
+    slow = transforms.crop_resize(transforms.open_image(image), box, 32, "RGB", draft=False)
+    diff = np.abs(np.asarray(fast, np.int16) - np.asarray(slow, np.int16))
+    assert diff.mean() < 3 and fast.size == (32, 32)
+
+
+def test_random_resized_crop_box_samples_as_torchvision():
+    rng = np.random.default_rng(0)
+    boxes = [transforms.random_resized_crop_box(500, 375, rng) for _ in range(2000)]
+    areas = np.array([(r - le) * (b - t) / (500 * 375) for le, t, r, b in boxes])
+    ratios = np.array([(r - le) / (b - t) for le, t, r, b in boxes])
+    assert all(0 <= le < r <= 500 and 0 <= t < b <= 375 for le, t, r, b in boxes)
+    assert areas.min() < 0.1 and areas.max() > 0.95 and ratios.min() < 0.8 and ratios.max() > 1.25
+    assert transforms.random_resized_crop_box(100, 10, rng, scale_min=1.0) == (43, 0, 56, 10)  # 4/3 fallback
 
 
 @pytest.mark.skipif(
@@ -92,9 +108,8 @@ def test_fashion_mnist_local():
     image = np.asarray(train.with_format("numpy")[0]["image"])
     assert image.shape == (28, 28) and image.max() > 100
     assert set(train["label"]) <= set(range(10))
-    pipeline = data.build_transform(28, [0.286], [0.353], train=True, num_channels=1, crop_scale_min=1.0)
-    batch = data.collate_images([train.with_transform(data.ImageTransform(pipeline, num_channels=1))[0]])
-    assert batch["pixel_values"].shape == (1, 1, 28, 28)
+    row = data.ImageDataset(train, transforms.TrainTransform(28, num_channels=1, crop_scale_min=1.0))[0]
+    assert row["pixel_values"].shape == (1, 28, 28)
 
 
 def test_fashion_mnist_falls_back_to_digits_with_a_warning(tmp_path, caplog):
@@ -127,32 +142,6 @@ def test_mixup_gives_soft_labels_with_one_coefficient():
     assert len({round(v, 5) for v in soft.max(1).values.tolist() if v < 1 - 1e-6}) <= 1
     with pytest.raises(ValueError, match="mixup_alpha"):
         data.mixup_batch(x, y, alpha=0.0, num_labels=8)
-
-
-@pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
-def test_models_build_from_config(model_type):
-    big = model_type in ("vit_b16", "resnet152")
-    overrides = "num_hidden_layers=1" if model_type == "vit_b16" else None  # config_overrides path
-    model = build_model(model_type, ["a", "b", "c"], image_size=224 if big else 32, config_overrides=overrides)
-    assert model.config.num_labels == 3 and model.config.id2label[2] == "c"
-    size = 224 if model_type == "vit_b16" else 32  # a ResNet takes any size
-    with torch.no_grad():
-        model.eval()
-        logits = model(pixel_values=torch.zeros(1, 3, size, size)).logits
-    assert logits.shape == (1, 3)
-
-
-def test_paper_model_sizes():
-    labels = [str(i) for i in range(1000)]
-    assert sum(p.numel() for p in build_model("resnet152", labels).parameters()) == 60_192_808  # torchvision's
-    vit = build_model("vit_b16", labels)
-    assert sum(p.numel() for p in vit.parameters()) == 86_567_656  # SimpleViT: 86,381,800 (models.py)
-    assert vit.config.hidden_dropout_prob == 0.0 and vit.config.patch_size == 16
-
-
-def test_unknown_model_type_is_named():
-    with pytest.raises(ValueError, match="model_type"):
-        build_model("vit_huge", ["a"])
 
 
 def test_image_processor_matches_eval_transform():

@@ -11,7 +11,15 @@ from transformers import get_scheduler
 
 from qsr_hf.analysis.planner import plan
 from qsr_hf.config import QSRConfig
-from qsr_hf.training.train import DataArguments, ModelArguments, make_callbacks, make_parser, parse_recipe
+from qsr_hf.training.arguments import check_output_dir, recipe_path
+from qsr_hf.training.train import (
+    DataArguments,
+    ModelArguments,
+    make_callbacks,
+    make_parser,
+    parse_recipe,
+    reproduce_command,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +87,12 @@ def test_imagenet_recipes_follow_the_paper(recipe):
         assert qsr_config.qsr_alpha == 0.0175
     if recipe.stem == "parallel":
         assert make_callbacks(qsr_config) == [], "the data-parallel baseline is plain DDP, without the callback"
+    # the official code's model, augmentation and micro-batches (ViT: 128, mixup per micro-batch; ResNet: 32, BN)
+    model_args = parse_recipe(recipe, [])[0]
+    assert model_args.model_type == ("simple_vit_b16" if vit else "resnet152")
+    assert (data_args.randaugment_depth, data_args.randaugment_severity) == ((2, 10) if vit else (0, 10))
+    assert args.per_device_train_batch_size == (128 if vit else 32)
+    assert 16 * args.per_device_train_batch_size * args.gradient_accumulation_steps == 4096
 
 
 def replay_lrs(args) -> list[float]:
@@ -99,7 +113,7 @@ def replay_lrs(args) -> list[float]:
 
 
 def test_vit_qsr_recipe_replays_the_official_schedule():
-    # Trainer's own lr schedule + the planner give the official code's schedule (PAPER.md, derived): 9,711 syncs,
+    # Trainer's own lr schedule + the planner give the official code's schedule (the official code's rule replayed): 9,711 syncs,
     # first round longer than H_base at step 17,876, last round 8,142 steps.
     _, _, qsr_config, args = parse_recipe(ROOT / "recipes/vit_b16_imagenet1k/qsr.yaml", [])
     result = plan(qsr_config, replay_lrs(args), args.get_warmup_steps(args.max_steps))
@@ -133,7 +147,15 @@ def test_unknown_cli_flag_fails():
         parse_recipe(ROOT / "recipes/demo/qsr.yaml", ["--qsr_hbase", "4"])
 
 
-@pytest.mark.parametrize(("override", "match"), [(["--qsr_rule", "qsr", "--qsr_alpha", "-1"], "qsr_alpha")])
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        (["--qsr_rule", "qsr", "--qsr_alpha", "-1"], "qsr_alpha"),
+        (["--randaugment_severity", "15"], "randaugment_severity"),
+        (["--randaugment_depth", "-1"], "randaugment_depth"),
+        (["--crop_scale_min", "0"], "crop_scale_min"),
+    ],
+)
 def test_invalid_values_fail_before_training(override, match):
     with pytest.raises(ValueError, match=match):
         parse_recipe(ROOT / "recipes/demo/parallel.yaml", override)
@@ -151,7 +173,7 @@ def test_parser_covers_the_four_dataclasses():
         "ModelArguments",
         "DataArguments",
         "QSRConfig",
-        "TrainingArguments",
+        "RecipeTrainingArguments",
     ]
 
 
@@ -173,3 +195,47 @@ def test_recipes_readme_commands_name_existing_files():
     assert not missing, f"recipes/README.md names missing files: {missing}"
     for recipe in RECIPES:
         assert rel(recipe) in readme, f"{rel(recipe)} is not in recipes/README.md"
+
+
+def test_recipe_path_without_yaml_says_what_to_do():
+    with pytest.raises(ValueError, match=r"did you mean recipes/demo/qsr\.yaml"):
+        recipe_path(["recipes/demo/qsr", "--max_steps", "2"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        recipe_path(["recipes/demo/nope.yaml"])
+    argv = ["recipes/demo/qsr.yaml", "--max_steps", "2"]
+    assert recipe_path(argv) == "recipes/demo/qsr.yaml" and argv == ["--max_steps", "2"]
+    assert recipe_path(["--max_steps", "2"]) is None
+
+
+def test_a_run_does_not_overwrite_another_runs_output_silently(tmp_path):
+    checkpoint = tmp_path / "checkpoint-400"
+    checkpoint.mkdir()
+    for rank in (0, 1):
+        (checkpoint / f"qsr_state_rank{rank}.pt").touch()
+    _, _, _, args = parse_recipe(ROOT / "recipes/demo/qsr.yaml", ["--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="2-process run.*--overwrite_output_dir true.*--resume_from_checkpoint"):
+        check_output_dir(args)
+    for ok in (["--overwrite_output_dir", "true"], ["--resume_from_checkpoint", "last"]):
+        check_output_dir(parse_recipe(ROOT / "recipes/demo/qsr.yaml", ["--output_dir", str(tmp_path), *ok])[3])
+    check_output_dir(parse_recipe(ROOT / "recipes/demo/qsr.yaml", ["--output_dir", str(tmp_path / "new")])[3])
+
+
+def test_reproduce_line_names_the_accelerate_config(monkeypatch):
+    _, _, _, args = parse_recipe(ROOT / "recipes/demo/qsr.yaml", [])
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
+    line = reproduce_command("recipes/demo/qsr.yaml", ["--max_steps", "8"], args)
+    assert line == (
+        "accelerate launch --config_file accelerate_configs/multi_cpu.yaml --num_processes 2 "
+        "-m qsr_hf.training.train recipes/demo/qsr.yaml --max_steps 8"
+    )
+
+
+def test_plan_of_a_recipe_prints_alpha_short_and_where_the_plot_went(tmp_path, capsys):
+    from qsr_hf.cli import plan_main
+
+    png = tmp_path / "plan.png"
+    summary = plan_main([str(ROOT / "recipes/demo/qsr.yaml"), "--target-comm", "0.2", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert png.is_file() and f"plot: {png.resolve()}" in out and summary["plot"] == str(png.resolve())
+    alpha = out.split("alpha=")[1].split()[0]
+    assert len(alpha.split(".")[-1].lstrip("0")) <= 6 and float(alpha) == pytest.approx(summary["alpha"], rel=1e-5)

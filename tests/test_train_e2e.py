@@ -46,6 +46,13 @@ def test_short_qsr_run_on_two_processes(tmp_path):
     ]
     # H_base = 4 during warm-up, 6 steps: rounds of 4 and 2 (the last one clipped to end on a sync)
     assert results["qsr/syncs"] == 2 and 0 < results["qsr/comm_volume_vs_ddp"] < 1
+    # what a newcomer sees: the accuracy and where the model went, once; no per-rank noise we cause
+    assert proc.stdout.count("[qsr_hf] top-1") == 1 and str(out.resolve()) in proc.stdout, proc.stdout[-2000:]
+    assert "find_unused_parameters" not in proc.stderr and "Setting accelerator to CPU" not in proc.stderr
+    assert "--config_file accelerate_configs/multi_cpu.yaml --num_processes 2" in card  # the Reproduce line
+    # a second run into the same folder is refused on every rank, with the fix in the message
+    again = launch_train(["recipes/demo/qsr.yaml", "--output_dir", str(out), "--max_steps", "2"] + SHORT)
+    assert again.returncode != 0 and again.stderr.count("--overwrite_output_dir true") >= 2, again.stderr[-3000:]
 
 
 def test_short_parallel_run_is_plain_ddp(tmp_path):

@@ -1,28 +1,22 @@
-"""Image-classification data: hub or local datasets, the offline Fashion-MNIST loader, kornia transforms, mixup.
+"""Image-classification data: hub or local datasets, the offline Fashion-MNIST loader, seeded augmentation, mixup.
 
-Every dataset goes through one path: a `datasets` dataset with an image column (PIL images, as ImageNet-1k is
-published, or arrays) and an integer label column, then `with_transform` (lazily, per example) to
-``{"pixel_values", "labels"}``. Per-worker sharding is the Trainer's (its distributed sampler).
-
-Augmentation follows the paper (PAPER.md) with `kornia.augmentation`: train = RandomResizedCrop + horizontal flip
-(+ RandAugment for ViT), eval = resize to ``image_size / eval_crop_pct`` (256 for 224) + center crop. Mixup is
-applied to whole training batches by [`mixup_batch`], from the training step (the Trainer has one collator for
-training and evaluation, and evaluation must not be mixed).
+Every dataset goes through one path: a `datasets` dataset with an image column (encoded images, as ImageNet-1k is
+published, or uint8 arrays) and an integer label column, wrapped in [`ImageDataset`], which decodes and augments each
+image on uint8 (`qsr_hf.training.transforms`) with a random generator seeded by ``(seed, epoch, sample index)``: the
+same sample in the same epoch gets the same augmentation in any process, so a resumed run sees the inputs of an
+uninterrupted one. [`~qsr_hf.training.transforms.ImageCollator`] converts whole batches to normalized floats.
+Per-worker sharding is the Trainer's (its distributed sampler). Mixup is applied to whole training batches by
+[`mixup_batch`], from the training step (the Trainer has one collator for training and evaluation).
 """
 
 import gzip
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
-import kornia.augmentation as K
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from kornia.augmentation.auto import RandAugment
-from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
-from PIL import Image
-from torch import nn
 
 
 logger = get_logger(__name__)
@@ -33,7 +27,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package datase
 FASHION_MNIST_LABELS: list[str] = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
-# Names that load a dataset shipped on the machine instead of the hub (DATA.md).
+# Names that load a dataset shipped on the machine instead of the hub.
 LOCAL_DATASETS: list[str] = ["fashion_mnist_local", "sklearn_digits_local"]
 
 
@@ -138,109 +132,95 @@ def class_names(ds: datasets.Dataset | datasets.IterableDataset, label_column: s
     return list(feature.names)
 
 
-def build_transform(
-    image_size: int,
-    mean: list[float],
-    std: list[float],
-    train: bool,
-    num_channels: int = 3,
-    crop_scale_min: float = 0.08,
-    hflip: bool = True,
-    randaugment_n: int = 0,
-    randaugment_m: int = 15,
-    eval_crop_pct: float = 0.875,
-) -> nn.Sequential:
-    """The kornia pipeline for one image batch ``(B, C, H, W)`` of floats in [0, 1], ending with normalization.
+class ImageTransformFn(Protocol):
+    """What [`ImageDataset`] calls: ``transform(image, rng) -> (C, H, W)`` uint8 tensor."""
+
+    def __call__(self, image: Any, rng: np.random.Generator) -> torch.Tensor: ...  # noqa: D102
+
+
+def _undecoded(ds: datasets.Dataset | datasets.IterableDataset, column: str) -> Any:
+    # read encoded bytes (PIL decodes them lazily, at a reduced scale when the crop allows) instead of `datasets`
+    # decoding every image at full size; uint8 array columns come back as numpy arrays
+    feature = (ds.features or {}).get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, (datasets.Array2D, datasets.Array3D)) and isinstance(ds, datasets.Dataset):
+        return ds.with_format("numpy")
+    return ds
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A map-style `datasets.Dataset` as ``{"pixel_values": uint8 (C, H, W), "labels": int}`` rows, augmented with a
+    generator seeded by ``(seed, epoch, index)``.
+
+    The Trainer fetches the first batches of a resumed run before it restores its random state; seeding by sample
+    index and epoch makes those batches, and every later one, equal to an uninterrupted run's.
+    [`~qsr_hf.training.image_trainer.ImageClassificationTrainer`] calls [`set_epoch`] at each epoch's start (before
+    the loader's workers start, so set ``dataloader_persistent_workers`` to `False`, the Trainer's default).
 
     Args:
-        image_size (`int`): side of the output crop in pixels (224 in the paper).
-        mean (`list[float]`), std (`list[float]`): per-channel normalization (the model's).
-        train (`bool`): training pipeline (random crop, flip, RandAugment) or evaluation (resize + center crop).
-        num_channels (`int`, defaults to 3): 1 for grey images (RandAugment then skips its color op).
-        crop_scale_min (`float`, defaults to 0.08): smallest crop area fraction of RandomResizedCrop.
-        hflip (`bool`, defaults to `True`): random horizontal flip.
-        randaugment_n (`int`, defaults to 0): RandAugment ops per image; 0 turns it off.
-        randaugment_m (`int`, defaults to 15): RandAugment magnitude on kornia's scale, in (0, 30).
-        eval_crop_pct (`float`, defaults to 0.875): evaluation resizes the short side to ``image_size / eval_crop_pct``
-            (224 / 0.875 = 256), then center-crops ``image_size``.
-
-    Returns:
-        `torch.nn.Sequential`: the pipeline.
-    """
-    if train:
-        ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=(crop_scale_min, 1.0))]
-        if hflip:
-            ops.append(K.RandomHorizontalFlip())
-        if randaugment_n > 0:
-            policy = [p for p in default_policy if num_channels == 3 or p[0][0] != "color"]  # color needs RGB
-            ops.append(RandAugment(randaugment_n, randaugment_m, policy=policy))
-    else:
-        resize = round(image_size / eval_crop_pct)
-        ops = [K.Resize(resize, side="short", antialias=True), K.CenterCrop(image_size)]
-    ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
-    return nn.Sequential(*ops)
-
-
-def to_tensor(image: Any, num_channels: int = 3) -> torch.Tensor:
-    """An image (PIL, or an ``(H, W[, C])`` array of 0..255 values) as a ``(1, C, H, W)`` float32 tensor in [0, 1]."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("L" if num_channels == 1 else "RGB"))
-    # `datasets` hands uint8 pixels back as int64 in numpy format: go through float32 in every case.
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    if array.ndim == 2:
-        array = array.unsqueeze(-1)
-    array = array.permute(2, 0, 1)
-    if array.shape[0] != num_channels:  # grey <-> RGB, or RGBA -> RGB
-        if num_channels == 1:
-            array = array[:3].mean(0, keepdim=True)
-        elif array.shape[0] == 1:
-            array = array.expand(num_channels, -1, -1)
-        else:
-            array = array[:num_channels]
-    return array.unsqueeze(0)
-
-
-class ImageTransform:
-    """Batch transform for `datasets` (``with_transform``): image + label columns -> ``pixel_values`` + ``labels``.
-
-    Each image is augmented on its own (its own crop and RandAugment ops), as torchvision-style pipelines do.
-
-    Args:
-        pipeline (`torch.nn.Module`): from [`build_transform`].
+        ds ([`datasets.Dataset`]): rows with an image and a label column.
+        transform (`callable`): ``transform(image, rng)``, e.g. [`~qsr_hf.training.transforms.TrainTransform`].
+        seed (`int`, defaults to 0): the run's seed.
         image_column (`str`, defaults to ``"image"``), label_column (`str`, defaults to ``"label"``): column names.
-        num_channels (`int`, defaults to 3): channels the model expects.
+
+    Example:
+
+    ```python
+    >>> from qsr_hf.training.transforms import TrainTransform
+    >>> train = ImageDataset(load_image_dataset("sklearn_digits_local", "train"), TrainTransform(8, num_channels=1))
+    >>> train[0]["pixel_values"].shape, train[0]["pixel_values"].dtype
+    (torch.Size([1, 8, 8]), torch.uint8)
+    ```
     """
 
     def __init__(
-        self, pipeline: nn.Module, image_column: str = "image", label_column: str = "label", num_channels: int = 3
-    ) -> None:
-        self.pipeline = pipeline
-        self.image_column = image_column
-        self.label_column = label_column
-        self.num_channels = num_channels
+        self, ds: datasets.Dataset, transform: ImageTransformFn, seed: int = 0, image_column: str = "image",
+        label_column: str = "label",
+    ) -> None:  # fmt: skip
+        self.ds = _undecoded(ds, image_column)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.image_column, self.label_column = image_column, label_column
 
-    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        """Transform a batch of rows (``{column: [values]}``) into ``{"pixel_values": [...], "labels": [...]}``."""
-        with torch.no_grad():
-            pixels = [self.pipeline(to_tensor(img, self.num_channels))[0] for img in batch[self.image_column]]
-        return {"pixel_values": pixels, "labels": [int(y) for y in batch[self.label_column]]}
+    def set_epoch(self, epoch: int) -> None:
+        """Augment as in epoch ``epoch`` (0-based) from now on."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator of sample ``index`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch of rows read from the arrow table at once (the DataLoader's batched fetch)."""
+        rows = self.ds[list(indices)]
+        images, labels = rows[self.image_column], rows[self.label_column]
+        return [
+            {"pixel_values": self.transform(image, self.rng(i)), "labels": int(label)}
+            for i, image, label in zip(indices, images, labels, strict=True)
+        ]
 
 
-def apply_transform(
-    ds: datasets.Dataset | datasets.IterableDataset, transform: ImageTransform
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Attach ``transform`` lazily: ``with_transform`` for map-style datasets, a lazy ``map`` when streaming."""
-    if isinstance(ds, datasets.IterableDataset):
-        return ds.map(transform, batched=True, batch_size=16, remove_columns=list(ds.column_names or []))
-    return ds.with_transform(transform)
+def streaming_image_dataset(
+    ds: datasets.IterableDataset, transform: ImageTransformFn, image_column: str = "image", label_column: str = "label"
+) -> datasets.IterableDataset:
+    """A streamed dataset mapped lazily through ``transform`` (fresh randomness per image: not reproducible)."""
+    ds = _undecoded(ds, image_column)
 
+    def apply(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pixel_values": transform(row[image_column], np.random.default_rng()),
+            "labels": int(row[label_column]),
+        }
 
-def collate_images(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` into ``(B, C, H, W)`` float32 and ``labels`` into ``(B,)`` int64."""
-    return {
-        "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples]),
-        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
-    }
+    return ds.map(apply, remove_columns=list(ds.column_names or []))
 
 
 def mixup_batch(

@@ -8,15 +8,32 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qsr_hf.training import data
+
+
+class DatasetEpochCallback(TrainerCallback):
+    """Tell the training dataset the epoch at each epoch's start (``dataset.set_epoch``), before its loader starts.
+
+    accelerate's loader forwards ``set_epoch`` to the sampler only, not to the dataset, when the sampler has one.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """``dataset.set_epoch(floor(state.epoch))``: the epoch the loop is in, also right after a resume."""
+        self.dataset.set_epoch(int(state.epoch or 0))
 
 
 class ImageClassificationTrainer(Trainer):
     """`Trainer` with a soft-target cross-entropy (mixup, label smoothing) and optional decay on all parameters.
 
-    The loss is a per-micro-batch mean (``loss_is_scaled_for_ga = False``) and no label count is gathered across
+    A training dataset with ``set_epoch`` ([`~qsr_hf.training.data.ImageDataset`]) is told each epoch, so its
+    augmentation is seeded by epoch and sample index. The loss is a per-micro-batch mean (``loss_is_scaled_for_ga = False``) and no label count is gathered across
     processes: `Trainer`'s ``num_items_in_batch`` machinery would add a collective to every step.
 
     Args:
@@ -37,6 +54,8 @@ class ImageClassificationTrainer(Trainer):
         self.label_smoothing = label_smoothing
         self.weight_decay_all_params = weight_decay_all_params
         self.model_accepts_loss_kwargs = False
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(DatasetEpochCallback(self.train_dataset))
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, **kwargs: Any

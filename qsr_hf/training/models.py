@@ -1,13 +1,14 @@
-"""Image classifiers for the recipes: ViT-B/16 and ResNet-152 from config, any hub checkpoint, tiny demo models.
+"""Image classifiers for the recipes: the paper's SimpleViT-B/16, HF ViT-B/16, ResNet-152, any hub checkpoint, tiny
+demo models.
 
 The paper trains from scratch, so the recipe models are built from a config (random initialization), not loaded.
 
-ViT-B/16 vs the paper's model. The official QSR code uses vit-pytorch's ``SimpleViT`` (Beyer et al., 2022): fixed
-2-D sin-cos position embedding, global average pooling, no CLS token, no dropout; 86,381,800 parameters with 1000
-classes. We use `transformers.ViTForImageClassification`, the closest hub-compatible model: same width (768), depth
-(12), heads (12), MLP (3072), patch (16) and no dropout, but a CLS token, learned position embeddings and the
-classifier on the CLS token instead of the pooled patches: 86,567,656 parameters with 1000 classes. Hub ViT weights
-load into it unchanged, which SimpleViT's would not.
+ViT-B/16. ``simple_vit_b16`` is the official code's model, vit-pytorch's ``SimpleViT`` (`qsr_hf.training.simple_vit`:
+2-D sin-cos positions, global average pooling, no CLS token, no qkv bias, LayerNorm around the patch embedding,
+PyTorch default init): 86,381,800 parameters with 1000 classes. The ViT recipes use it. ``vit_b16`` is
+`transformers.ViTForImageClassification` with the same width (768), depth (12), heads (12), MLP (3072), patch (16)
+and no dropout, but a CLS token, learned position embeddings, qkv biases, truncated-normal 0.02 init and LayerNorm
+eps 1e-12: 86,567,656 parameters; hub ViT weights load into it.
 
 ResNet-152 is `transformers.ResNetForImageClassification` in the torchvision layout (bottleneck blocks
 [3, 8, 36, 3], stride in the 3x3 convolution, "v1.5"): 60,192,808 parameters with 1000 classes, as torchvision's.
@@ -29,6 +30,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from qsr_hf.training.simple_vit import SimpleViTConfig, SimpleViTForImageClassification
+
 
 # Architecture of each `model_type`; image size, channels and labels come from the data.
 _VIT_B16: dict[str, Any] = {
@@ -39,6 +42,14 @@ _VIT_B16: dict[str, Any] = {
     "patch_size": 16,
     "hidden_dropout_prob": 0.0,  # SimpleViT has no dropout
     "attention_probs_dropout_prob": 0.0,
+}
+_SIMPLE_VIT_B16: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "head_dim": 64,
+    "intermediate_size": 3072,
+    "patch_size": 16,
 }
 _RESNET152: dict[str, Any] = {
     "embedding_size": 64,
@@ -56,6 +67,14 @@ _DEMO_VIT: dict[str, Any] = {
     "hidden_dropout_prob": 0.0,
     "attention_probs_dropout_prob": 0.0,
 }
+_DEMO_SIMPLE_VIT: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "patch_size": 7,
+}
 _DEMO_RESNET: dict[str, Any] = {
     "embedding_size": 16,
     "hidden_sizes": [32, 64],
@@ -64,9 +83,11 @@ _DEMO_RESNET: dict[str, Any] = {
     "downsample_in_first_stage": False,
 }
 MODEL_TYPES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict[str, Any]]] = {
+    "simple_vit_b16": (SimpleViTConfig, SimpleViTForImageClassification, _SIMPLE_VIT_B16),
     "vit_b16": (ViTConfig, ViTForImageClassification, _VIT_B16),
     "resnet152": (ResNetConfig, ResNetForImageClassification, _RESNET152),
     "demo_vit": (ViTConfig, ViTForImageClassification, _DEMO_VIT),
+    "demo_simple_vit": (SimpleViTConfig, SimpleViTForImageClassification, _DEMO_SIMPLE_VIT),
     "demo_resnet": (ResNetConfig, ResNetForImageClassification, _DEMO_RESNET),
 }
 
@@ -83,7 +104,8 @@ def build_model(
 
     Args:
         model_type (`str`, *optional*):
-            One of ``vit_b16``, ``resnet152``, ``demo_vit``, ``demo_resnet`` (random initialization, as the paper).
+            One of ``simple_vit_b16`` (the paper's), ``vit_b16`` (HF ViT), ``resnet152``, ``demo_vit``,
+            ``demo_simple_vit``, ``demo_resnet`` (random initialization, as the paper).
             Ignored when ``model_name_or_path`` is given.
         labels (`list[str]`):
             Class names in label-id order; sets ``num_labels``, ``id2label`` and ``label2id``.
@@ -125,7 +147,7 @@ def build_model(
         )
     config_cls, model_cls, architecture = MODEL_TYPES[model_type]
     kwargs = {**architecture, "num_channels": num_channels, "id2label": id2label, "label2id": label2id}
-    if config_cls is ViTConfig:
+    if config_cls in (ViTConfig, SimpleViTConfig):
         kwargs["image_size"] = image_size
     config = config_cls(**kwargs)
     if config_overrides:

@@ -1,0 +1,156 @@
+"""Input pipeline throughput: images per second per CPU core of each stage of the recipes' training transform.
+
+Realistic JPEGs: Fashion-MNIST garments (or scikit-learn digits without it) upscaled to 500x375 on a colored
+gradient with sensor-like noise, saved at quality 90 (the official code's ffcv files: max side 500, quality 90).
+Stages, one core (torch and PIL single-threaded), median of 3 passes over the images:
+
+- ``decode``: full JPEG decode to RGB (the floor of any PIL pipeline);
+- ``decode + crop/resize``: RandomResizedCrop to 224 on uint8 (JPEG draft decoding where the crop allows);
+- ``RandAugment``: composer's op set, depth 2, severity 10, on the 224x224 crop;
+- ``flip + to uint8 tensor``;
+- ``collate + normalize``: uint8 -> normalized float32, per image of a 256-image batch;
+- ``training transform end to end``: `ImageDataset` rows from a `datasets` table of JPEG bytes, then the collator;
+- ``DataLoader, N workers``: img/s of the whole loader with N worker processes (``--workers``).
+
+    python benchmarks/input_pipeline.py [--images 300] [--workers 2]
+
+Writes benchmarks/results/input_pipeline.json.
+"""
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from _common import machine_info
+from PIL import Image
+
+from qsr_hf.training import data, randaugment, transforms
+
+
+RESULTS = Path(__file__).parent / "results" / "input_pipeline.json"
+GOAL_PER_CORE = 375  # 3,000 img/s per GPU from 8 cores
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` 500x375 JPEGs (quality 90) of upscaled Fashion-MNIST garments on noisy colored gradients."""
+    rng = np.random.default_rng(seed)
+    garments = np.asarray(data.load_fashion_mnist("train", max_samples=n).with_format("numpy")["image"], np.uint8)
+    y, x = np.mgrid[0:375, 0:500] / 500.0
+    out = []
+    for garment in garments:
+        base, tilt = rng.uniform(40, 200, 3), rng.uniform(-60, 60, 3)
+        canvas = base + tilt * (x[..., None] + y[..., None]) / 2
+        cloth = np.asarray(Image.fromarray(garment).resize((340, 340), Image.Resampling.BICUBIC), np.float32) / 255
+        tint = rng.uniform(0.3, 1.0, 3) * 255
+        left = int(rng.integers(0, 160))
+        region = canvas[17:357, left : left + 340]
+        canvas[17:357, left : left + 340] = region * (1 - cloth[..., None]) + tint * cloth[..., None]
+        canvas += rng.normal(0, 6, canvas.shape)
+        buffer = io.BytesIO()
+        Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def rate(fn: Callable[[Any], Any], items: list[Any], passes: int = 3) -> float:
+    """Median items per second of ``fn`` over ``items``."""
+    speeds = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        speeds.append(len(items) / (time.perf_counter() - start))
+    return statistics.median(speeds)
+
+
+def loader_rate(ds: data.ImageDataset, collate: transforms.ImageCollator, workers: int, batches: int = 6) -> float:
+    """img/s of a DataLoader with ``workers`` processes, batches of 64, after one warm-up batch per worker."""
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=64 * (batches + max(workers, 1)))
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=collate, sampler=sampler)
+    it = iter(loader)
+    for _ in range(max(workers, 1)):
+        next(it)
+    start = time.perf_counter()
+    count = sum(next(it)["pixel_values"].shape[0] for _ in range(batches))
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """Measure every stage and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader measurement")
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    jpegs = make_jpegs(cli.images)
+    rng = np.random.default_rng(0)
+    train = transforms.TrainTransform(224, randaugment_depth=2, randaugment_severity=10)
+
+    def decode(b: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(b)).convert("RGB")
+
+    def crop(b: bytes, draft: bool = True) -> Image.Image:
+        image = transforms.open_image({"bytes": b})
+        box = transforms.random_resized_crop_box(*image.size, rng)
+        return transforms.crop_resize(image, box, 224, "RGB", draft)
+
+    crops = [crop(b) for b in jpegs]
+    tensors = [transforms.to_uint8_tensor(c) for c in crops]
+    collate = transforms.ImageCollator(data.IMAGENET_MEAN, data.IMAGENET_STD)
+    rows = [{"pixel_values": t, "labels": 0} for t in tensors[:256]]
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in jpegs], "label": [0] * len(jpegs)},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x"])}),
+    )
+    dataset = data.ImageDataset(table, train, seed=0)
+    batch = list(range(len(jpegs)))
+
+    stages = {
+        "decode (full JPEG to RGB)": rate(decode, jpegs),
+        "decode + RandomResizedCrop 224, no draft": rate(lambda b: crop(b, draft=False), jpegs),
+        "decode + RandomResizedCrop 224 (draft)": rate(crop, jpegs),
+        "RandAugment (depth 2, severity 10) on 224x224": rate(
+            lambda c: randaugment.rand_augment(c, rng, 2, 10), crops
+        ),
+        "flip + to uint8 tensor": rate(
+            lambda c: transforms.to_uint8_tensor(c.transpose(Image.Transpose.FLIP_LEFT_RIGHT)), crops
+        ),
+        "collate + normalize (per image, batches of 256)": rate(lambda _: collate(rows), [None] * 5) * len(rows),
+        "training transform end to end (ImageDataset + collator)": rate(
+            lambda _: collate(dataset.__getitems__(batch)), [None], passes=3
+        )
+        * len(batch),
+    }
+    eval_tf = transforms.EvalTransform(224)
+    stages["evaluation transform (decode + center crop 224)"] = rate(lambda b: eval_tf({"bytes": b}), jpegs)
+    loader = {workers: loader_rate(dataset, collate, workers) for workers in sorted({1, cli.workers})}
+    mean_kb = statistics.mean(len(b) for b in jpegs) / 1024
+    result = {
+        "images": len(jpegs),
+        "jpeg": f"500x375, quality 90, mean {mean_kb:.0f} KiB",
+        "img_per_s_per_core": {k: round(v, 1) for k, v in stages.items()},
+        "dataloader_img_per_s": {f"{w} workers": round(v, 1) for w, v in loader.items()},
+        "goal_per_core": GOAL_PER_CORE,
+        "machine": machine_info(),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "command": "python benchmarks/input_pipeline.py",
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    for name, value in stages.items():
+        print(f"{name:<62} {value:8.0f} img/s per core")
+    for name, value in result["dataloader_img_per_s"].items():
+        print(f"{'DataLoader, ' + name:<62} {value:8.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()
