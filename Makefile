@@ -18,7 +18,7 @@ style:
 	ruff check --fix . && ruff format .
 
 demo:
-	accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m qsr_hf.training.train recipes/demo/qsr.yaml
+	accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m qsr_hf.training.train recipes/demo/qsr.yaml --overwrite_output_dir true
 
 plan:
 	qsr-hf plan recipes/vit_b16_imagenet1k/qsr.yaml

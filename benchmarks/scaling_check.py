@@ -2,7 +2,7 @@
 
     python benchmarks/scaling_check.py        # pure Python, ~2 s
 
-Paper [PAPER.md]: data-parallel 26.7 h vs QSR 20.2 h on 16 GPUs, 8.6 h vs 5.5 h on 64 GPUs; 93,600 steps. The
+Paper (ICLR 2024, arXiv 2310.14423): data-parallel 26.7 h vs QSR 20.2 h on 16 GPUs, 8.6 h vs 5.5 h on 64 GPUs; 93,600 steps. The
 per-step compute time of an RTX 3090 is not in the paper, so three checks are made, each with fewer assumptions:
 
 A. line rate: compute per step = the paper's data-parallel hours minus the predicted ring all-reduce at 25 Gbps;
@@ -26,7 +26,7 @@ from qsr_hf.analysis.scaling import (
 )
 
 
-STEPS, WARMUP, PEAK_LR, MIN_LR = 93_600, 10_000, 0.008, 1e-6  # PAPER.md, ViT-B recipe [code]
+STEPS, WARMUP, PEAK_LR, MIN_LR = 93_600, 10_000, 0.008, 1e-6  # ViT-B recipe of the official code (hmgxr128/QSR @ 0ac44f1)
 PARAMS = 86_381_800  # SimpleViT ViT-B/16 [code]
 MODEL_BYTES = 4 * PARAMS  # fp32 gradients under fp16 autocast (AMP keeps fp32 parameters and gradients)
 LINK_BPS = 25e9  # 25 Gbps [paper]
