@@ -1,11 +1,8 @@
 """Hierarchical QSR (``qsr_worker="node"``): 4 gloo processes as 2 nodes x 2, DDP over all ranks with the node hook."""
 
-import contextlib
-
 import pytest
 import torch
-import torch.distributed as dist
-from testing_utils import BNMLP, rank_batches, run_distributed
+from testing_utils import BNMLP, count_collectives, rank_batches, run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -16,29 +13,6 @@ from qsr_hf.engines.hierarchical import HierarchicalEngine, resolve_node_size
 
 LRS = [0.2, 0.2] + [0.1] * 7  # H = max(2, (0.2 / lr)^2): rounds of 2, 4, then 3 (clipped): syncs after 2, 6, 9
 CONFIG = {"qsr_alpha": 0.2, "qsr_h_base": 2, "qsr_worker": "node", "qsr_node_size": 2}
-COLLECTIVES = ("all_reduce", "broadcast", "_broadcast_coalesced", "all_gather", "all_gather_into_tensor", "barrier")
-
-
-@contextlib.contextmanager
-def count_collectives(log: list):
-    """Record (collective, ranks of its group) for every Python-level collective call; DDP's hook goes through them."""
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            group = kwargs.get("group", args[0] if name == "_broadcast_coalesced" else None)
-            log.append((name, tuple(dist.get_process_group_ranks(group)) if group else tuple(range(4))))
-            return fn(*args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def _build():

@@ -32,7 +32,7 @@ HSDP_UNSUPPORTED = (
     'fully_shard(model, mesh=accelerator.torch_device_mesh["dp_shard_cp"]) before accelerator.prepare)'
 )
 FULL_SHARD_UNSUPPORTED = (
-    "qsr_hf needs replicas to average, but this FSDP2 model is sharded across all {world} ranks: shard inside the "
+    "qsr_hf does not support FSDP sharded across all {world} ranks (no replicas to average): shard inside the "
     'node only, fully_shard(model, mesh=mesh["shard"]) with mesh = init_device_mesh(device, (nodes, '
     'per_node), mesh_dim_names=("replicate", "shard")), or use DDP'
 )
@@ -54,10 +54,10 @@ def validate_fsdp2(model: nn.Module) -> int:
     Raises:
         `NotImplementedError`: a 2-D (HSDP) mesh, or sharding across all ranks.
     """
-    meshes = {id(p.device_mesh): p.device_mesh for p in _sharded_params(model) if hasattr(p, "device_mesh")}
-    if len(meshes) != 1:
-        raise NotImplementedError(f"qsr_hf needs every FSDP2 parameter on one device mesh, found {len(meshes)}")
-    (mesh,) = meshes.values()
+    meshes = [p.device_mesh for p in _sharded_params(model) if hasattr(p, "device_mesh")]
+    if not meshes or any(m != meshes[0] for m in meshes):
+        raise NotImplementedError("qsr_hf needs every trainable FSDP2 parameter sharded on one and the same mesh")
+    mesh = meshes[0]
     if mesh.ndim != 1:
         raise NotImplementedError(HSDP_UNSUPPORTED)
     world = dist.get_world_size()

@@ -112,6 +112,7 @@ class NodeWorkerEngine(Engine):
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
         self._buffer_averager: ParameterAverager | None = None
+        self._buffer_copies: list[torch.Tensor] = []
         self._average_buffers = False
         self._restoring = False
 
@@ -138,11 +139,19 @@ class NodeWorkerEngine(Engine):
             return
         if not self._average_buffers or self.node_size == 1:
             return
-        if self._buffer_averager is None:
-            if not self._buffers():
-                return
-            self._buffer_averager = ParameterAverager(self._buffers, self.node_group)
-        self._buffer_averager.average()
+        buffers = self._buffers()
+        if not buffers:
+            return
+        # the buffers are views of the inter-node averager's flat buffer: average copies, so neither re-binds them
+        if self._buffer_averager is None or len(self._buffer_copies) != len(buffers):
+            self._buffer_copies = [b.detach().clone() for b in buffers]
+            self._buffer_averager = ParameterAverager(self._buffer_copies, self.node_group)
+        with torch.no_grad():
+            for copy, buffer in zip(self._buffer_copies, buffers, strict=True):
+                copy.copy_(buffer)
+            self._buffer_averager.average()
+            for copy, buffer in zip(self._buffer_copies, buffers, strict=True):
+                buffer.copy_(copy)
 
     def local_state_dict(self) -> dict[str, Any]:
         """The node layout, checked on resume."""
