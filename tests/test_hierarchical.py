@@ -112,3 +112,30 @@ def test_node_size_from_the_launcher(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
         resolve_node_size(8)
+
+
+def test_node_layout_cost_model():
+    from qsr_hf.analysis.planner import Plan
+    from qsr_hf.analysis.scaling import NodeLayout, predict_node_modes
+
+    # 2 nodes x 4, 1 GB: inside a node 2*3/4 GB at 80 Gbit/s = 0.15 s; between nodes 2*1/2 GB at 8 Gbit/s = 1 s
+    layout = NodeLayout(nodes=2, per_node=4, intra_bits_per_s=80e9, inter_bits_per_s=8e9)
+    assert layout.intra_allreduce_s(1e9) == pytest.approx(0.15) and layout.inter_allreduce_s(1e9) == pytest.approx(1.0)
+    modes = predict_node_modes(Plan(100, list(range(0, 100, 4)), [4] * 25), 0.5, 1e9, layout)
+    assert modes["ddp_s"] == pytest.approx(50 + 100 * 1.15)
+    assert modes["qsr_process_s"] == pytest.approx(50 + 25 * 1.15)
+    assert modes["qsr_node_s"] == pytest.approx(50 + 100 * 0.15 + 25 * 4 * 1.0)  # 4 full-model rings share the link
+    assert modes["qsr_fsdp2_s"] == pytest.approx(50 + 100 * 1.5 * 0.15 + 25 * 1.0)  # shards: the inter-node floor
+    assert modes["sync_floor_s"] == pytest.approx(1.0)
+
+
+def test_plan_cli_over_nodes(capsys):
+    from qsr_hf.cli import plan_main
+
+    flags = ["--peak-lr", "0.01", "--total-steps", "200", "--alpha", "0.02", "--h-base", "2"]
+    nodes = ["--nodes", "2", "--procs-per-node", "4", "--intra-node-gbps", "80", "--bandwidth-gbps", "8"]
+    summary = plan_main([*flags, *nodes, "--compute-s-per-step", "0.5", "--model-params", "1e6"])
+    assert "wall_clock" not in summary and summary["node_modes"]["ddp_h"] == summary["node_modes"]["ddp_s"] / 3600
+    assert "on 2 nodes x 4: data-parallel" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--intra-node-gbps"):
+        plan_main([*flags, "--nodes", "2", "--procs-per-node", "4"])
