@@ -26,7 +26,12 @@ from qsr_hf.analysis.scaling import (
 )
 
 
-STEPS, WARMUP, PEAK_LR, MIN_LR = 93_600, 10_000, 0.008, 1e-6  # ViT-B recipe of the official code (hmgxr128/QSR @ 0ac44f1)
+STEPS, WARMUP, PEAK_LR, MIN_LR = (
+    93_600,
+    10_000,
+    0.008,
+    1e-6,
+)  # ViT-B recipe of the official code (hmgxr128/QSR @ 0ac44f1)
 PARAMS = 86_381_800  # SimpleViT ViT-B/16 [code]
 MODEL_BYTES = 4 * PARAMS  # fp32 gradients under fp16 autocast (AMP keeps fp32 parameters and gradients)
 LINK_BPS = 25e9  # 25 Gbps [paper]

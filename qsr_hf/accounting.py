@@ -19,6 +19,11 @@ class SyncStats:
         extra_syncs (`int`): syncs forced outside the schedule (before evaluation, checkpoint, end of training).
         bytes_averaged (`int`): bytes this rank put into parameter all-reduces.
         round_length (`int`): H of the current round.
+        intra_node_bytes_per_step (`int`): bytes all-reduced inside a node on every step (hierarchical QSR, where a
+            node is one worker: its gradients); 0 when every process is a worker.
+
+    Inter-node bytes are those averaged between QSR workers (``bytes_averaged``): with ``qsr_worker="node"`` that is
+    the only traffic between nodes; with one worker per process on several nodes the averaging crosses nodes too.
     """
 
     grad_bytes_per_step: int = 0
@@ -27,6 +32,7 @@ class SyncStats:
     extra_syncs: int = 0
     bytes_averaged: int = 0
     round_length: int = 0
+    intra_node_bytes_per_step: int = 0
 
     def record_sync(self, num_bytes: int, scheduled: bool) -> None:
         """Count one sync that all-reduced ``num_bytes``."""
@@ -42,6 +48,16 @@ class SyncStats:
         return self.steps * self.grad_bytes_per_step
 
     @property
+    def bytes_intra_node(self) -> int:
+        """Bytes all-reduced inside nodes so far (steps x ``intra_node_bytes_per_step``)."""
+        return self.steps * self.intra_node_bytes_per_step
+
+    @property
+    def bytes_inter_node(self) -> int:
+        """Bytes averaged between QSR workers so far (the inter-node traffic with ``qsr_worker="node"``)."""
+        return self.bytes_averaged
+
+    @property
     def comm_volume_vs_ddp(self) -> float:
         """Bytes averaged relative to data-parallel training of the same length (0 before the first step)."""
         return self.bytes_averaged / self.ddp_bytes if self.ddp_bytes else 0.0
@@ -54,6 +70,8 @@ class SyncStats:
             "qsr/extra_syncs": float(self.extra_syncs),
             "qsr/bytes_averaged": float(self.bytes_averaged),
             "qsr/comm_volume_vs_ddp": self.comm_volume_vs_ddp,
+            "qsr/bytes_inter_node": float(self.bytes_inter_node),
+            "qsr/bytes_intra_node": float(self.bytes_intra_node),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -61,6 +79,6 @@ class SyncStats:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore counters saved by :meth:`state_dict` (``grad_bytes_per_step`` is recomputed, not restored)."""
+        """Restore counters saved by :meth:`state_dict` (bytes per step are recomputed, not restored)."""
         for key in ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length"):
             setattr(self, key, int(state.get(key, 0)))

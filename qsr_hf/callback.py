@@ -13,7 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qsr_hf.checkpoint import load_rank_state, rank_state_path, save_rank_state
 from qsr_hf.config import QSRConfig, make_config
-from qsr_hf.engines import FSDP_UNSUPPORTED, detect_engine
+from qsr_hf.engines import FSDP_UNSUPPORTED, Topology, detect_engine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.synchronizer import Synchronizer
 
@@ -98,7 +98,7 @@ class QSRCallback(TrainerCallback):
             at = flow[-1] + 1 if flow else 0
             trainer.callback_handler.callbacks = [*others[:at], self, *others[at:]]
         model = trainer.model_wrapped if trainer is not None else kwargs["model"]
-        engine = detect_engine(model)
+        engine = detect_engine(model, topology=Topology(self.config.qsr_worker, self.config.qsr_node_size))
         warmup = args.get_warmup_steps(state.max_steps)
         self.synchronizer = Synchronizer(engine, self.config, warmup, state.max_steps, kwargs.get("optimizer"))
         if state.global_step > 0:

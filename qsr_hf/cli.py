@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qsr_hf.analysis.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
-from qsr_hf.analysis.scaling import predict_wall_clock
+from qsr_hf.analysis.scaling import NodeLayout, predict_node_modes, predict_wall_clock
 from qsr_hf.config import QSRConfig
 
 
@@ -62,11 +62,38 @@ def _plan_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     wall.add_argument("--bytes-per-param", type=int, default=4, help="bytes all-reduced per parameter (4: fp32)")
     wall.add_argument("--latency-ms", type=float, default=0.0, help="per-hop latency, ms")
     wall.add_argument("--ddp-overlap", type=float, default=0.0, help="share of DDP's all-reduce hidden by backward")
+    nodes = p.add_argument_group(
+        "nodes: with --nodes, --procs-per-node and --intra-node-gbps, --bandwidth-gbps is each node's network link "
+        "and the prediction covers DDP, QSR per process, per node (qsr_worker=node) and FSDP2 inside nodes"
+    )
+    nodes.add_argument("--nodes", type=int, help="number of nodes")
+    nodes.add_argument("--procs-per-node", type=int, help="processes (GPUs) per node")
+    nodes.add_argument("--intra-node-gbps", type=float, help="per-process bandwidth inside a node, Gbit/s")
     return p
+
+
+def _node_modes(result: Plan, ns: argparse.Namespace) -> dict[str, float] | None:
+    inputs = (ns.nodes, ns.procs_per_node, ns.intra_node_gbps)
+    if all(v is None for v in inputs):
+        return None
+    if any(v is None for v in (*inputs, ns.bandwidth_gbps, ns.compute_s_per_step, ns.model_params)):
+        raise SystemExit(
+            "a prediction over nodes needs --nodes, --procs-per-node, --intra-node-gbps, --bandwidth-gbps (between "
+            "nodes), --compute-s-per-step and --model-params"
+        )
+    layout = NodeLayout(
+        ns.nodes, ns.procs_per_node, ns.intra_node_gbps * 1e9, ns.bandwidth_gbps * 1e9, ns.latency_ms / 1e3
+    )
+    modes = predict_node_modes(
+        result, ns.compute_s_per_step, ns.model_params * ns.bytes_per_param, layout, ns.ddp_overlap
+    )
+    return {**modes, **{k[:-2] + "_h": v / 3600 for k, v in modes.items() if k != "sync_floor_s"}}
 
 
 def _wall_clock(result: Plan, ns: argparse.Namespace) -> dict[str, float] | None:
     inputs = (ns.workers, ns.bandwidth_gbps, ns.compute_s_per_step, ns.model_params)
+    if ns.workers is None and ns.nodes is not None:
+        return None  # the prediction over nodes replaces the flat one
     if all(v is None for v in inputs):
         return None
     if any(v is None for v in inputs):
@@ -170,11 +197,14 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
     config = QSRConfig(**fields)
     result = plan(config, lrs, warmup)
     summary = _summary(config, result, lrs)
+    modes = _node_modes(result, ns)
     wall = _wall_clock(result, ns)
     if wall is not None:
         summary["wall_clock"] = wall
     if ns.plot:
         summary["plot"] = _plot(ns.plot, result, lrs)
+    if modes is not None:
+        summary["node_modes"] = modes
     if ns.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -188,6 +218,12 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
             print(
                 f"predicted wall clock: data-parallel {wall['ddp_h']:.2f} h, this plan {wall['local_h']:.2f} h "
                 f"(x{wall['speedup']:.2f}); one all-reduce {wall['allreduce_s']:.3f} s"
+            )
+        if modes is not None:
+            print(
+                f"on {ns.nodes} nodes x {ns.procs_per_node}: data-parallel {modes['ddp_h']:.2f} h, QSR per process "
+                f"{modes['qsr_process_h']:.2f} h, per node {modes['qsr_node_h']:.2f} h, FSDP2 in nodes "
+                f"{modes['qsr_fsdp2_h']:.2f} h; one sync at the inter-node floor {modes['sync_floor_s']:.3f} s"
             )
         if ns.plot:
             print(f"plot: {summary['plot']}")

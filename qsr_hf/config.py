@@ -9,6 +9,7 @@ from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule,
 
 RULE_EXPONENTS: dict[str, int] = {"linear": 1, "qsr": 2, "cubic": 3}
 RULES: list[str] = ["qsr", "linear", "cubic", "constant", "post_local", "ddp"]
+WORKERS: list[str] = ["process", "node"]
 
 
 @dataclass
@@ -52,6 +53,11 @@ class QSRConfig:
             Overlap each scheduled sync with the next optimizer step: the all-reduce starts at the end of the round
             and is folded in one step later (parameters = the average + that step's local change). Not the exact QSR
             update (not in the official code); syncs before evaluation/save and the last sync of training stay exact.
+        qsr_worker (`str`, defaults to `"process"`):
+            What one QSR worker is: ``process`` (the paper: every process takes its own local steps) or ``node``
+            (hierarchical: the processes of a node all-reduce gradients every step, nodes average every H steps).
+        qsr_node_size (`int`, *optional*):
+            Processes per node for ``qsr_worker="node"``; defaults to the launcher's ``LOCAL_WORLD_SIZE``.
     """
 
     qsr_rule: str = field(
@@ -111,7 +117,23 @@ class QSRConfig:
         },
     )
 
+    qsr_worker: str = field(
+        default="process",
+        metadata={
+            "help": "QSR worker: 'process' (paper) or 'node' (gradients all-reduced inside a node).",
+            "choices": WORKERS,
+        },
+    )
+    qsr_node_size: int | None = field(
+        default=None,
+        metadata={"help": "Processes per node for qsr_worker='node'; defaults to LOCAL_WORLD_SIZE."},
+    )
+
     def __post_init__(self) -> None:
+        if self.qsr_worker not in WORKERS:
+            raise ValueError(f"qsr_worker must be one of {WORKERS}, got {self.qsr_worker!r}")
+        if self.qsr_node_size is not None and (not isinstance(self.qsr_node_size, int) or self.qsr_node_size < 1):
+            raise ValueError(f"qsr_node_size must be an integer >= 1 (processes per node), got {self.qsr_node_size!r}")
         if self.qsr_rule not in RULES:
             raise ValueError(f"qsr_rule must be one of {RULES}, got {self.qsr_rule!r}")
         if not isinstance(self.qsr_h_base, int) or self.qsr_h_base < 1:

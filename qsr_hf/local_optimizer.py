@@ -12,7 +12,7 @@ from torch.distributed import ProcessGroup
 from qsr_hf.batchnorm import ForwardFn
 from qsr_hf.checkpoint import load_rank_state, save_rank_state
 from qsr_hf.config import QSRConfig, make_config
-from qsr_hf.engines import detect_engine
+from qsr_hf.engines import Topology, detect_engine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.synchronizer import Synchronizer
 
@@ -134,8 +134,13 @@ class LocalOptimizer(torch.optim.Optimizer):
             num_training_steps = _resolve("num_training_steps", num_training_steps, total, per_step)
         self.num_warmup_steps = num_warmup_steps or 0
         self._lr_before: float | None = None  # lr of the previous optimizer step, to check the declared warm-up
+        topology = Topology(self.config.qsr_worker, self.config.qsr_node_size)
         self.synchronizer = Synchronizer(
-            detect_engine(model, process_group), self.config, self.num_warmup_steps, num_training_steps, optimizer
+            detect_engine(model, process_group, topology),
+            self.config,
+            self.num_warmup_steps,
+            num_training_steps,
+            optimizer,
         )
         if self.config.qsr_rule == "ddp":
             logger.info("qsr_hf: qsr_rule='ddp' averages parameters after every step", main_process_only=True)

@@ -48,7 +48,10 @@ class Synchronizer:
         self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
         self.distributed = engine.world_size > 1
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
-        self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
+        self.stats = SyncStats(
+            grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable),
+            intra_node_bytes_per_step=engine.intra_node_bytes_per_step,
+        )
         self.averager: ParameterAverager | None = None
         self.overlap: OverlappedSync | None = None
         if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):

@@ -9,7 +9,10 @@ from qsr_hf.analysis.scaling import predict_wall_clock
 from qsr_hf.cli import plan_main
 
 
-VIT_STEPS, VIT_WARMUP = 93_600, 10_000  # paper / official code (hmgxr128/QSR @ 0ac44f1): 300 epochs x 312 steps, 10k warm-up, cosine 8e-3 -> 1e-6
+VIT_STEPS, VIT_WARMUP = (
+    93_600,
+    10_000,
+)  # paper / official code (hmgxr128/QSR @ 0ac44f1): 300 epochs x 312 steps, 10k warm-up, cosine 8e-3 -> 1e-6
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Shared test helpers: real multi-process gloo runs, tiny models, markers."""
 
+import contextlib
 import importlib.util
 import os
 import pickle
@@ -119,3 +120,35 @@ def flat_params(module: nn.Module) -> torch.Tensor:
     tensors = [p.detach().float().reshape(-1) for p in module.parameters()]
     tensors += [b.detach().float().reshape(-1) for b in module.buffers() if b.is_floating_point()]
     return torch.cat(tensors)
+
+
+COLLECTIVES = (
+    "all_reduce", "broadcast", "_broadcast_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
+    "reduce_scatter_tensor", "reduce_scatter_single", "barrier",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def count_collectives(log: list) -> Any:
+    """Append (collective, ranks of its group) to ``log`` for every Python-level collective call in this process.
+
+    DDP communication hooks, FSDP2 and qsr_hf's averaging call these; DDP's own C++ reducer does not.
+    """
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            group = kwargs.get("group", args[0] if name == "_broadcast_coalesced" else None)
+            ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+            log.append((name, tuple(ranks)))
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

@@ -187,3 +187,73 @@ def implied_allreduce_seconds(ddp_s: float, local_s: float, steps: int, syncs: i
     if steps <= syncs:
         raise ValueError(f"need steps > syncs, got steps={steps}, syncs={syncs}")
     return (ddp_s - local_s) / (steps - syncs)
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Nodes of ``per_node`` processes: a fast link inside a node, one slower link (per node) between nodes.
+
+    Collectives that span nodes are costed at their two-level floor (reduce-scatter inside the node, all-reduce of the
+    shards between nodes, all-gather inside): a node's link carries ``2 (nodes - 1) / nodes`` times the bytes once,
+    however many of its processes take part.
+
+    Args:
+        nodes (`int`): number of nodes.
+        per_node (`int`): processes per node.
+        intra_bits_per_s (`float`): bandwidth of each process's link inside a node (NVLink, PCIe), bits per second.
+        inter_bits_per_s (`float`): bandwidth of each node's network link, bits per second.
+        latency_s (`float`, defaults to 0.0): per-hop latency, in seconds (both levels).
+    """
+
+    nodes: int
+    per_node: int
+    intra_bits_per_s: float
+    inter_bits_per_s: float
+    latency_s: float = 0.0
+
+    def intra_allreduce_s(self, num_bytes: float) -> float:
+        """One ring all-reduce of ``num_bytes`` inside a node."""
+        return ring_allreduce_seconds(num_bytes, self.intra_bits_per_s, self.per_node, self.latency_s)
+
+    def inter_allreduce_s(self, num_bytes: float) -> float:
+        """A node's link carrying one ring all-reduce of ``num_bytes`` between nodes (split across its processes)."""
+        return ring_allreduce_seconds(num_bytes, self.inter_bits_per_s, self.nodes, self.latency_s)
+
+    def allreduce_s(self, num_bytes: float) -> float:
+        """One all-reduce over all processes at the two-level floor: inside the node, then between nodes."""
+        return self.intra_allreduce_s(num_bytes) + self.inter_allreduce_s(num_bytes)
+
+
+def predict_node_modes(
+    plan: Plan, compute_s_per_step: float, model_bytes: float, layout: NodeLayout, ddp_overlap: float = 0.0
+) -> dict[str, float]:
+    """Predict the seconds of a run in each mode on ``layout``, all with ``plan``'s rounds.
+
+    - ``ddp``: a gradient all-reduce over all processes every step (at the two-level floor);
+    - ``qsr_process``: every process is a worker (the paper); one all-reduce over all processes per sync;
+    - ``qsr_node`` (``qsr_worker="node"``): a gradient all-reduce inside the node every step; at each sync each of
+      the node's ``per_node`` processes all-reduces the whole model with its peers, so a node's link carries
+      ``per_node`` times the floor;
+    - ``qsr_fsdp2``: FSDP2 sharded inside the node (all-gather in forward and backward, reduce-scatter of the
+      gradients: 1.5 intra-node all-reduces per step); at each sync every process averages its shard: the floor.
+
+    Args:
+        plan ([`Plan`]): the rounds; ``total_steps`` is also the data-parallel length.
+        compute_s_per_step (`float`): seconds of one optimizer step without communication.
+        model_bytes (`float`): bytes of the gradients (or parameters) of the whole model.
+        layout ([`NodeLayout`]): nodes, processes per node and the two bandwidths.
+        ddp_overlap (`float`, defaults to 0.0): share of the data-parallel all-reduce hidden behind backward.
+
+    Returns:
+        `dict[str, float]`: seconds per mode (``ddp_s``, ``qsr_process_s``, ``qsr_node_s``, ``qsr_fsdp2_s``) and the
+        one-sync floor ``sync_floor_s``.
+    """
+    compute = plan.total_steps * compute_s_per_step
+    intra, inter = layout.intra_allreduce_s(model_bytes), layout.inter_allreduce_s(model_bytes)
+    return {
+        "ddp_s": compute + plan.total_steps * (intra + inter) * (1.0 - ddp_overlap),
+        "qsr_process_s": compute + plan.syncs * (intra + inter),
+        "qsr_node_s": compute + plan.total_steps * intra + plan.syncs * layout.per_node * inter,
+        "qsr_fsdp2_s": compute + plan.total_steps * 1.5 * intra + plan.syncs * inter,
+        "sync_floor_s": inter,
+    }

@@ -27,11 +27,14 @@ class Engine:
         world_size (`int`): number of QSR workers in that group.
         can_average_optimizer_state (`bool`): whether the optimizer is a torch optimizer whose state tensors can be
             averaged (``qsr_average_optimizer_state``).
+        intra_node_bytes_per_step (`int`): bytes each rank all-reduces inside its node on every optimizer step
+            (hierarchical QSR: the gradients; 0 where a worker is one process).
     """
 
     process_group: ProcessGroup | None = None
     world_size: int = 1
     can_average_optimizer_state: bool = True
+    intra_node_bytes_per_step: int = 0
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
