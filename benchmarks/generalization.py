@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         if configs[rule] is not None:
             p = plan(configs[rule], lrs, warmup)
             print(
-                f"{rule:>10}: {p.syncs} syncs in {total} steps ({100 * p.comm_ratio:.1f}%), first round > H_base at step {p.first_step_above(args.h_base)}"
+                f"{rule:>10}: {p.syncs} syncs in {total} steps ({100 * p.comm_volume_vs_ddp:.1f}%), first round > H_base at step {p.first_step_above(args.h_base)}"
             )
     jobs = [
         {

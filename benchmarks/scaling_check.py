@@ -114,7 +114,7 @@ def main():
             "checks": records,
         },
     )
-    print(f"QSR plan: {qsr.syncs} syncs in {STEPS} steps ({qsr.comm_ratio:.2%}); constant H=4: {const4.syncs}")
+    print(f"QSR plan: {qsr.syncs} syncs in {STEPS} steps ({qsr.comm_volume_vs_ddp:.2%}); constant H=4: {const4.syncs}")
     print_table(
         [
             "setting",

@@ -424,7 +424,7 @@ def main(argv=None):
     qsr_plan = plan(QSRConfig(qsr_alpha=alpha, qsr_h_base=4), lrs, warmup)
     print(
         f"compressed QSR plan: {args.steps} steps, warm-up {warmup}, alpha {alpha:.4g} (= peak x 0.0175/0.008): "
-        f"{qsr_plan.syncs} syncs ({qsr_plan.comm_ratio:.1%}), first round > 4 at step {qsr_plan.first_step_above(4)}; "
+        f"{qsr_plan.syncs} syncs ({qsr_plan.comm_volume_vs_ddp:.1%}), first round > 4 at step {qsr_plan.first_step_above(4)}; "
         f"rounds {qsr_plan.round_lengths}",
         flush=True,
     )
@@ -506,7 +506,7 @@ def main(argv=None):
                 "warmup": warmup,
                 "alpha": alpha,
                 "syncs": qsr_plan.syncs,
-                "comm_ratio": qsr_plan.comm_ratio,
+                "comm_volume_vs_ddp": qsr_plan.comm_volume_vs_ddp,
                 "round_lengths": qsr_plan.round_lengths,
             },
             "postlocal_switch_step": warmup,

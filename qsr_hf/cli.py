@@ -151,7 +151,7 @@ def _summary(config: QSRConfig, result: Plan, lrs: Sequence[float]) -> dict[str,
         "h_base": config.qsr_h_base,
         "total_steps": result.total_steps,
         "syncs": result.syncs,
-        "comm_vs_data_parallel": result.comm_ratio,
+        "comm_volume_vs_ddp": result.comm_volume_vs_ddp,
         "first_round_longer_than_h_base": result.first_step_above(config.qsr_h_base),
         "last_rounds": result.round_lengths[-5:],
         "profile": profile,
@@ -176,7 +176,7 @@ def _plot(path: str, result: Plan, lrs: Sequence[float]) -> str:
     ax2.step(starts, [*result.round_lengths, result.round_lengths[-1]], where="post", color="tab:red")
     ax2.set_yscale("log")
     ax2.set_ylabel("round length H", color="tab:red")
-    ax.set_title(f"{result.syncs} syncs, {100 * result.comm_ratio:.2f}% of data-parallel communication")
+    ax.set_title(f"{result.syncs} syncs, {100 * result.comm_volume_vs_ddp:.2f}% of data-parallel communication")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -213,7 +213,7 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
         for row in summary["profile"]:
             print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")
         print(f"last rounds: {summary['last_rounds']}")
-        print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_ratio:.3f}%")
+        print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_volume_vs_ddp:.3f}%")
         if wall is not None:
             print(
                 f"predicted wall clock: data-parallel {wall['ddp_h']:.2f} h, this plan {wall['local_h']:.2f} h "

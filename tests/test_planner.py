@@ -23,22 +23,22 @@ def vit_lrs():
 def test_vit_b_qsr_schedule_matches_the_paper(vit_lrs):
     result = plan(QSRConfig(qsr_alpha=0.0175, qsr_h_base=4), vit_lrs, VIT_WARMUP)
     assert result.syncs == 9_711  # replay of the official code: 10.375% ~ the paper's 10.4%
-    assert round(100 * result.comm_ratio, 1) == 10.4
+    assert round(100 * result.comm_volume_vs_ddp, 1) == 10.4
     assert result.first_step_above(4) == 17_876
     assert result.round_lengths[-1] == 8_142
     assert 2_769 in result.round_lengths
 
 
 def test_constant_h4_communicates_a_quarter(vit_lrs):
-    assert plan(QSRConfig(qsr_rule="constant", qsr_h_base=4), vit_lrs, VIT_WARMUP).comm_ratio == 0.25
+    assert plan(QSRConfig(qsr_rule="constant", qsr_h_base=4), vit_lrs, VIT_WARMUP).comm_volume_vs_ddp == 0.25
 
 
 def test_alpha_for_comm_budget(vit_lrs):
     config = QSRConfig(qsr_alpha=1.0, qsr_h_base=4)
     alpha = alpha_for_comm_budget(config, vit_lrs[::10], 0.15, VIT_WARMUP // 10)
-    assert plan(QSRConfig(qsr_alpha=alpha, qsr_h_base=4), vit_lrs[::10], VIT_WARMUP // 10).comm_ratio <= 0.15
+    assert plan(QSRConfig(qsr_alpha=alpha, qsr_h_base=4), vit_lrs[::10], VIT_WARMUP // 10).comm_volume_vs_ddp <= 0.15
     slightly_less = QSRConfig(qsr_alpha=alpha * 0.999, qsr_h_base=4)
-    assert plan(slightly_less, vit_lrs[::10], VIT_WARMUP // 10).comm_ratio > 0.15
+    assert plan(slightly_less, vit_lrs[::10], VIT_WARMUP // 10).comm_volume_vs_ddp > 0.15
     with pytest.raises(ValueError, match="below what H_base"):
         # warm-up rounds alone (1,000 steps / H_base 4 of 9,360) already need 2.7%
         alpha_for_comm_budget(config, vit_lrs[::10], 0.01, VIT_WARMUP // 10)

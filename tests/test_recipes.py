@@ -118,7 +118,7 @@ def test_vit_qsr_recipe_replays_the_official_schedule():
     _, _, qsr_config, args = parse_recipe(ROOT / "recipes/vit_b16_imagenet1k/qsr.yaml", [])
     result = plan(qsr_config, replay_lrs(args), args.get_warmup_steps(args.max_steps))
     assert result.syncs == 9_711 and result.first_step_above(4) == 17_876 and result.round_lengths[-1] == 8_142
-    assert abs(result.comm_ratio - 0.10375) < 1e-5
+    assert abs(result.comm_volume_vs_ddp - 0.10375) < 1e-5
 
 
 def test_cli_overrides_win_over_the_yaml():

@@ -37,7 +37,7 @@ class Plan:
         return [s + h for s, h in zip(self.round_starts, self.round_lengths, strict=True)]
 
     @property
-    def comm_ratio(self) -> float:
+    def comm_volume_vs_ddp(self) -> float:
         """Syncs per step: communication relative to data-parallel (one gradient all-reduce per step)."""
         return self.syncs / self.total_steps if self.total_steps else 0.0
 
@@ -86,25 +86,25 @@ def _bisect_alpha(
 
 
 def alpha_for_comm_budget(
-    config: QSRConfig, lrs: Sequence[float], max_comm_ratio: float, warmup_steps: int = 0
+    config: QSRConfig, lrs: Sequence[float], max_comm_volume_vs_ddp: float, warmup_steps: int = 0
 ) -> float:
-    """Smallest α whose plan communicates at most ``max_comm_ratio`` of data-parallel's all-reduces (syncs/steps).
+    """Smallest α whose plan communicates at most ``max_comm_volume_vs_ddp`` of data-parallel's all-reduces (syncs/steps).
 
     Args:
         config ([`QSRConfig`]): rule (qsr/linear/cubic), H_base, h_max.
         lrs (`Sequence[float]`): lr per optimizer step.
-        max_comm_ratio (`float`): e.g. 0.10 for "at most 10% of data-parallel's rounds".
+        max_comm_volume_vs_ddp (`float`): e.g. 0.10 for "at most 10% of data-parallel's rounds".
         warmup_steps (`int`, defaults to 0): lr warm-up steps.
 
     Returns:
         `float`: α.
     """
-    floor_ratio = plan(dataclasses.replace(config, qsr_alpha=max(lrs) * 1e3), lrs, warmup_steps).comm_ratio
-    if max_comm_ratio < floor_ratio:
+    floor_ratio = plan(dataclasses.replace(config, qsr_alpha=max(lrs) * 1e3), lrs, warmup_steps).comm_volume_vs_ddp
+    if max_comm_volume_vs_ddp < floor_ratio:
         raise ValueError(
-            f"max_comm_ratio={max_comm_ratio} is below what H_base/warm-up allow ({floor_ratio:.4f}); raise it"
+            f"max_comm_volume_vs_ddp={max_comm_volume_vs_ddp} is below what H_base/warm-up allow ({floor_ratio:.4f}); raise it"
         )
-    return _bisect_alpha(config, lrs, warmup_steps, lambda p: p.comm_ratio > max_comm_ratio)
+    return _bisect_alpha(config, lrs, warmup_steps, lambda p: p.comm_volume_vs_ddp > max_comm_volume_vs_ddp)
 
 
 def alpha_for_switch_fraction(

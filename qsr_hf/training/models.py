@@ -30,6 +30,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from qsr_hf.training.data import IMAGENET_MEAN, IMAGENET_STD
 from qsr_hf.training.simple_vit import SimpleViTConfig, SimpleViTForImageClassification
 
 
@@ -179,7 +180,7 @@ def build_image_processor(
         processor = AutoImageProcessor.from_pretrained(model_name_or_path)
     else:  # ImageNet statistics unless given (the processor class's own default is 0.5)
         processor = ConvNextImageProcessorPil(
-            size={"shortest_edge": image_size}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+            size={"shortest_edge": image_size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
         )
     processor.image_mean = list(image_mean or processor.image_mean)
     processor.image_std = list(image_std or processor.image_std)

@@ -115,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     check_output_dir(args)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with our card (Trainer's replaces it)
     args.remove_unused_columns = False  # the transform needs the raw image/label columns
-    args.average_tokens_across_devices = False  # a per-step all-gather; meaningless for fixed-size image batches
     if args.ddp_find_unused_parameters is None:  # every parameter is used; True adds a per-step flag all-reduce
         args.ddp_find_unused_parameters = False
     set_seed(args.seed)
