@@ -99,3 +99,16 @@ def test_train_pushes_once_at_the_end_with_the_qsr_card(tmp_path, fake_api, monk
     assert [c[0] for c in fake_api.calls] == ["create_repo", "upload_folder"], "one push, at the end"
     assert fake_api.calls[1][2]["folder_path"] == str(out)
     assert (out / "preprocessor_config.json").is_file() and (out / "config.json").is_file()
+    # round trip of what would be pushed: the folder loads back through the Auto classes, with its card
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert model.config.num_labels == 10 and sorted(model.config.id2label) == list(range(10))
+    with torch.no_grad():
+        logits = model(pixel_values=torch.zeros(2, 1, 28, 28)).logits
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert processor.image_mean and processor.image_std
+    card_data = ModelCard.load(out / "README.md").data
+    assert card_data.eval_results[0].metric_value == pytest.approx(metrics["eval_top1"])
