@@ -19,6 +19,8 @@ class SyncStats:
         extra_syncs (`int`): syncs forced outside the schedule (before evaluation, checkpoint, end of training).
         bytes_averaged (`int`): bytes this rank put into parameter all-reduces.
         round_length (`int`): H of the current round.
+        nonfinite_syncs (`int`): syncs at which some rank held NaN/inf and was left out
+            (``qsr_on_nonfinite="skip_rank"``).
     """
 
     grad_bytes_per_step: int = 0
@@ -27,6 +29,7 @@ class SyncStats:
     extra_syncs: int = 0
     bytes_averaged: int = 0
     round_length: int = 0
+    nonfinite_syncs: int = 0
 
     def record_sync(self, num_bytes: int, scheduled: bool) -> None:
         """Count one sync that all-reduced ``num_bytes``."""
@@ -54,6 +57,7 @@ class SyncStats:
             "qsr/extra_syncs": float(self.extra_syncs),
             "qsr/bytes_averaged": float(self.bytes_averaged),
             "qsr/comm_volume_vs_ddp": self.comm_volume_vs_ddp,
+            "qsr/nonfinite_syncs": float(self.nonfinite_syncs),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -62,5 +66,5 @@ class SyncStats:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters saved by :meth:`state_dict` (``grad_bytes_per_step`` is recomputed, not restored)."""
-        for key in ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length"):
+        for key in ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length", "nonfinite_syncs"):
             setattr(self, key, int(state.get(key, 0)))

@@ -177,14 +177,18 @@ class ParameterAverager:
             self.buckets = self._build()
 
     @torch.no_grad()
-    def average(self) -> int:
-        """All-reduce every bucket and divide by the world size, in place.
+    def average(self, divisor: int | None = None) -> int:
+        """All-reduce every bucket and divide by the world size (or ``divisor``), in place.
+
+        Args:
+            divisor (`int`, *optional*): what the sums are divided by; e.g. the number of ranks that contributed
+                when the others zeroed their buffers (``qsr_on_nonfinite="skip_rank"``).
 
         Returns:
             `int`: bytes this rank contributed to the collectives.
         """
         self.ensure_views()
-        world_size = dist.get_world_size(self.process_group)
+        world_size = divisor or dist.get_world_size(self.process_group)
         for bucket in self.buckets:
             reduce_dtype = self._reduce_dtype(bucket.flat.dtype)
             if reduce_dtype == bucket.flat.dtype:

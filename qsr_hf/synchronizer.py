@@ -5,14 +5,19 @@ schedule) and [`SyncStats`] (what was communicated) together, and owns their sta
 """
 
 import functools
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from qsr_hf import agreement
 from qsr_hf.accounting import SyncStats
+from qsr_hf.agreement import END, EXTRA_SYNC, RESUME, ROUND_END, SAVE, START, exchange
 from qsr_hf.averaging import ParameterAverager, optimizer_state_tensors
 from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
+from qsr_hf.checkpoint import agree_to_resume, load_rank_state, save_rank_state, write_manifest
 from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import Engine
@@ -45,10 +50,12 @@ class Synchronizer:
         self.engine = engine
         self.config = config
         self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
+        self.warmup_steps = warmup_steps
         self.distributed = engine.world_size > 1
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
         self.averager: ParameterAverager | None = None
+        self.synced_at = -1  # optimizer step of the last average: the ranks' tensors are identical there
         if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
             raise NotImplementedError(
                 f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
@@ -77,7 +84,7 @@ class Synchronizer:
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
         if due:
-            self._average(scheduled=True)
+            self._average(ROUND_END)
         return due and self.distributed
 
     def sync_now(self) -> bool:
@@ -88,18 +95,83 @@ class Synchronizer:
         """
         if not self.distributed or not self.clock.in_round or self.clock.steps_into_round == 0:
             return False
-        self._average(scheduled=False)
+        self._average(EXTRA_SYNC)
         return True
 
-    def _average(self, scheduled: bool) -> None:
+    def _average(self, kind: int) -> None:
+        scheduled = kind == ROUND_END
         if self.averager is None:
             if scheduled:
                 self.stats.syncs += 1
             return
         with torch.no_grad():
-            num_bytes = self.averager.average()
+            self.averager.ensure_views()
+            finite = agreement.all_finite([b.flat for b in self.averager.buckets])
+            flags = exchange(self._common(kind), [int(not finite)])
+            divisor = self._exclude_nonfinite([r for r, (bad,) in enumerate(flags) if bad])
+            num_bytes = self.averager.average(divisor)
             self.engine.after_average()
+        self.synced_at = self.clock.step
         self.stats.record_sync(num_bytes, scheduled)
+
+    def _common(self, kind: int) -> list[int]:
+        # what every rank must agree on at a synchronization point (see `qsr_hf.agreement`)
+        clock = self.clock
+        h = self.stats.round_length if kind == ROUND_END else clock.round_length
+        tensors = self.averager.tensors if self.averager is not None else self._local_tensors()
+        total = -1 if clock.total_steps is None else clock.total_steps
+        return [
+            kind,
+            clock.step,
+            clock.round_index,
+            h,
+            total,
+            self.config.fingerprint(),
+            agreement.layout_fingerprint(tensors),
+            dist.get_world_size(),
+        ]
+
+    def _exclude_nonfinite(self, bad: list[int]) -> int | None:
+        """Apply ``qsr_on_nonfinite`` when ranks ``bad`` hold NaN/inf; return the divisor of the average."""
+        if not bad:
+            return None
+        where = f"rank(s) {bad} hold NaN/inf in the tensors to average at optimizer step {self.clock.step}"
+        group = self.engine.process_group
+        members = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+        finite = [r for r in members if r not in bad]
+        if self.config.qsr_on_nonfinite == "error" or not finite:
+            raise RuntimeError(
+                f"qsr_hf: {where}; every rank stops here so that they do not spread through the average. Lower the "
+                "learning rate or enable gradient clipping, resume from the last checkpoint, or set "
+                "qsr_on_nonfinite='skip_rank' to average the finite ranks only"
+                + ("" if finite else " (no rank of this averaging group is finite)")
+            )
+        if dist.get_rank() in bad:
+            for bucket in self.averager.buckets:
+                bucket.flat.zero_()  # contributes nothing; receives the finite ranks' average
+            logger.warning(
+                f"qsr_hf: rank {dist.get_rank()} holds NaN/inf at optimizer step {self.clock.step}: its tensors are "
+                f"replaced by the average of ranks {finite} (qsr_on_nonfinite='skip_rank')",
+                main_process_only=False,
+            )
+        else:
+            logger.warning(f"qsr_hf: {where}; averaging ranks {finite} only (qsr_on_nonfinite='skip_rank')")
+        self.stats.nonfinite_syncs += 1
+        return len(finite)
+
+    def check_start(self) -> None:
+        """At train begin and after a resume: same settings, step and world size on every rank, and identical
+        parameters when training starts or resumes at a sync (inside a round the ranks' parameters differ).
+
+        Raises:
+            `RuntimeError`: on every rank, when the ranks differ. Different starting parameters are refused rather than
+                overwritten with rank 0's: they mean a rank loaded other weights or state than the others.
+        """
+        if not self.distributed:
+            return
+        rows = exchange(self._common(START), [agreement.tensors_checksum(self._local_tensors())])
+        if not self.clock.in_round or self.synced_at == self.clock.step:
+            agreement.require_identical_start([row[0] for row in rows])
 
     def reestimate_batchnorm(self, batches: Iterable[Any], forward: ForwardFn) -> int:
         """Recompute BatchNorm statistics on ``batches`` with the current (averaged) parameters, then average them.
@@ -119,8 +191,65 @@ class Synchronizer:
         return used
 
     def close(self) -> None:
-        """Switch the backend's gradient all-reduce back on (end of training)."""
+        """Check that every rank ends at the same step, then switch the backend's gradient all-reduce back on."""
+        if self.distributed:
+            exchange(self._common(END))
         self.engine.restore_gradient_sync()
+
+    # -- per-rank checkpoint files ---------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, int]:
+        world = dist.get_world_size() if self.distributed else 1
+        return {"world_size": world, "step": self.clock.step, "config_fingerprint": self.config.fingerprint()}
+
+    def save_local_state(self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> str:
+        """Write this rank's state file into ``directory``; once every rank has, write the manifest that marks the
+        checkpoint complete. Call on every rank.
+
+        Returns:
+            `str`: the path of this rank's file.
+        """
+        path, file_digest = save_rank_state(directory, self.local_state_dict(optimizer), self._meta())
+        digests = (
+            [row[0] for row in exchange(self._common(SAVE), [file_digest])] if self.distributed else [file_digest]
+        )
+        write_manifest(directory, self._meta(), digests)
+        return path
+
+    def restore_local_state(
+        self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer, step: int | None = None
+    ) -> bool:
+        """Load every rank's state file from ``directory``, or none: the ranks first agree that each has a valid one.
+
+        Args:
+            directory (`str` or `os.PathLike`): the checkpoint folder.
+            optimizer (`torch.optim.Optimizer`): the optimizer whose state is restored.
+            step (`int`, *optional*): the checkpoint's optimizer step (the Trainer's), checked against the files.
+
+        Returns:
+            `bool`: True if restored; False when no rank has a file (a checkpoint of a run without qsr_hf): then the
+            schedule restarts at ``step`` and the optimizer state is the one already loaded, on every rank, with a
+            warning.
+
+        Raises:
+            `RuntimeError`: on every rank, when some rank's file is missing, invalid or from an interrupted save, or
+                the checkpoint was written by another number of processes.
+        """
+        loaded = load_rank_state(directory, {"config_fingerprint": self.config.fingerprint(), "step": step})
+        if loaded.reason:
+            logger.warning(
+                f"qsr_hf: rank {dist.get_rank() if self.distributed else 0}: {loaded.reason}", main_process_only=False
+            )
+        world = dist.get_world_size() if self.distributed else 1
+        rows = (
+            exchange(self._common(RESUME), [loaded.status, loaded.world_size])
+            if self.distributed
+            else [[loaded.status, loaded.world_size]]
+        )
+        if not agree_to_resume(directory, rows, world):
+            self.clock.reset_to(step or 0)
+            return False
+        self.load_local_state_dict(loaded.state, optimizer)
+        return True
 
     def _synced_tensors(self, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
         tensors = self._local_tensors()
@@ -166,9 +295,10 @@ class Synchronizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and counters (identical on every rank)."""
-        return {"clock": self.clock.state_dict(), "stats": self.stats.state_dict()}
+        return {"clock": self.clock.state_dict(), "stats": self.stats.state_dict(), "synced_at": self.synced_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.clock.load_state_dict(state["clock"])
         self.stats.load_state_dict(state["stats"])
+        self.synced_at = int(state.get("synced_at", -1))
