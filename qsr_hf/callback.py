@@ -12,9 +12,11 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from qsr_hf.checkpoint import restore_local_state, save_local_state
 from qsr_hf.config import QSRConfig, make_config
 from qsr_hf.engines import FSDP_UNSUPPORTED, detect_engine
 from qsr_hf.logging_utils import get_logger
+from qsr_hf.scheduler_checks import catch_up_scheduler, check_planned_lrs, planned_lrs
 from qsr_hf.synchronizer import Synchronizer
 
 
@@ -81,10 +83,11 @@ class QSRCallback(TrainerCallback):
         model = trainer.model_wrapped if trainer is not None else kwargs["model"]
         engine = detect_engine(model)
         warmup = args.get_warmup_steps(state.max_steps)
+        check_planned_lrs(self.config, planned_lrs(kwargs["lr_scheduler"], state.max_steps), warmup)
         self.synchronizer = Synchronizer(engine, self.config, warmup, state.max_steps, kwargs.get("optimizer"))
         if state.global_step > 0:
             directory = self._resume_directory(args, state)
-            self.synchronizer.restore_local_state(directory, kwargs["optimizer"], state.global_step)
+            restore_local_state(self.synchronizer, directory, kwargs["optimizer"], state.global_step)
         self.synchronizer.check_start()
 
     def _resume_directory(self, args: TrainingArguments, state: TrainerState) -> str:
@@ -105,7 +108,8 @@ class QSRCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Open a round if needed, its H set by the lr this step uses."""
+        """Open a round if needed, its H set by the lr this step uses (this rank's lr follows the global step)."""
+        catch_up_scheduler(kwargs.get("lr_scheduler"), state.global_step)
         self.synchronizer.begin_step(kwargs["optimizer"].param_groups[0]["lr"])
 
     def on_optimizer_step(
@@ -160,7 +164,7 @@ class QSRCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Write this rank's local optimizer state and the schedule position into the checkpoint folder."""
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self.synchronizer.save_local_state(directory, kwargs["optimizer"])
+        save_local_state(self.synchronizer, directory, kwargs["optimizer"])
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -15,14 +15,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from qsr_hf.agreement import digest
+from qsr_hf.agreement import RESUME, SAVE, digest, exchange
 from qsr_hf.logging_utils import get_logger
 
+
+if TYPE_CHECKING:
+    from qsr_hf.synchronizer import Synchronizer
 
 logger = get_logger(__name__)
 
@@ -198,4 +201,59 @@ def agree_to_resume(directory: str | os.PathLike, rows: list[list[int]], world_s
             + ", ".join(f"rank {r}'s is {STATUS[row[0]]}" for r, row in enumerate(rows))
             + " (each rank logged why). Resume from another, complete checkpoint"
         )
+    return True
+
+
+def save_local_state(synchronizer: "Synchronizer", directory: str | os.PathLike, optimizer: Any) -> str:
+    """Write this rank's state file into ``directory``; once every rank has (one collective that also checks that the
+    ranks agree), write the manifest that marks the checkpoint complete. Call on every rank.
+
+    Args:
+        synchronizer ([`Synchronizer`]): the run's synchronizer.
+        directory (`str` or `os.PathLike`): the checkpoint folder.
+        optimizer (`torch.optim.Optimizer`): the optimizer whose (local) state is saved.
+
+    Returns:
+        `str`: the path of this rank's file.
+    """
+    meta = synchronizer.meta()
+    path, file_digest = save_rank_state(directory, synchronizer.local_state_dict(optimizer), meta)
+    digests = [file_digest]
+    if synchronizer.distributed:
+        digests = [row[0] for row in exchange(synchronizer.agreement_values(SAVE), [file_digest])]
+    write_manifest(directory, meta, digests)
+    return path
+
+
+def restore_local_state(
+    synchronizer: "Synchronizer", directory: str | os.PathLike, optimizer: Any, step: int | None = None
+) -> bool:
+    """Load every rank's state file from ``directory``, or none: the ranks first agree (one collective) that each has
+    a valid one. Each rank logs why its own file is not valid.
+
+    Args:
+        synchronizer ([`Synchronizer`]): the run's synchronizer.
+        directory (`str` or `os.PathLike`): the checkpoint folder.
+        optimizer (`torch.optim.Optimizer`): the optimizer whose state is restored.
+        step (`int`, *optional*): the checkpoint's optimizer step (the Trainer's), checked against the files.
+
+    Returns:
+        `bool`: True if restored; False when no rank has a file (a checkpoint of a run without qsr_hf): then every
+        rank restarts the schedule at ``step`` with the optimizer state already loaded, with a warning.
+
+    Raises:
+        `RuntimeError`: on every rank, when some rank's file is missing, invalid or from an interrupted save, or the
+            checkpoint was written by another number of processes.
+    """
+    meta = synchronizer.meta()
+    loaded = load_rank_state(directory, {"config_fingerprint": meta["config_fingerprint"], "step": step})
+    if loaded.reason:
+        logger.warning(f"qsr_hf: rank {_rank()}: {loaded.reason}", main_process_only=False)
+    rows = [[loaded.status, loaded.world_size]]
+    if synchronizer.distributed:
+        rows = exchange(synchronizer.agreement_values(RESUME), rows[0])
+    if not agree_to_resume(directory, rows, meta["world_size"]):
+        synchronizer.clock.reset_to(step or 0)
+        return False
+    synchronizer.load_local_state_dict(loaded.state, optimizer)
     return True

@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from qsr_hf.batchnorm import ForwardFn
+from qsr_hf.checkpoint import restore_local_state, save_local_state
 from qsr_hf.config import QSRConfig, make_config
 from qsr_hf.engines import detect_engine
 from qsr_hf.logging_utils import get_logger
@@ -150,7 +151,7 @@ class LocalOptimizer(torch.optim.Optimizer):
 
         Call it on every rank next to ``accelerator.save_state(output_dir)``, which keeps rank 0's optimizer only.
         """
-        return self.synchronizer.save_local_state(output_dir, self.optimizer)
+        return save_local_state(self.synchronizer, output_dir, self.optimizer)
 
     def load_local_state(self, input_dir: str | os.PathLike) -> bool:
         """Load what :meth:`save_local_state` wrote, on every rank; then check that the ranks agree.
@@ -162,7 +163,7 @@ class LocalOptimizer(torch.optim.Optimizer):
             `RuntimeError`: on every rank, when some rank's file is missing or invalid, the save was interrupted, or
                 the checkpoint was written by another number of processes.
         """
-        restored = self.synchronizer.restore_local_state(input_dir, self.optimizer)
+        restored = restore_local_state(self.synchronizer, input_dir, self.optimizer)
         self.synchronizer.check_start()
         return restored
 

@@ -5,7 +5,6 @@ schedule) and [`SyncStats`] (what was communicated) together, and owns their sta
 """
 
 import functools
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,10 +13,9 @@ import torch.distributed as dist
 
 from qsr_hf import agreement
 from qsr_hf.accounting import SyncStats
-from qsr_hf.agreement import END, EXTRA_SYNC, RESUME, ROUND_END, SAVE, START, exchange
+from qsr_hf.agreement import END, EXTRA_SYNC, ROUND_END, START, exchange
 from qsr_hf.averaging import ParameterAverager, optimizer_state_tensors
 from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
-from qsr_hf.checkpoint import agree_to_resume, load_rank_state, save_rank_state, write_manifest
 from qsr_hf.clock import SyncClock
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import Engine
@@ -107,15 +105,15 @@ class Synchronizer:
         with torch.no_grad():
             self.averager.ensure_views()
             finite = agreement.all_finite([b.flat for b in self.averager.buckets])
-            flags = exchange(self._common(kind), [int(not finite)])
+            flags = exchange(self.agreement_values(kind), [int(not finite)])
             divisor = self._exclude_nonfinite([r for r, (bad,) in enumerate(flags) if bad])
             num_bytes = self.averager.average(divisor)
             self.engine.after_average()
         self.synced_at = self.clock.step
         self.stats.record_sync(num_bytes, scheduled)
 
-    def _common(self, kind: int) -> list[int]:
-        # what every rank must agree on at a synchronization point (see `qsr_hf.agreement`)
+    def agreement_values(self, kind: int) -> list[int]:
+        """What every rank must agree on at a synchronization point of ``kind`` (see `qsr_hf.agreement.COMMON`)."""
         clock = self.clock
         h = self.stats.round_length if kind == ROUND_END else clock.round_length
         tensors = self.averager.tensors if self.averager is not None else self._local_tensors()
@@ -169,7 +167,7 @@ class Synchronizer:
         """
         if not self.distributed:
             return
-        rows = exchange(self._common(START), [agreement.tensors_checksum(self._local_tensors())])
+        rows = exchange(self.agreement_values(START), [agreement.tensors_checksum(self._local_tensors())])
         if not self.clock.in_round or self.synced_at == self.clock.step:
             agreement.require_identical_start([row[0] for row in rows])
 
@@ -193,63 +191,13 @@ class Synchronizer:
     def close(self) -> None:
         """Check that every rank ends at the same step, then switch the backend's gradient all-reduce back on."""
         if self.distributed:
-            exchange(self._common(END))
+            exchange(self.agreement_values(END))
         self.engine.restore_gradient_sync()
 
-    # -- per-rank checkpoint files ---------------------------------------------------------------------------------
-    def _meta(self) -> dict[str, int]:
+    def meta(self) -> dict[str, int]:
+        """What a per-rank state file records about the run: world size, optimizer step, config fingerprint."""
         world = dist.get_world_size() if self.distributed else 1
         return {"world_size": world, "step": self.clock.step, "config_fingerprint": self.config.fingerprint()}
-
-    def save_local_state(self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> str:
-        """Write this rank's state file into ``directory``; once every rank has, write the manifest that marks the
-        checkpoint complete. Call on every rank.
-
-        Returns:
-            `str`: the path of this rank's file.
-        """
-        path, file_digest = save_rank_state(directory, self.local_state_dict(optimizer), self._meta())
-        digests = (
-            [row[0] for row in exchange(self._common(SAVE), [file_digest])] if self.distributed else [file_digest]
-        )
-        write_manifest(directory, self._meta(), digests)
-        return path
-
-    def restore_local_state(
-        self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer, step: int | None = None
-    ) -> bool:
-        """Load every rank's state file from ``directory``, or none: the ranks first agree that each has a valid one.
-
-        Args:
-            directory (`str` or `os.PathLike`): the checkpoint folder.
-            optimizer (`torch.optim.Optimizer`): the optimizer whose state is restored.
-            step (`int`, *optional*): the checkpoint's optimizer step (the Trainer's), checked against the files.
-
-        Returns:
-            `bool`: True if restored; False when no rank has a file (a checkpoint of a run without qsr_hf): then the
-            schedule restarts at ``step`` and the optimizer state is the one already loaded, on every rank, with a
-            warning.
-
-        Raises:
-            `RuntimeError`: on every rank, when some rank's file is missing, invalid or from an interrupted save, or
-                the checkpoint was written by another number of processes.
-        """
-        loaded = load_rank_state(directory, {"config_fingerprint": self.config.fingerprint(), "step": step})
-        if loaded.reason:
-            logger.warning(
-                f"qsr_hf: rank {dist.get_rank() if self.distributed else 0}: {loaded.reason}", main_process_only=False
-            )
-        world = dist.get_world_size() if self.distributed else 1
-        rows = (
-            exchange(self._common(RESUME), [loaded.status, loaded.world_size])
-            if self.distributed
-            else [[loaded.status, loaded.world_size]]
-        )
-        if not agree_to_resume(directory, rows, world):
-            self.clock.reset_to(step or 0)
-            return False
-        self.load_local_state_dict(loaded.state, optimizer)
-        return True
 
     def _synced_tensors(self, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
         tensors = self._local_tensors()

@@ -15,8 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from testing_utils import BNMLP, flat_params, rank_batches, run_distributed
 from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qsr_hf import LocalOptimizer, QSRConfig
+from qsr_hf.callback import QSRCallback
 from qsr_hf.checkpoint import MANIFEST, rank_state_path
 
 
@@ -192,3 +194,72 @@ def test_three_ranks_disagreement_skip_rank_and_world_size(two):
         assert r["logs"]["qsr/nonfinite_syncs"] == 1.0
     assert all(torch.equal(r["after"], results[0]["after"]) for r in results)
     _same_on_every_rank(results, "world", "written by 2 processes and this run has 3", "ranks [2]")
+
+
+class _TinyClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class _OverflowOnRank1(TrainerCallback):
+    """Makes rank 1's optimizer step ``at`` behave as a GradScaler overflow does: no step, ``step_was_skipped``."""
+
+    def __init__(self, qsr, at):
+        self.qsr, self.at, self.calls, self.skipped = qsr, at, 0, 0
+        self.lrs, self.synced = [], []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        original = optimizer.step
+
+        def step(*a, **k):
+            self.calls += 1
+            optimizer._is_overflow = dist.get_rank() == 1 and self.calls == self.at
+            if optimizer._is_overflow:
+                self.skipped += 1
+                return None
+            return original(*a, **k)
+
+        optimizer.step = step
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):  # after QSRCallback's (catch-up)
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self._syncs = self.qsr.synchronizer.stats.syncs
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.synced.append(self.qsr.synchronizer.stats.syncs > self._syncs)
+
+
+def _overflow_run(rank, world_size, out_dir):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {"x": torch.randn(96, 8, generator=g).numpy(), "labels": torch.randint(0, 4, (96,), generator=g).numpy()}
+    )
+    torch.manual_seed(0)
+    qsr = QSRCallback(QSRConfig(qsr_alpha=0.25, qsr_h_base=2))
+    spy = _OverflowOnRank1(qsr, at=2)
+    args = TrainingArguments(
+        output_dir=out_dir, use_cpu=True, max_steps=16, per_device_train_batch_size=4, learning_rate=0.1,
+        lr_scheduler_type="cosine", optim="sgd", eval_strategy="steps", eval_steps=5, report_to=[],
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=_TinyClassifier(), args=args, train_dataset=data.with_format("torch"),
+        eval_dataset=data.select(range(16)).with_format("torch"), callbacks=[qsr, spy],
+    )  # fmt: skip
+    trainer.train()
+    return {"lrs": spy.lrs, "synced": spy.synced, "skipped": spy.skipped, "final": flat_params(trainer.model)}
+
+
+def test_overflow_on_one_rank_keeps_lr_and_rounds_aligned(tmp_path):
+    r0, r1 = run_distributed(_overflow_run, world_size=2, timeout=TIMEOUT, out_dir=str(tmp_path))
+    assert (r0["skipped"], r1["skipped"]) == (0, 1), "the overflow was not injected on rank 1 only"
+    assert r1["lrs"] == r0["lrs"], "rank 1's lr lags after its skipped step"
+    assert r1["synced"] == r0["synced"] and sum(r0["synced"]) >= 2
+    assert torch.equal(r0["final"], r1["final"]), "training did not end on a common average"

@@ -113,6 +113,10 @@ def parse_recipe(path: str | os.PathLike | None, argv: Sequence[str] = ()) -> Ar
     """
     parser = make_parser()
     if path is not None:
+        if Path(path).suffix not in (".yaml", ".yml") or not Path(path).is_file():
+            raise ValueError(
+                f"recipe {path}: " + ("not found" if Path(path).suffix in (".yaml", ".yml") else "not a .yaml file")
+            )
         values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping of key: value, got {type(values).__name__}")
