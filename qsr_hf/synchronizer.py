@@ -54,6 +54,7 @@ class Synchronizer:
         self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
         self.averager: ParameterAverager | None = None
         self.synced_at = -1  # optimizer step of the last average: the ranks' tensors are identical there
+        self.started = False  # check_start() done (else the first step does it)
         if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
             raise NotImplementedError(
                 f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
@@ -73,6 +74,8 @@ class Synchronizer:
 
     def begin_step(self, lr: float) -> int:
         """Start an optimizer step that uses learning rate ``lr``; returns the current round's H."""
+        if not self.started:
+            self.check_start()
         h = self.clock.begin_step(lr)
         self.stats.round_length = h
         return h
@@ -159,15 +162,19 @@ class Synchronizer:
 
     def check_start(self) -> None:
         """At train begin and after a resume: same settings, step and world size on every rank, and identical
-        parameters when training starts or resumes at a sync (inside a round the ranks' parameters differ).
+        parameters when training starts or resumes at a sync (inside a round the ranks' parameters differ). Runs at
+        the first step if not called before (so that per-rank state can be loaded after building the wrapper).
 
         Raises:
             `RuntimeError`: on every rank, when the ranks differ. Different starting parameters are refused rather than
                 overwritten with rank 0's: they mean a rank loaded other weights or state than the others.
         """
+        self.started = True
         if not self.distributed:
             return
-        rows = exchange(self.agreement_values(START), [agreement.tensors_checksum(self._local_tensors())])
+        # parameters only: buffers (BatchNorm statistics) already differ after a first forward pass on per-rank data
+        parameters = [p for p in self.engine.module.parameters() if p.requires_grad]
+        rows = exchange(self.agreement_values(START), [agreement.tensors_checksum(parameters)])
         if not self.clock.in_round or self.synced_at == self.clock.step:
             agreement.require_identical_start([row[0] for row in rows])
 
