@@ -75,6 +75,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.synchronizer = Synchronizer(
             detect_engine(model, process_group), self.config, num_warmup_steps, num_training_steps, optimizer
         )
+        self.synchronizer.check_start(defer_parameters=True)
         if self.config.qsr_rule == "ddp":
             logger.info("qsr_hf: qsr_rule='ddp' averages parameters after every step", main_process_only=True)
         self.last_step_synced = False

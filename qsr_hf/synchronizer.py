@@ -54,7 +54,7 @@ class Synchronizer:
         self.stats = SyncStats(grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable))
         self.averager: ParameterAverager | None = None
         self.synced_at = -1  # optimizer step of the last average: the ranks' tensors are identical there
-        self.started = False  # check_start() done (else the first step does it)
+        self._start_error: RuntimeError | None = None  # deferred by check_start(defer_parameters=True)
         if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
             raise NotImplementedError(
                 f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
@@ -74,8 +74,9 @@ class Synchronizer:
 
     def begin_step(self, lr: float) -> int:
         """Start an optimizer step that uses learning rate ``lr``; returns the current round's H."""
-        if not self.started:
-            self.check_start()
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            raise error
         h = self.clock.begin_step(lr)
         self.stats.round_length = h
         return h
@@ -110,7 +111,7 @@ class Synchronizer:
             finite = agreement.all_finite([b.flat for b in self.averager.buckets])
             flags = exchange(self.agreement_values(kind), [int(not finite)])
             divisor = self._exclude_nonfinite([r for r, (bad,) in enumerate(flags) if bad])
-            num_bytes = self.averager.average(divisor)
+            num_bytes = self.averager.average() if divisor is None else self.averager.average(divisor)
             self.engine.after_average()
         self.synced_at = self.clock.step
         self.stats.record_sync(num_bytes, scheduled)
@@ -160,23 +161,30 @@ class Synchronizer:
         self.stats.nonfinite_syncs += 1
         return len(finite)
 
-    def check_start(self) -> None:
+    def check_start(self, defer_parameters: bool = False) -> None:
         """At train begin and after a resume: same settings, step and world size on every rank, and identical
-        parameters when training starts or resumes at a sync (inside a round the ranks' parameters differ). Runs at
-        the first step if not called before (so that per-rank state can be loaded after building the wrapper).
+        parameters when training starts or resumes at a sync (inside a round the ranks' parameters differ).
+
+        Args:
+            defer_parameters (`bool`, defaults to `False`): raise a parameter difference at the first step instead,
+                unless a schedule position is loaded before it (per-rank state loaded after building the wrapper).
 
         Raises:
             `RuntimeError`: on every rank, when the ranks differ. Different starting parameters are refused rather than
                 overwritten with rank 0's: they mean a rank loaded other weights or state than the others.
         """
-        self.started = True
         if not self.distributed:
             return
         # parameters only: buffers (BatchNorm statistics) already differ after a first forward pass on per-rank data
         parameters = [p for p in self.engine.module.parameters() if p.requires_grad]
         rows = exchange(self.agreement_values(START), [agreement.tensors_checksum(parameters)])
         if not self.clock.in_round or self.synced_at == self.clock.step:
-            agreement.require_identical_start([row[0] for row in rows])
+            try:
+                agreement.require_identical_start([row[0] for row in rows])
+            except RuntimeError as error:
+                if not defer_parameters:
+                    raise
+                self._start_error = error
 
     def reestimate_batchnorm(self, batches: Iterable[Any], forward: ForwardFn) -> int:
         """Recompute BatchNorm statistics on ``batches`` with the current (averaged) parameters, then average them.
@@ -257,3 +265,4 @@ class Synchronizer:
         self.clock.load_state_dict(state["clock"])
         self.stats.load_state_dict(state["stats"])
         self.synced_at = int(state.get("synced_at", -1))
+        self._start_error = None  # a resumed position: the start check happens after the state is loaded

@@ -83,10 +83,9 @@ def _break(case, directory, rank):
 
 def _two_ranks(rank, world_size, tmp):
     out = {}
-    # settings that differ between ranks: caught at the start, before the first step
-    ddp, _, local = _setup(QSRConfig(qsr_rule="constant", qsr_h_base=4 + rank), 8)
-    out["config"] = _error(_steps, ddp, local, rank_batches(rank, 1))
-    # a rank that starts from other parameters
+    # settings that differ between ranks: caught when the wrapper is built
+    out["config"] = _error(_setup, QSRConfig(qsr_rule="constant", qsr_h_base=4 + rank), 8)
+    # a rank that starts from other parameters (raised at the first step: state may be loaded before it)
     ddp, _, local = _setup(CONSTANT, 8, perturb=rank == 1)
     out["start_params"] = _error(_steps, ddp, local, rank_batches(rank, 1))
     # a rank that runs fewer steps: its end-of-training check meets the other's last sync
