@@ -4,6 +4,7 @@ Each multi-process run goes through several cases on one process group (a case t
 at the same collective, so the group stays usable) and is bounded by run_distributed's timeout: a hang fails fast.
 """
 
+import logging
 import os
 import pickle
 import shutil
@@ -45,6 +46,18 @@ def _steps(ddp, local, batches, nan_after=None):
         if nan_after == i:
             with torch.no_grad():
                 ddp.module.net[0].weight[0, 0] = float("nan")
+
+
+class _Grab(logging.Handler):
+    """Collects this process's qsr_hf log messages."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+        logging.getLogger("qsr_hf").addHandler(self)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def _error(fn, *args, **kwargs):
@@ -106,7 +119,9 @@ def _two_ranks(rank, world_size, tmp):
             shutil.copytree(base, directory)
             _break(case, directory, rank)
         dist.barrier()
+        grab = _Grab()
         out[case] = _error(local.load_local_state, directory)
+        out[f"{case}_logs"] = grab.messages
         out[f"{case}_executed"] = (directory / "executed").exists()
     _steps(ddp, local, rank_batches(rank, 1, seed=1))  # move away, then restore exactly
     out["restored"] = local.load_local_state(base)
@@ -158,6 +173,9 @@ def test_bad_state_files_stop_every_rank(two, case, needle):
     results, _ = two
     _same_on_every_rank(results, case, "cannot resume", needle)
     assert not any(r[f"{case}_executed"] for r in results), "a pickled state file ran code"
+    own = [m for m in results[1][f"{case}_logs"] if m.startswith("qsr_hf: rank 1: ")]
+    assert own, "rank 1 did not say why its file is bad"
+    assert "qsr_state_rank1.pt" in own[0]
 
 
 def test_a_complete_checkpoint_restores_exactly(two):
@@ -175,7 +193,9 @@ def _three_ranks(rank, world_size, checkpoint):
     ddp, inner, local = _setup(QSRConfig(qsr_rule="constant", qsr_h_base=3, qsr_on_nonfinite="skip_rank"), 3)
     before = []
     inner.register_step_post_hook(lambda *_: before.append(flat_params(ddp.module)))
+    grab = _Grab()
     _steps(ddp, local, rank_batches(rank, 3), nan_after=0 if rank == 1 else None)
+    out["skip_logs"] = grab.messages
     out["before"], out["after"] = before[-1], flat_params(ddp.module)
     out["logs"] = local.stats.to_logs()
     # a 2-process checkpoint resumed on 3 processes
@@ -193,6 +213,7 @@ def test_three_ranks_disagreement_skip_rank_and_world_size(two):
         torch.testing.assert_close(r["after"], expected, rtol=0, atol=1e-6)
         assert r["logs"]["qsr/nonfinite_syncs"] == 1.0
     assert all(torch.equal(r["after"], results[0]["after"]) for r in results)
+    assert any("rank 1 holds NaN/inf at optimizer step 3" in m for m in results[1]["skip_logs"])
     _same_on_every_rank(results, "world", "written by 2 processes and this run has 3", "ranks [2]")
 
 
