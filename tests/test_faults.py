@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.callback import QSRCallback
-from qsr_hf.checkpoint import MANIFEST, rank_state_path
+from qsr_hf.checkpoint import MANIFEST, rank_state_path, read_state_file
 
 
 TIMEOUT = 120
@@ -113,6 +113,7 @@ def _two_ranks(rank, world_size, tmp):
     base = Path(tmp) / "complete"
     local.save_local_state(base)
     out["saved_params"] = flat_params(ddp.module)
+    out["saved_step"] = read_state_file(rank_state_path(base))["qsr"]["clock"]["step"]
     for case in ("missing", "copied", "bit_flip", "interrupted", "pickle"):
         directory = Path(tmp) / case
         if rank == 0:
@@ -182,6 +183,7 @@ def test_a_complete_checkpoint_restores_exactly(two):
     results, _ = two
     for r in results:
         assert r["restored"] and torch.equal(r["restored_params"], r["saved_params"])
+        assert r["saved_step"] == 3
 
 
 def _three_ranks(rank, world_size, checkpoint):
