@@ -24,6 +24,8 @@ class SyncStats:
 
     Inter-node bytes are those averaged between QSR workers (``bytes_averaged``): with ``qsr_worker="node"`` that is
     the only traffic between nodes; with one worker per process on several nodes the averaging crosses nodes too.
+        nonfinite_syncs (`int`): syncs at which some rank held NaN/inf and was left out
+            (``qsr_on_nonfinite="skip_rank"``).
     """
 
     grad_bytes_per_step: int = 0
@@ -33,6 +35,7 @@ class SyncStats:
     bytes_averaged: int = 0
     round_length: int = 0
     intra_node_bytes_per_step: int = 0
+    nonfinite_syncs: int = 0
 
     def record_sync(self, num_bytes: int, scheduled: bool) -> None:
         """Count one sync that all-reduced ``num_bytes``."""
@@ -72,6 +75,7 @@ class SyncStats:
             "qsr/comm_volume_vs_ddp": self.comm_volume_vs_ddp,
             "qsr/bytes_inter_node": float(self.bytes_inter_node),
             "qsr/bytes_intra_node": float(self.bytes_intra_node),
+            "qsr/nonfinite_syncs": float(self.nonfinite_syncs),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -80,5 +84,5 @@ class SyncStats:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters saved by :meth:`state_dict` (bytes per step are recomputed, not restored)."""
-        for key in ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length"):
+        for key in ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length", "nonfinite_syncs"):
             setattr(self, key, int(state.get(key, 0)))

@@ -5,16 +5,18 @@ the same `Synchronizer` (schedule, averaging, accounting) and per-rank checkpoin
 import gc
 import itertools
 import os
+import sys
 import weakref
 from typing import Any
 
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from qsr_hf.checkpoint import load_rank_state, rank_state_path, save_rank_state
+from qsr_hf.checkpoint import restore_local_state, save_local_state
 from qsr_hf.config import QSRConfig, make_config
 from qsr_hf.engines import FSDP_UNSUPPORTED, Topology, detect_engine
 from qsr_hf.logging_utils import get_logger
+from qsr_hf.scheduler_checks import catch_up_scheduler, check_planned_lrs, planned_lrs
 from qsr_hf.synchronizer import Synchronizer
 
 
@@ -100,33 +102,35 @@ class QSRCallback(TrainerCallback):
         model = trainer.model_wrapped if trainer is not None else kwargs["model"]
         engine = detect_engine(model, topology=Topology(self.config.qsr_worker, self.config.qsr_node_size))
         warmup = args.get_warmup_steps(state.max_steps)
+        check_planned_lrs(self.config, planned_lrs(kwargs["lr_scheduler"], state.max_steps), warmup)
         self.synchronizer = Synchronizer(engine, self.config, warmup, state.max_steps, kwargs.get("optimizer"))
         if state.global_step > 0:
-            self._restore(args, state, kwargs["optimizer"])
+            directory = self._resume_directory(args, state)
+            restore_local_state(self.synchronizer, directory, kwargs["optimizer"], state.global_step)
+        self.synchronizer.check_start()
 
-    def _checkpoint_dirs(self, args: TrainingArguments, state: TrainerState) -> list[str]:
-        dirs = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+    def _resume_directory(self, args: TrainingArguments, state: TrainerState) -> str:
+        # `trainer.train(resume_from_checkpoint=PATH)` reaches callbacks nowhere (args.resume_from_checkpoint stays
+        # unset): read it from the Trainer's training loop, which takes it as an argument and is on the call stack
+        frame = sys._getframe()
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop" and frame.f_locals.get("self") is self.trainer:
+                path = frame.f_locals.get("resume_from_checkpoint")
+                if isinstance(path, str | os.PathLike):
+                    return os.fspath(path)
+            frame = frame.f_back
         if isinstance(args.resume_from_checkpoint, str):
-            dirs.insert(0, args.resume_from_checkpoint)
-        return dirs
-
-    def _restore(self, args: TrainingArguments, state: TrainerState, optimizer: Any) -> None:
-        directory = next(
-            (d for d in self._checkpoint_dirs(args, state) if rank_state_path(d).is_file()),
-            self._checkpoint_dirs(args, state)[-1],
-        )
-        saved = load_rank_state(directory)
-        if saved is None:  # load_rank_state warned; keep the schedule aligned with the global step
-            self.synchronizer.clock.reset_to(state.global_step)
-            return
-        self.synchronizer.load_local_state_dict(saved, optimizer)
+            return args.resume_from_checkpoint
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     # -- the step ----------------------------------------------------------------------------------------------
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Put back the local parameters an evaluation replaced; open a round if needed, its H set by this step's lr."""
+        """Put back the local parameters an evaluation replaced; open a round if needed, its H set by this step's lr
+        (this rank's lr follows the global step, also after a step it skipped on overflow)."""
         self.synchronizer.leave_averaged_view()
+        catch_up_scheduler(kwargs.get("lr_scheduler"), state.global_step)
         self.synchronizer.begin_step(kwargs["optimizer"].param_groups[0]["lr"])
 
     def on_optimizer_step(
@@ -187,7 +191,7 @@ class QSRCallback(TrainerCallback):
         """Put the local parameters back, then write them, the local optimizer state and the schedule position."""
         self.synchronizer.leave_averaged_view()
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        save_rank_state(directory, self.synchronizer.local_state_dict(kwargs["optimizer"]))
+        save_local_state(self.synchronizer, directory, kwargs["optimizer"])
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -1,6 +1,11 @@
 """`QSRConfig`: every QSR knob, its default, help text and check. The single place for defaults."""
 
 import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +15,7 @@ from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule,
 RULE_EXPONENTS: dict[str, int] = {"linear": 1, "qsr": 2, "cubic": 3}
 RULES: list[str] = ["qsr", "linear", "cubic", "constant", "post_local", "ddp"]
 WORKERS: list[str] = ["process", "node"]
+ON_NONFINITE: list[str] = ["error", "skip_rank"]
 
 
 @dataclass
@@ -58,6 +64,10 @@ class QSRConfig:
             (hierarchical: the processes of a node all-reduce gradients every step, nodes average every H steps).
         qsr_node_size (`int`, *optional*):
             Processes per node for ``qsr_worker="node"``; defaults to the launcher's ``LOCAL_WORLD_SIZE``.
+        qsr_on_nonfinite (`str`, defaults to `"error"`):
+            What a sync does when a rank's tensors hold NaN/inf: ``error`` (every rank raises, naming the rank and
+            the step) or ``skip_rank`` (average the finite ranks only, give the result to every rank, warn, and count
+            ``qsr/nonfinite_syncs``).
     """
 
     qsr_rule: str = field(
@@ -129,13 +139,24 @@ class QSRConfig:
         metadata={"help": "Processes per node for qsr_worker='node'; defaults to LOCAL_WORLD_SIZE."},
     )
 
+    qsr_on_nonfinite: str = field(
+        default="error",
+        metadata={
+            "help": "NaN/inf on a rank at a sync: error (stop every rank) or skip_rank.",
+            "choices": ON_NONFINITE,
+        },
+    )
+
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.qsr_worker not in WORKERS:
             raise ValueError(f"qsr_worker must be one of {WORKERS}, got {self.qsr_worker!r}")
         if self.qsr_node_size is not None and (not isinstance(self.qsr_node_size, int) or self.qsr_node_size < 1):
             raise ValueError(f"qsr_node_size must be an integer >= 1 (processes per node), got {self.qsr_node_size!r}")
         if self.qsr_rule not in RULES:
             raise ValueError(f"qsr_rule must be one of {RULES}, got {self.qsr_rule!r}")
+        if self.qsr_on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"qsr_on_nonfinite must be one of {ON_NONFINITE}, got {self.qsr_on_nonfinite!r}")
         if not isinstance(self.qsr_h_base, int) or self.qsr_h_base < 1:
             raise ValueError(f"qsr_h_base must be an integer >= 1 (optimizer steps), got {self.qsr_h_base!r}")
         if self.qsr_rule in RULE_EXPONENTS:
@@ -144,8 +165,8 @@ class QSRConfig:
                     f"qsr_rule={self.qsr_rule!r} needs qsr_alpha (α in H = max(H_base, ⌊(α/η)^γ⌋)); "
                     "a good start is just above peak_lr * sqrt(qsr_h_base), or pick one with `qsr-hf plan --target-...`"
                 )
-            if not self.qsr_alpha > 0:
-                raise ValueError(f"qsr_alpha must be > 0, got {self.qsr_alpha!r}")
+            if not (self.qsr_alpha > 0 and math.isfinite(self.qsr_alpha)):
+                raise ValueError(f"qsr_alpha must be > 0 and finite, got {self.qsr_alpha!r}")
         if not isinstance(self.qsr_bn_reestimate_batches, int) or self.qsr_bn_reestimate_batches < 0:
             raise ValueError(
                 f"qsr_bn_reestimate_batches must be an integer >= 0 (0: off), got {self.qsr_bn_reestimate_batches!r}"
@@ -187,6 +208,42 @@ class QSRConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain dict (for logs and the model card)."""
         return dataclasses.asdict(self)
+
+    def fingerprint(self) -> int:
+        """A 62-bit digest of every field, equal across processes (unlike ``hash()``, which is salted per process).
+
+        Returns:
+            `int`: the digest; ranks compare it to catch a run started with different QSR settings per rank.
+        """
+        canonical = json.dumps(self.to_dict(), sort_keys=True)
+        return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big") >> 2
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    # `float | None` -> (float, int, NoneType): an int is a valid float, a bool is neither
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    allowed = tuple(type(None) if a is None else a for a in args)
+    return allowed + ((int,) if float in allowed else ())
+
+
+def check_field_types(config: Any) -> None:
+    """Refuse a field whose value has the wrong type (e.g. ``qsr_alpha: [0.02]`` or ``qsr_h_base: true`` in YAML).
+
+    Args:
+        config: a dataclass instance whose annotations are plain types or unions of them.
+
+    Raises:
+        `ValueError`: naming the field, the expected type and the value.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, allowed = getattr(config, f.name), _allowed_types(hints[f.name])
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            names = " or ".join(
+                "None" if a is type(None) else a.__name__ for a in allowed if a is not int or float not in allowed
+            )
+            raise ValueError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
 def make_config(config: QSRConfig | None = None, **kwargs: Any) -> QSRConfig:

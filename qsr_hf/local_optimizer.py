@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from qsr_hf.batchnorm import ForwardFn
-from qsr_hf.checkpoint import load_rank_state, save_rank_state
+from qsr_hf.checkpoint import restore_local_state, save_local_state
 from qsr_hf.config import QSRConfig, make_config
 from qsr_hf.engines import Topology, detect_engine
 from qsr_hf.logging_utils import get_logger
@@ -142,6 +142,7 @@ class LocalOptimizer(torch.optim.Optimizer):
             num_training_steps,
             optimizer,
         )
+        self.synchronizer.check_start(defer_parameters=True)
         if self.config.qsr_rule == "ddp":
             logger.info("qsr_hf: qsr_rule='ddp' averages parameters after every step", main_process_only=True)
         self.last_step_synced = False
@@ -235,15 +236,21 @@ class LocalOptimizer(torch.optim.Optimizer):
 
         Call it on every rank next to ``accelerator.save_state(output_dir)``, which keeps rank 0's optimizer only.
         """
-        return save_rank_state(output_dir, self.synchronizer.local_state_dict(self.optimizer))
+        return save_local_state(self.synchronizer, output_dir, self.optimizer)
 
     def load_local_state(self, input_dir: str | os.PathLike) -> bool:
-        """Load what :meth:`save_local_state` wrote for this rank; returns False (with a warning) if absent."""
-        state = load_rank_state(input_dir)
-        if state is None:
-            return False
-        self.synchronizer.load_local_state_dict(state, self.optimizer)
-        return True
+        """Load what :meth:`save_local_state` wrote, on every rank; then check that the ranks agree.
+
+        Returns:
+            `bool`: True if restored; False (with a warning, on every rank) when no rank has a file.
+
+        Raises:
+            `RuntimeError`: on every rank, when some rank's file is missing or invalid, the save was interrupted, or
+                the checkpoint was written by another number of processes.
+        """
+        restored = restore_local_state(self.synchronizer, input_dir, self.optimizer)
+        self.synchronizer.check_start()
+        return restored
 
     def close(self) -> None:
         """Final average if the last round is unfinished, then switch gradient all-reduce back on."""

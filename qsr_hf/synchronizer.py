@@ -9,8 +9,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from qsr_hf import agreement
 from qsr_hf.accounting import SyncStats
+from qsr_hf.agreement import END, EXTRA_SYNC, ROUND_END, START, exchange
 from qsr_hf.averaging import ParameterAverager, optimizer_state_tensors
 from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
 from qsr_hf.clock import SyncClock
@@ -46,6 +49,7 @@ class Synchronizer:
         self.engine = engine
         self.config = config
         self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
+        self.warmup_steps = warmup_steps
         self.distributed = engine.world_size > 1
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         self.stats = SyncStats(
@@ -54,6 +58,8 @@ class Synchronizer:
         )
         self.averager: ParameterAverager | None = None
         self.overlap: OverlappedSync | None = None
+        self.synced_at = -1  # optimizer step of the last average: the ranks' tensors are identical there
+        self._start_error: RuntimeError | None = None  # deferred by check_start(defer_parameters=True)
         if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
             raise NotImplementedError(
                 f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
@@ -95,6 +101,9 @@ class Synchronizer:
 
     def begin_step(self, lr: float) -> int:
         """Start an optimizer step that uses learning rate ``lr``; returns the current round's H."""
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            raise error
         h = self.clock.begin_step(lr)
         self.stats.round_length = h
         return h
@@ -112,7 +121,7 @@ class Synchronizer:
             self.stats.record_sync(self.stats.grad_bytes_per_step if self.distributed else 0, scheduled=True)
             return False
         if due:
-            self._average(scheduled=True)
+            self._average(ROUND_END)
         return due and self.distributed
 
     def sync_now(self) -> bool:
@@ -124,7 +133,7 @@ class Synchronizer:
         self._finish_overlap()  # overlap: an exact average before evaluation or a checkpoint
         if not self.distributed or not self.clock.in_round or self.clock.steps_into_round == 0:
             return False
-        self._average(scheduled=False)
+        self._average(EXTRA_SYNC)
         return True
 
     def enter_averaged_view(self, batchnorm: bool = False) -> None:
@@ -154,7 +163,7 @@ class Synchronizer:
             kept += batchnorm_statistics(self.engine.module)
         self._held = [(t, t.detach().clone()) for t in kept]
         if needs_average:
-            self._average(scheduled=False)
+            self._average(EXTRA_SYNC)
 
     def leave_averaged_view(self) -> None:
         """Put back the local tensors kept aside by :meth:`enter_averaged_view` (bitwise)."""
@@ -166,24 +175,106 @@ class Synchronizer:
             self.engine.after_average()
         self._held = None
 
-    def _average(self, scheduled: bool) -> None:
+    def _average(self, kind: int) -> None:
+        scheduled = kind == ROUND_END
         if self.averager is None:
             if scheduled:
                 self.stats.syncs += 1
             return
         last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
-        if self.overlap is not None and scheduled and not last:
-            self.stats.record_sync(self.overlap.start(), scheduled)  # overlap: folded in at the next end_step
-            return
         with torch.no_grad():
-            num_bytes = self.averager.average()
+            self.averager.ensure_views()
+            finite = agreement.all_finite(self._averaged_storage())
+            flags = exchange(self.agreement_values(kind), [int(not finite)])
+            divisor = self._exclude_nonfinite([r for r, (bad,) in enumerate(flags) if bad])
+            if self.overlap is not None and scheduled and not last and divisor is None:
+                self.stats.record_sync(self.overlap.start(), scheduled)  # overlap: folded in at the next end_step
+                return
+            num_bytes = self.averager.average() if divisor is None else self.averager.average(divisor)
             self.engine.after_average()
+        self.synced_at = self.clock.step
         self.stats.record_sync(num_bytes, scheduled)
+
+    def _averaged_storage(self) -> list[torch.Tensor]:
+        # where the values to average live: the flat buffers (in place) or the tensors themselves (copy mode)
+        if self.averager.mode == "inplace":
+            return [b.flat for b in self.averager.buckets]
+        return list(self.averager.tensors)
 
     def _finish_overlap(self) -> None:
         if self.overlap is not None and self.overlap.finish():
             with torch.no_grad():
                 self.engine.after_average()
+
+    def agreement_values(self, kind: int) -> list[int]:
+        """What every rank must agree on at a synchronization point of ``kind`` (see `qsr_hf.agreement.COMMON`)."""
+        clock = self.clock
+        h = self.stats.round_length if kind == ROUND_END else clock.round_length
+        tensors = self.averager.tensors if self.averager is not None else self._local_tensors()
+        total = -1 if clock.total_steps is None else clock.total_steps
+        return [
+            kind,
+            clock.step,
+            clock.round_index,
+            h,
+            total,
+            self.config.fingerprint(),
+            agreement.layout_fingerprint(tensors),
+            dist.get_world_size(),
+        ]
+
+    def _exclude_nonfinite(self, bad: list[int]) -> int | None:
+        """Apply ``qsr_on_nonfinite`` when ranks ``bad`` hold NaN/inf; return the divisor of the average."""
+        if not bad:
+            return None
+        where = f"rank(s) {bad} hold NaN/inf in the tensors to average at optimizer step {self.clock.step}"
+        group = self.engine.process_group
+        members = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+        finite = [r for r in members if r not in bad]
+        if self.config.qsr_on_nonfinite == "error" or not finite:
+            raise RuntimeError(
+                f"qsr_hf: {where}; every rank stops here so that they do not spread through the average. Lower the "
+                "learning rate or enable gradient clipping, resume from the last checkpoint, or set "
+                "qsr_on_nonfinite='skip_rank' to average the finite ranks only"
+                + ("" if finite else " (no rank of this averaging group is finite)")
+            )
+        if dist.get_rank() in bad:
+            for t in self._averaged_storage():
+                t.zero_()  # contributes nothing; receives the finite ranks' average
+            logger.warning(
+                f"qsr_hf: rank {dist.get_rank()} holds NaN/inf at optimizer step {self.clock.step}: its tensors are "
+                f"replaced by the average of ranks {finite} (qsr_on_nonfinite='skip_rank')",
+                main_process_only=False,
+            )
+        else:
+            logger.warning(f"qsr_hf: {where}; averaging ranks {finite} only (qsr_on_nonfinite='skip_rank')")
+        self.stats.nonfinite_syncs += 1
+        return len(finite)
+
+    def check_start(self, defer_parameters: bool = False) -> None:
+        """At train begin and after a resume: same settings, step and world size on every rank, and identical
+        parameters when training starts or resumes at a sync (inside a round the ranks' parameters differ).
+
+        Args:
+            defer_parameters (`bool`, defaults to `False`): raise a parameter difference at the first step instead,
+                unless a schedule position is loaded before it (per-rank state loaded after building the wrapper).
+
+        Raises:
+            `RuntimeError`: on every rank, when the ranks differ. Different starting parameters are refused rather than
+                overwritten with rank 0's: they mean a rank loaded other weights or state than the others.
+        """
+        if not self.distributed:
+            return
+        # parameters only: buffers (BatchNorm statistics) already differ after a first forward pass on per-rank data
+        parameters = [p for p in self.engine.module.parameters() if p.requires_grad]
+        rows = exchange(self.agreement_values(START), [agreement.tensors_checksum(parameters)])
+        if not self.clock.in_round or self.synced_at == self.clock.step:
+            try:
+                agreement.require_identical_start([row[0] for row in rows])
+            except RuntimeError as error:
+                if not defer_parameters:
+                    raise
+                self._start_error = error
 
     def reestimate_batchnorm(self, batches: Iterable[Any], forward: ForwardFn) -> int:
         """Recompute BatchNorm statistics on ``batches`` with the current (averaged) parameters, then average them.
@@ -203,9 +294,16 @@ class Synchronizer:
         return used
 
     def close(self) -> None:
-        """Switch the backend's gradient all-reduce back on (end of training)."""
+        """Check that every rank ends at the same step, then switch the backend's gradient all-reduce back on."""
         self._finish_overlap()
+        if self.distributed:
+            exchange(self.agreement_values(END))
         self._set_gradient_sync(True)
+
+    def meta(self) -> dict[str, int]:
+        """What a per-rank state file records about the run: world size, optimizer step, config fingerprint."""
+        world = dist.get_world_size() if self.distributed else 1
+        return {"world_size": world, "step": self.clock.step, "config_fingerprint": self.config.fingerprint()}
 
     def _synced_tensors(self, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
         tensors = self._local_tensors()
@@ -251,10 +349,12 @@ class Synchronizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and counters (identical on every rank)."""
-        return {"clock": self.clock.state_dict(), "stats": self.stats.state_dict()}
+        return {"clock": self.clock.state_dict(), "stats": self.stats.state_dict(), "synced_at": self.synced_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.clock.load_state_dict(state["clock"])
         self.stats.load_state_dict(state["stats"])
         self._set_gradient_sync(self._data_parallel_step(self.clock.step))
+        self.synced_at = int(state.get("synced_at", -1))
+        self._start_error = None  # a resumed position: the start check happens after the state is loaded

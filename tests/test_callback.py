@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, ViTForImag
 from qsr_hf import QSRConfig
 from qsr_hf.analysis.planner import plan
 from qsr_hf.callback import QSRCallback
+from qsr_hf.checkpoint import read_state_file
 
 
 def make_dataset(n=64, seed=0):
@@ -174,7 +175,7 @@ def test_eval_and_checkpoints_see_an_averaged_copy_and_leave_training_alone(tmp_
     n_params = sum(p.numel() for p in ViTForImageClassification(tiny_vit_config()).parameters())
     torch.testing.assert_close(_saved_model(ckpt)[:n_params], mean5[:n_params], rtol=0, atol=1e-7)
     for rank, run in enumerate((r0, r1)):
-        saved = torch.load(ckpt / f"qsr_state_rank{rank}.pt", weights_only=False)
+        saved = read_state_file(ckpt / f"qsr_state_rank{rank}.pt")
         assert saved["qsr"]["clock"]["step"] == 5
         assert saved["optimizer"]["state"], f"rank {rank}'s local optimizer state is saved"
         local = torch.cat([t.reshape(-1) for t in saved["tensors"]])
@@ -195,10 +196,9 @@ def test_eval_with_extra_sync_option(tmp_path):
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full = run_distributed(_trainer_run, out_dir=str(full_dir), config=QSR, save_steps=5)
-    shutil.copytree(full_dir / "checkpoint-5", resumed_dir / "checkpoint-5")
-    resumed = run_distributed(
-        _trainer_run, out_dir=str(resumed_dir), config=QSR, save_steps=5, resume=str(resumed_dir / "checkpoint-5")
-    )
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-5"  # outside output_dir: the callback must still find it
+    shutil.copytree(full_dir / "checkpoint-5", elsewhere)
+    resumed = run_distributed(_trainer_run, out_dir=str(resumed_dir), config=QSR, save_steps=5, resume=str(elsewhere))
     for rank in (0, 1):
         assert torch.equal(full[rank]["final"], resumed[rank]["final"]), f"rank {rank} diverged after resume"
         assert full[rank]["stats"] == resumed[rank]["stats"]

@@ -12,6 +12,7 @@ from testing_utils import BNMLP, flat_params, rank_batches, require_deepspeed, r
 
 from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.analysis.planner import plan
+from qsr_hf.checkpoint import read_state_file
 
 
 pytestmark = require_deepspeed
@@ -195,7 +196,9 @@ def _check_local_steps_and_syncs(r0, r1, steps, h):
     for i in range(steps):
         calls = r0["collectives"][i]
         if expected[i]:
-            assert calls == ["all_reduce"] * r0["buckets"], f"step {i}: a sync is one all-reduce per bucket: {calls}"
+            assert calls == ["all_gather"] + ["all_reduce"] * r0["buckets"], (
+                f"step {i}: a sync is the agreement check, then one all-reduce per bucket: {calls}"
+            )
             assert torch.equal(r0["params"][i], r1["params"][i]), f"model differs across ranks after the sync {i}"
         else:
             assert calls == [], f"step {i}: collectives between syncs: {calls}"
@@ -395,16 +398,16 @@ def test_trainer_deepspeed_bf16_local_steps_and_resume(tmp_path):
     assert r0["synced"] == expected
     for i in range(steps):
         if expected[i]:
-            assert r0["collectives"][i] == ["all_reduce"] * r0["buckets"], f"step {i}: {r0['collectives'][i]}"
+            assert r0["collectives"][i] == ["all_gather"] + ["all_reduce"] * r0["buckets"], (
+                f"step {i}: {r0['collectives'][i]}"
+            )
             assert torch.equal(r0["params"][i], r1["params"][i]), f"step {i}: model differs right after a sync"
             assert torch.equal(r0["masters"][i], r1["masters"][i]), f"step {i}: masters differ right after a sync"
         else:
             assert r0["collectives"][i] == [], f"step {i}: collectives between syncs: {r0['collectives'][i]}"
             assert not torch.equal(r0["masters"][i], r1["masters"][i]), f"step {i}: masters equal between syncs"
     # every rank wrote its own optimizer state (Adam moments and fp32 masters) next to DeepSpeed's checkpoint
-    states = [
-        torch.load(full_dir / f"checkpoint-{save}" / f"qsr_state_rank{r}.pt", weights_only=False) for r in (0, 1)
-    ]
+    states = [read_state_file(full_dir / f"checkpoint-{save}" / f"qsr_state_rank{r}.pt") for r in (0, 1)]
     moments = [
         next(iter(s["engine"]["optimizer"]["optimizer_state_dict"]["state"].values()))["exp_avg"] for s in states
     ]

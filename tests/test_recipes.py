@@ -161,6 +161,23 @@ def test_invalid_values_fail_before_training(override, match):
         parse_recipe(ROOT / "recipes/demo/parallel.yaml", override)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("absent.yaml", None, "absent.yaml: not found"),
+        ("recipe.json", "{}", "recipe.json: not a .yaml file"),
+        ("alpha.yaml", "qsr_rule: qsr\nqsr_alpha: [0.02]\n", "qsr_alpha must be float or None"),
+        ("h.yaml", "qsr_rule: constant\nqsr_h_base: true\n", "qsr_h_base must be int"),
+        ("inf.yaml", "qsr_rule: qsr\nqsr_alpha: .inf\n", "qsr_alpha must be > 0 and finite"),
+    ],
+)
+def test_bad_recipe_files_name_the_problem(tmp_path, name, text, match):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=match):
+        parse_recipe(tmp_path / name, ["--output_dir", str(tmp_path)])
+
+
 def test_non_mapping_recipe_fails(tmp_path):
     recipe = tmp_path / "list.yaml"
     recipe.write_text("- a\n- b\n")

@@ -66,6 +66,13 @@ BAD_CONFIGS = [
     ({"qsr_rule": "constant", "qsr_bn_reestimate_batches": 8}, "set qsr_average_buffers=False"),
     ({"qsr_rule": "quadratic"}, "qsr_rule must be one of"),
     ({"qsr_rule": "post_local"}, "needs qsr_switch_step"),
+    ({"qsr_alpha": float("inf")}, "qsr_alpha must be > 0 and finite"),
+    ({"qsr_alpha": float("nan")}, "qsr_alpha must be > 0 and finite"),
+    ({"qsr_alpha": [0.02]}, r"qsr_alpha must be float or None, got \[0.02\] \(list\)"),
+    ({"qsr_alpha": 0.1, "qsr_h_base": True}, r"qsr_h_base must be int, got True \(bool\)"),
+    ({"qsr_alpha": 0.1, "qsr_h_base": 4.0}, "qsr_h_base must be int"),
+    ({"qsr_rule": "constant", "qsr_average_buffers": 1}, "qsr_average_buffers must be bool"),
+    ({"qsr_rule": "constant", "qsr_on_nonfinite": "ignore"}, "qsr_on_nonfinite must be one of"),
 ]
 
 
@@ -73,6 +80,48 @@ BAD_CONFIGS = [
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QSRConfig(**kwargs)
+
+
+def test_config_fingerprint_is_stable_and_sensitive():
+    import subprocess
+    import sys
+
+    code = "from qsr_hf.config import QSRConfig; print(QSRConfig(qsr_alpha=0.02).fingerprint())"
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(other_process) == QSRConfig(qsr_alpha=0.02).fingerprint()  # hash() would differ per process
+    assert QSRConfig(qsr_alpha=0.02).fingerprint() != QSRConfig(qsr_alpha=0.021).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("lrs", "rule", "match"),
+    [
+        ([0.1] * 5 + [0.0] * 5, "qsr", "reaches lr=0.0 at optimizer step 5 of 10"),  # mid-round: still refused
+        ([0.1] * 9 + [0.0], "linear", "at optimizer step 9 of 10"),
+    ],
+)
+def test_lr_schedule_reaching_zero_is_refused_before_training(lrs, rule, match):
+    from qsr_hf.scheduler_checks import check_planned_lrs
+
+    with pytest.raises(ValueError, match=match):
+        check_planned_lrs(QSRConfig(qsr_rule=rule, qsr_alpha=0.1, qsr_h_base=2), lrs, warmup_steps=0)
+    check_planned_lrs(QSRConfig(qsr_rule="constant"), lrs, warmup_steps=0)  # H does not depend on the lr
+    check_planned_lrs(QSRConfig(qsr_alpha=0.1), [0.0, 0.1, 0.1], warmup_steps=1)  # warm-up from 0 is fine
+
+
+def test_planned_lrs_replays_a_transformers_schedule():
+    import torch
+    from transformers import get_scheduler
+
+    from qsr_hf.scheduler_checks import planned_lrs
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert planned_lrs(scheduler, 6) == pytest.approx(expected)
 
 
 def test_make_config_accepts_short_names():

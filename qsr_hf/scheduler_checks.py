@@ -1,0 +1,98 @@
+"""The lr scheduler seen from the round schedule: replay it before training, keep every rank's lr on the global step.
+
+- Before training, the round schedule is replayed over the lr of every step (`planned_lrs` + the planner), so a
+  schedule whose lr reaches 0 where a round would start is refused before the first step, not at that round.
+- A GradScaler (or DeepSpeed fp16) overflow skips the optimizer step *and* the lr scheduler's step on the rank that
+  overflowed. Under DDP every rank overflows together; with local steps only one does, its lr would lag from then on,
+  and H, computed from the lr, would differ between ranks. `catch_up_scheduler` steps a lagging scheduler to the
+  global step, which is what the official code's retry of an overflowed batch achieves.
+"""
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from qsr_hf.logging_utils import get_logger
+
+
+logger = get_logger(__name__)
+
+
+def _torch_scheduler(scheduler: Any) -> torch.optim.lr_scheduler.LRScheduler | None:
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the torch one
+    if isinstance(inner, torch.optim.lr_scheduler.LRScheduler) and hasattr(inner, "last_epoch"):
+        return None if isinstance(inner, torch.optim.lr_scheduler.ReduceLROnPlateau) else inner
+    return None
+
+
+def planned_lrs(scheduler: Any, total_steps: int) -> list[float] | None:
+    """The lr of parameter group 0 at every optimizer step, replayed from a `LambdaLR` (every `transformers` schedule).
+
+    Args:
+        scheduler: the run's lr scheduler (possibly wrapped by accelerate).
+        total_steps (`int`): optimizer steps of the run.
+
+    Returns:
+        `list[float]` or `None`: the lrs; `None` when the scheduler cannot be replayed without stepping it.
+    """
+    inner = _torch_scheduler(scheduler)
+    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR) or total_steps <= 0:
+        return None
+    base, factor = inner.base_lrs[0], inner.lr_lambdas[0]
+    return [base * factor(step) for step in range(total_steps)]
+
+
+def catch_up_scheduler(scheduler: Any, global_step: int) -> int:
+    """Step a torch lr scheduler that fell behind the global optimizer step (skipped steps on overflow).
+
+    Args:
+        scheduler: the run's lr scheduler, stepped once per optimizer step (as the Trainer does).
+        global_step (`int`): optimizer steps taken by every rank.
+
+    Returns:
+        `int`: how many steps it was behind (0 for a scheduler it cannot read, e.g. ReduceLROnPlateau).
+    """
+    inner = _torch_scheduler(scheduler)
+    lag = 0 if inner is None else global_step - inner.last_epoch
+    if lag <= 0:
+        return 0
+    with warnings.catch_warnings():
+        # torch warns when a scheduler steps without an optimizer step in between: here that is the point
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+        for _ in range(lag):
+            inner.step()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    logger.warning(
+        f"qsr_hf: rank {rank}: the lr scheduler was {lag} step(s) behind optimizer step {global_step} (an optimizer "
+        "step skipped on this rank, e.g. on fp16 overflow); stepped it so that this rank's lr and round lengths stay "
+        "those of the other ranks",
+        main_process_only=False,
+    )
+    return lag
+
+
+def check_planned_lrs(config: Any, lrs: list[float] | None, warmup_steps: int) -> None:
+    """Replay the round schedule of ``config`` over ``lrs`` before training (nothing to do when ``lrs`` is `None`).
+
+    Raises:
+        `ValueError`: for a power rule (qsr/linear/cubic), an lr <= 0 after the warm-up and before the end (the rule
+            is undefined there), or any error the run would raise at a round start.
+    """
+    from qsr_hf.analysis.planner import plan
+    from qsr_hf.config import RULE_EXPONENTS
+
+    if lrs is None:
+        return
+    zero = next((step for step in range(warmup_steps, len(lrs)) if not lrs[step] > 0), None)
+    if config.qsr_rule in RULE_EXPONENTS and zero is not None:
+        raise ValueError(
+            f"qsr_hf: the lr schedule, replayed before training, reaches lr={lrs[zero]} at optimizer step {zero} of "
+            f"{len(lrs)}: qsr_rule={config.qsr_rule!r} computes H from the lr, which must stay > 0 until the end. "
+            "Use a schedule with a minimum lr (e.g. cosine_with_min_lr), end training earlier, or qsr_rule='constant'"
+        )
+    try:
+        plan(config, lrs, warmup_steps)
+    except ValueError as error:
+        raise ValueError(f"qsr_hf: the lr schedule, replayed before training, would fail: {error}") from None

@@ -1,0 +1,288 @@
+"""Faults injected on one rank (issue 10): every rank stops with the same message, or recovers as documented.
+
+Each multi-process run goes through several cases on one process group (a case that raises does so on every rank
+at the same collective, so the group stays usable) and is bounded by run_distributed's timeout: a hang fails fast.
+"""
+
+import logging
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from testing_utils import BNMLP, flat_params, rank_batches, run_distributed
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from qsr_hf import LocalOptimizer, QSRConfig
+from qsr_hf.callback import QSRCallback
+from qsr_hf.checkpoint import MANIFEST, rank_state_path, read_state_file
+
+
+TIMEOUT = 120
+CONSTANT = QSRConfig(qsr_rule="constant", qsr_h_base=4)
+
+
+def _setup(config, steps, lr=0.1, perturb=False):
+    torch.manual_seed(0)
+    model = BNMLP()
+    ddp = DDP(model)  # broadcasts rank 0's parameters
+    if perturb:
+        with torch.no_grad():
+            model.net[0].weight[0, 0] += 1.0
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+    return ddp, inner, LocalOptimizer(inner, ddp, config, num_training_steps=steps)
+
+
+def _steps(ddp, local, batches, nan_after=None):
+    for i, (x, y) in enumerate(batches):
+        F.cross_entropy(ddp(x), y).backward()
+        local.step()
+        local.zero_grad()
+        if nan_after == i:
+            with torch.no_grad():
+                ddp.module.net[0].weight[0, 0] = float("nan")
+
+
+class _Grab(logging.Handler):
+    """Collects this process's qsr_hf log messages."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+        logging.getLogger("qsr_hf").addHandler(self)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _error(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _break(case, directory, rank):
+    """Damage a copy of a complete checkpoint the way a fault would (run on rank 0, between barriers)."""
+    own = rank_state_path(directory, 1)
+    if case == "missing":
+        own.unlink()
+    elif case == "copied":
+        shutil.copy(rank_state_path(directory, 0), own)
+    elif case == "bit_flip":
+        data = bytearray(own.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        own.write_bytes(data)
+    elif case == "interrupted":  # killed after rank 1 wrote a .tmp and before the manifest was renamed into place
+        (directory / MANIFEST).unlink()
+        own.rename(own.with_name(own.name + ".tmp1"))
+    elif case == "pickle":
+        own.write_bytes(pickle.dumps(_Evil(directory / "executed")))
+
+
+def _two_ranks(rank, world_size, tmp):
+    out = {}
+    # settings that differ between ranks: caught when the wrapper is built
+    out["config"] = _error(_setup, QSRConfig(qsr_rule="constant", qsr_h_base=4 + rank), 8)
+    # a rank that starts from other parameters (raised at the first step: state may be loaded before it)
+    ddp, _, local = _setup(CONSTANT, 8, perturb=rank == 1)
+    out["start_params"] = _error(_steps, ddp, local, rank_batches(rank, 1))
+    # a rank that runs fewer steps: its end-of-training check meets the other's last sync
+    ddp, _, local = _setup(CONSTANT, 8)
+    out["fewer_steps"] = _error(lambda: (_steps(ddp, local, rank_batches(rank, 8 - rank)), local.close()))
+    # NaN on rank 1 after step 1: the sync at step 4 stops every rank
+    ddp, _, local = _setup(CONSTANT, 8)
+    out["nan"] = _error(_steps, ddp, local, rank_batches(rank, 4), nan_after=1 if rank == 1 else None)
+    # per-rank state files: save a complete checkpoint, then damage copies of it
+    ddp, _, local = _setup(QSRConfig(qsr_rule="constant", qsr_h_base=2), 8)
+    _steps(ddp, local, rank_batches(rank, 3))
+    base = Path(tmp) / "complete"
+    local.save_local_state(base)
+    out["saved_params"] = flat_params(ddp.module)
+    out["saved_step"] = read_state_file(rank_state_path(base))["qsr"]["clock"]["step"]
+    for case in ("missing", "copied", "bit_flip", "interrupted", "pickle"):
+        directory = Path(tmp) / case
+        if rank == 0:
+            shutil.copytree(base, directory)
+            _break(case, directory, rank)
+        dist.barrier()
+        grab = _Grab()
+        out[case] = _error(local.load_local_state, directory)
+        out[f"{case}_logs"] = grab.messages
+        out[f"{case}_executed"] = (directory / "executed").exists()
+    _steps(ddp, local, rank_batches(rank, 1, seed=1))  # move away, then restore exactly
+    out["restored"] = local.load_local_state(base)
+    out["restored_params"] = flat_params(ddp.module)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    return run_distributed(_two_ranks, world_size=2, timeout=TIMEOUT, tmp=str(tmp)), tmp
+
+
+def _same_on_every_rank(results, key, *needles):
+    messages = [r[key] for r in results]
+    assert messages[0] is not None, f"{key}: no error raised"
+    assert all(m == messages[0] for m in messages), f"{key}: ranks raised different messages {messages}"
+    for needle in needles:
+        assert needle in messages[0], f"{key}: {needle!r} not in {messages[0]!r}"
+
+
+def test_different_settings_stop_every_rank_at_the_start(two):
+    results, _ = two
+    _same_on_every_rank(results, "config", "at the start of training", "QSR config fingerprint")
+    _same_on_every_rank(results, "start_params", "start from different parameters", "refuses")
+
+
+def test_a_rank_with_fewer_steps_stops_every_rank(two):
+    results, _ = two
+    _same_on_every_rank(results, "fewer_steps", "optimizer step: rank 0 = 8, rank 1 = 7", "rank 1 = extra sync")
+
+
+def test_nan_on_one_rank_stops_every_rank(two):
+    results, _ = two
+    _same_on_every_rank(results, "nan", "rank(s) [1] hold NaN/inf", "at optimizer step 4", "skip_rank")
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("missing", "rank 0's is valid, rank 1's is missing"),
+        ("copied", "rank 1's is invalid"),
+        ("bit_flip", "rank 1's is invalid"),
+        ("interrupted", "interrupted save"),
+        ("pickle", "rank 1's is invalid"),
+    ],
+)
+def test_bad_state_files_stop_every_rank(two, case, needle):
+    results, _ = two
+    _same_on_every_rank(results, case, "cannot resume", needle)
+    assert not any(r[f"{case}_executed"] for r in results), "a pickled state file ran code"
+    own = [m for m in results[1][f"{case}_logs"] if m.startswith("qsr_hf: rank 1: ")]
+    assert own, "rank 1 did not say why its file is bad"
+    assert "qsr_state_rank1.pt" in own[0]
+
+
+def test_a_complete_checkpoint_restores_exactly(two):
+    results, _ = two
+    for r in results:
+        assert r["restored"] and torch.equal(r["restored_params"], r["saved_params"])
+        assert r["saved_step"] == 3
+
+
+def _three_ranks(rank, world_size, checkpoint):
+    out = {}
+    # another lr on rank 2 gives it another H: its first sync meets the others' first sync
+    ddp, _, local = _setup(QSRConfig(qsr_alpha=0.375, qsr_h_base=2), 12, lr=0.0625 if rank == 2 else 0.125)
+    out["lr"] = _error(_steps, ddp, local, rank_batches(rank, 12))
+    # skip_rank: NaN on rank 1; the sync averages ranks 0 and 2 and gives the result to all
+    ddp, inner, local = _setup(QSRConfig(qsr_rule="constant", qsr_h_base=3, qsr_on_nonfinite="skip_rank"), 3)
+    before = []
+    inner.register_step_post_hook(lambda *_: before.append(flat_params(ddp.module)))
+    grab = _Grab()
+    _steps(ddp, local, rank_batches(rank, 3), nan_after=0 if rank == 1 else None)
+    out["skip_logs"] = grab.messages
+    out["before"], out["after"] = before[-1], flat_params(ddp.module)
+    out["logs"] = local.stats.to_logs()
+    # a 2-process checkpoint resumed on 3 processes
+    out["world"] = _error(local.load_local_state, checkpoint)
+    return out
+
+
+def test_three_ranks_disagreement_skip_rank_and_world_size(two):
+    _, tmp = two
+    results = run_distributed(_three_ranks, world_size=3, timeout=TIMEOUT, checkpoint=str(tmp / "complete"))
+    _same_on_every_rank(results, "lr", "round end", "optimizer step: rank 0 = 9, rank 1 = 9, rank 2 = 12")
+    expected = (results[0]["before"] + results[2]["before"]) / 2
+    assert not torch.isfinite(results[1]["before"]).all()
+    for r in results:
+        torch.testing.assert_close(r["after"], expected, rtol=0, atol=1e-6)
+        assert r["logs"]["qsr/nonfinite_syncs"] == 1.0
+    assert all(torch.equal(r["after"], results[0]["after"]) for r in results)
+    assert any("rank 1 holds NaN/inf at optimizer step 3" in m for m in results[1]["skip_logs"])
+    _same_on_every_rank(results, "world", "written by 2 processes and this run has 3", "ranks [2]")
+
+
+class _TinyClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class _OverflowOnRank1(TrainerCallback):
+    """Makes rank 1's optimizer step ``at`` behave as a GradScaler overflow does: no step, ``step_was_skipped``."""
+
+    def __init__(self, qsr, at):
+        self.qsr, self.at, self.calls, self.skipped = qsr, at, 0, 0
+        self.lrs, self.synced = [], []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        original = optimizer.step
+
+        def step(*a, **k):
+            self.calls += 1
+            optimizer._is_overflow = dist.get_rank() == 1 and self.calls == self.at
+            if optimizer._is_overflow:
+                self.skipped += 1
+                return None
+            return original(*a, **k)
+
+        optimizer.step = step
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):  # after QSRCallback's (catch-up)
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self._syncs = self.qsr.synchronizer.stats.syncs
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.synced.append(self.qsr.synchronizer.stats.syncs > self._syncs)
+
+
+def _overflow_run(rank, world_size, out_dir):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {"x": torch.randn(96, 8, generator=g).numpy(), "labels": torch.randint(0, 4, (96,), generator=g).numpy()}
+    )
+    torch.manual_seed(0)
+    qsr = QSRCallback(QSRConfig(qsr_alpha=0.25, qsr_h_base=2))
+    spy = _OverflowOnRank1(qsr, at=2)
+    args = TrainingArguments(
+        output_dir=out_dir, use_cpu=True, max_steps=16, per_device_train_batch_size=4, learning_rate=0.1,
+        lr_scheduler_type="cosine", optim="sgd", eval_strategy="steps", eval_steps=5, report_to=[],
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=_TinyClassifier(), args=args, train_dataset=data.with_format("torch"),
+        eval_dataset=data.select(range(16)).with_format("torch"), callbacks=[qsr, spy],
+    )  # fmt: skip
+    trainer.train()
+    return {"lrs": spy.lrs, "synced": spy.synced, "skipped": spy.skipped, "final": flat_params(trainer.model)}
+
+
+def test_overflow_on_one_rank_keeps_lr_and_rounds_aligned(tmp_path):
+    r0, r1 = run_distributed(_overflow_run, world_size=2, timeout=TIMEOUT, out_dir=str(tmp_path))
+    assert (r0["skipped"], r1["skipped"]) == (0, 1), "the overflow was not injected on rank 1 only"
+    assert r1["lrs"] == r0["lrs"], "rank 1's lr lags after its skipped step"
+    assert r1["synced"] == r0["synced"] and sum(r0["synced"]) >= 2
+    assert torch.equal(r0["final"], r1["final"]), "training did not end on a common average"
