@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from qsr_hf.agreement import RESUME, SAVE, digest, exchange
-from qsr_hf.logging_utils import get_logger
+from qsr_hf.logging_utils import get_logger, process_rank
 
 
 if TYPE_CHECKING:
@@ -36,17 +35,13 @@ OK, MISSING, INVALID, INCOMPLETE = range(4)
 STATUS = ["valid", "missing", "invalid", "from an interrupted save (no qsr_manifest.json)"]
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def rank_state_path(directory: str | os.PathLike, rank: int | None = None) -> Path:
     """Path of a rank's state file in ``directory`` (this process's rank by default)."""
-    return Path(directory) / f"qsr_state_rank{_rank() if rank is None else rank}.pt"
+    return Path(directory) / f"qsr_state_rank{process_rank() if rank is None else rank}.pt"
 
 
 def _replace_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{_rank()}")
+    tmp = path.with_name(f"{path.name}.tmp{process_rank()}")
     write(tmp)
     os.replace(tmp, path)
 
@@ -67,7 +62,7 @@ def save_rank_state(directory: str | os.PathLike, state: dict[str, Any], meta: d
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    envelope = {"format": FORMAT, "rank": _rank(), **meta, "digest": digest(payload), "payload": payload}
+    envelope = {"format": FORMAT, "rank": process_rank(), **meta, "digest": digest(payload), "payload": payload}
     _replace_atomically(path, lambda tmp: torch.save(envelope, tmp))
     return str(path), envelope["digest"]
 
@@ -144,8 +139,8 @@ def load_rank_state(directory: str | os.PathLike, expected: dict[str, int | None
     problems = []
     if digest(envelope["payload"]) != envelope["digest"]:
         problems.append("its checksum does not match its content (the file is corrupted)")
-    if envelope["rank"] != _rank():
-        problems.append(f"it holds rank {envelope['rank']}'s state, not rank {_rank()}'s (copied or renamed?)")
+    if envelope["rank"] != process_rank():
+        problems.append(f"it holds rank {envelope['rank']}'s state, not rank {process_rank()}'s (copied or renamed?)")
     if expected.get("step") is not None and envelope["step"] != expected["step"]:
         problems.append(f"it was saved at optimizer step {envelope['step']}, the checkpoint is at {expected['step']}")
     if envelope["config_fingerprint"] != expected["config_fingerprint"]:
@@ -248,7 +243,7 @@ def restore_local_state(
     meta = synchronizer.meta()
     loaded = load_rank_state(directory, {"config_fingerprint": meta["config_fingerprint"], "step": step})
     if loaded.reason:
-        logger.warning(f"qsr_hf: rank {_rank()}: {loaded.reason}", main_process_only=False)
+        logger.warning(f"qsr_hf: rank {process_rank()}: {loaded.reason}", main_process_only=False)
     rows = [[loaded.status, loaded.world_size]]
     if synchronizer.distributed:
         rows = exchange(synchronizer.agreement_values(RESUME), rows[0])

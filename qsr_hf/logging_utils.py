@@ -11,9 +11,14 @@ from typing import Any
 import torch.distributed as dist
 
 
+def process_rank() -> int:
+    """This process's rank in the default group; 0 without an initialised process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class _RankAdapter(logging.LoggerAdapter):
     def log(self, level: int, msg: object, *args: Any, main_process_only: bool = True, **kwargs: Any) -> None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = process_rank()
         if self.isEnabledFor(level) and (rank == 0 or not main_process_only):
             msg, kwargs = self.process(msg, kwargs)
             self.logger.log(level, msg, *args, **kwargs)

@@ -12,9 +12,8 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from qsr_hf.logging_utils import get_logger
+from qsr_hf.logging_utils import get_logger, process_rank
 
 
 logger = get_logger(__name__)
@@ -63,9 +62,8 @@ def catch_up_scheduler(scheduler: Any, global_step: int) -> int:
         warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
         for _ in range(lag):
             inner.step()
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     logger.warning(
-        f"qsr_hf: rank {rank}: the lr scheduler was {lag} step(s) behind optimizer step {global_step} (an optimizer "
+        f"qsr_hf: rank {process_rank()}: the lr scheduler was {lag} step(s) behind optimizer step {global_step} (an optimizer "
         "step skipped on this rank, e.g. on fp16 overflow); stepped it so that this rank's lr and round lengths stay "
         "those of the other ranks",
         main_process_only=False,
