@@ -9,6 +9,7 @@ import dataclasses
 import json
 import sys
 import traceback
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _PLAN_CONFIG_FIELDS:
             flag = "--" + f.name.removeprefix("qsr_").replace("_", "-")
             p.add_argument(
-                flag, dest=f.name, type=types[f.name], choices=f.metadata.get("choices"),
+                flag, dest=f.name, type=types[f.name], choices=typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else None,
                 help=f"{f.metadata['help']} Default: the recipe's, else {f.default}.",
             )  # fmt: skip
 

@@ -7,15 +7,16 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
 
 
 RULE_EXPONENTS: dict[str, int] = {"linear": 1, "qsr": 2, "cubic": 3}
-RULES: list[str] = ["qsr", "linear", "cubic", "constant", "post_local", "ddp"]
-WORKERS: list[str] = ["process", "node"]
-ON_NONFINITE: list[str] = ["error", "skip_rank"]
+Rule = Literal["qsr", "linear", "cubic", "constant", "post_local", "ddp"]
+Worker = Literal["process", "node"]
+OnNonfinite = Literal["error", "skip_rank"]
+RULES: list[str] = list(typing.get_args(Rule))
 
 
 @dataclass
@@ -70,10 +71,7 @@ class QSRConfig:
             ``qsr/nonfinite_syncs``).
     """
 
-    qsr_rule: str = field(
-        default="qsr",
-        metadata={"help": "Sync rule.", "choices": RULES},
-    )
+    qsr_rule: Rule = field(default="qsr", metadata={"help": "Sync rule."})
     qsr_alpha: float | None = field(
         default=None,
         metadata={"help": "α in H = max(H_base, ⌊(α/η)^γ⌋), in learning-rate units (qsr/linear/cubic)."},
@@ -127,36 +125,23 @@ class QSRConfig:
         },
     )
 
-    qsr_worker: str = field(
+    qsr_worker: Worker = field(
         default="process",
-        metadata={
-            "help": "QSR worker: 'process' (paper) or 'node' (gradients all-reduced inside a node).",
-            "choices": WORKERS,
-        },
+        metadata={"help": "QSR worker: 'process' (paper) or 'node' (gradients all-reduced inside a node)."},
     )
     qsr_node_size: int | None = field(
         default=None,
         metadata={"help": "Processes per node for qsr_worker='node'; defaults to LOCAL_WORLD_SIZE."},
     )
 
-    qsr_on_nonfinite: str = field(
-        default="error",
-        metadata={
-            "help": "NaN/inf on a rank at a sync: error (stop every rank) or skip_rank.",
-            "choices": ON_NONFINITE,
-        },
+    qsr_on_nonfinite: OnNonfinite = field(
+        default="error", metadata={"help": "NaN/inf on a rank at a sync: error (stop every rank) or skip_rank."}
     )
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.qsr_worker not in WORKERS:
-            raise ValueError(f"qsr_worker must be one of {WORKERS}, got {self.qsr_worker!r}")
         if self.qsr_node_size is not None and (not isinstance(self.qsr_node_size, int) or self.qsr_node_size < 1):
             raise ValueError(f"qsr_node_size must be an integer >= 1 (processes per node), got {self.qsr_node_size!r}")
-        if self.qsr_rule not in RULES:
-            raise ValueError(f"qsr_rule must be one of {RULES}, got {self.qsr_rule!r}")
-        if self.qsr_on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"qsr_on_nonfinite must be one of {ON_NONFINITE}, got {self.qsr_on_nonfinite!r}")
         if not isinstance(self.qsr_h_base, int) or self.qsr_h_base < 1:
             raise ValueError(f"qsr_h_base must be an integer >= 1 (optimizer steps), got {self.qsr_h_base!r}")
         if self.qsr_rule in RULE_EXPONENTS:
@@ -220,7 +205,9 @@ class QSRConfig:
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:
-    # `float | None` -> (float, int, NoneType): an int is a valid float, a bool is neither
+    # `float | None` -> (float, int, NoneType): an int is a valid float, a bool is neither; Literal[...] -> its types
+    if typing.get_origin(annotation) is Literal:
+        return tuple({type(a) for a in typing.get_args(annotation)})
     args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     allowed = tuple(type(None) if a is None else a for a in args)
     return allowed + ((int,) if float in allowed else ())
@@ -244,6 +231,9 @@ def check_field_types(config: Any) -> None:
                 "None" if a is type(None) else a.__name__ for a in allowed if a is not int or float not in allowed
             )
             raise ValueError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        if choices and value not in choices:
+            raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
 
 
 def make_config(config: QSRConfig | None = None, **kwargs: Any) -> QSRConfig:

@@ -217,7 +217,7 @@ def test_recipes_readme_commands_name_existing_files():
 def test_recipe_path_without_yaml_says_what_to_do():
     with pytest.raises(ValueError, match=r"did you mean recipes/demo/qsr\.yaml"):
         recipe_path(["recipes/demo/qsr", "--max_steps", "2"])
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ValueError, match="nope.yaml: not found"):
         recipe_path(["recipes/demo/nope.yaml"])
     argv = ["recipes/demo/qsr.yaml", "--max_steps", "2"]
     assert recipe_path(argv) == "recipes/demo/qsr.yaml" and argv == ["--max_steps", "2"]

@@ -121,6 +121,7 @@ def parse_recipe(path: str | os.PathLike | None, argv: Sequence[str] = ()) -> Ar
     """
     parser = make_parser()
     if path is not None:
+        check_recipe_path(path)
         values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping of key: value, got {type(values).__name__}")
@@ -140,12 +141,20 @@ def recipe_path(argv: list[str]) -> str | None:
     if not argv or argv[0].startswith("-"):
         return None
     path = argv.pop(0)
-    if not path.endswith((".yaml", ".yml")):
-        hint = f" (did you mean {path}.yaml?)" if Path(f"{path}.yaml").is_file() else ""
-        raise ValueError(f"the first argument must be a recipe .yaml file, got {path!r}{hint}")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"recipe {path} not found (run from the repository root, or give its full path)")
+    check_recipe_path(path)
     return path
+
+
+def check_recipe_path(path: str | os.PathLike) -> None:
+    """Refuse a recipe path that is not a ``.yaml`` file or does not exist, saying what to change."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        hint = f" (did you mean {path}.yaml?)" if path.with_name(f"{path.name}.yaml").is_file() else ""
+        raise ValueError(f"recipe {path.name}: not a .yaml file, got {str(path)!r}{hint}")
+    if not path.is_file():
+        raise ValueError(
+            f"recipe {path.name}: not found at {path} (run from the repository root, or give its full path)"
+        )
 
 
 def check_output_dir(args: "RecipeTrainingArguments") -> None:
