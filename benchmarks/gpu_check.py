@@ -243,7 +243,9 @@ def main(argv=None):
         "nccl_avg": (lambda: run_distributed(_nccl_avg, 2, 300, **kwargs)[0])
         if gpus >= 2
         else (lambda: {"skipped": f"NCCL needs one GPU per rank: {gpus} GPU(s) here"}),
-        "input_pipeline": _input_pipeline,
+        "input_pipeline": (lambda: {"skipped": "tiny mode: run benchmarks/input_pipeline.py on its own"})
+        if args.tiny
+        else _input_pipeline,
     }
     results.update({name: _section(name, fn) for name, fn in sections.items()})
     path = write_result(

@@ -47,7 +47,8 @@ def layout_fingerprint(tensors: Sequence[torch.Tensor]) -> int:
 
 def tensors_checksum(tensors: Sequence[torch.Tensor]) -> int:
     """Digest of the bytes of ``tensors`` (exact: any differing bit changes it). Reads every byte once (CPU copy)."""
-    return digest(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
+    local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)  # a DTensor: this rank's shard
+    return digest(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in local)
 
 
 @torch.no_grad()
@@ -115,8 +116,11 @@ def _show(index: int, value: int) -> str:
     return KINDS[value] if index == 0 and 0 <= value < len(KINDS) else str(value)
 
 
-def require_identical_start(checksums: Sequence[int]) -> None:
+def require_identical_start(checksums: Sequence[int], groups: Sequence[int] | None = None) -> None:
     """Refuse to train when the ranks' starting parameters differ (``checksums`` from [`tensors_checksum`], by rank).
+
+    ``groups`` (by rank: the first rank of that rank's averaging group) limits the comparison to ranks that average
+    the same tensors (FSDP2: the replicas of one shard); `None` compares all ranks.
 
     qsr_hf refuses rather than broadcasting rank 0's parameters: a difference means a rank loaded other weights or
     another checkpoint, which a broadcast would hide.
@@ -124,7 +128,8 @@ def require_identical_start(checksums: Sequence[int]) -> None:
     Raises:
         `RuntimeError`: the same on every rank.
     """
-    if len(set(checksums)) > 1:
+    groups = list(groups) if groups is not None else [0] * len(checksums)
+    if any(len({c for c, g in zip(checksums, groups, strict=True) if g == leader}) > 1 for leader in set(groups)):
         raise RuntimeError(
             "qsr_hf: the ranks start from different parameters (checksums "
             + ", ".join(f"rank {r} = {c}" for r, c in enumerate(checksums))

@@ -67,6 +67,7 @@ class Synchronizer:
                 + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
             )
         self._held: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # local tensors kept aside (eval copy)
+        self._synced_before_view = -1
         self._gradient_sync = True  # the backend's own per-step gradient all-reduce
         if self.distributed:
             # overlap (qsr_overlap_sync, see qsr_hf.overlap): copy-mode averager, the average folded in one step late
@@ -162,6 +163,7 @@ class Synchronizer:
         if batchnorm:
             kept += batchnorm_statistics(self.engine.module)
         self._held = [(t, t.detach().clone()) for t in kept]
+        self._synced_before_view = self.synced_at  # the local tensors come back: they are not averaged ones
         if needs_average:
             self._average(EXTRA_SYNC)
 
@@ -174,6 +176,7 @@ class Synchronizer:
                 target.copy_(local)
             self.engine.after_average()
         self._held = None
+        self.synced_at = self._synced_before_view
 
     def _average(self, kind: int) -> None:
         scheduled = kind == ROUND_END
@@ -267,10 +270,12 @@ class Synchronizer:
             return
         # parameters only: buffers (BatchNorm statistics) already differ after a first forward pass on per-rank data
         parameters = [p for p in self.engine.module.parameters() if p.requires_grad]
-        rows = exchange(self.agreement_values(START), [agreement.tensors_checksum(parameters)])
+        group = self.engine.process_group
+        leader = min(dist.get_process_group_ranks(group)) if group is not None else 0
+        rows = exchange(self.agreement_values(START), [agreement.tensors_checksum(parameters), leader])
         if not self.clock.in_round or self.synced_at == self.clock.step:
             try:
-                agreement.require_identical_start([row[0] for row in rows])
+                agreement.require_identical_start([row[0] for row in rows], [row[1] for row in rows])
             except RuntimeError as error:
                 if not defer_parameters:
                     raise

@@ -140,8 +140,9 @@ class LocalTrainingSimulation:
             optimizer.step()
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
-        if due and data_parallel:  # one gradient all-reduce; the replicas agree already
+        if due and data_parallel:  # one gradient all-reduce; the replicas agree already: no average (as Synchronizer)
             self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)
+            due = False
         elif due:
             self.average()
             self.stats.record_sync(self.bytes_per_sync, scheduled=True)
