@@ -5,7 +5,7 @@
 - the library (``qsr_hf/*.py``, ``qsr_hf/engines/``) never imports the recipe app (``qsr_hf/training/``); only
   ``cli.py``, the command line, starts it;
 - ``qsr_hf/analysis/`` imports neither the recipe app nor the front ends;
-- only ``qsr_hf/averaging.py`` calls collectives on tensors (the agreement check lives there too);
+- only ``qsr_hf/averaging.py`` (and ``node_slices.py``, the node all-gather) call collectives on tensors;
 - ``qsr-hf --help`` and ``import qsr_hf.analysis.planner`` load neither torch nor transformers.
 """
 
@@ -61,7 +61,7 @@ def test_analysis_does_not_import_the_front_ends():
 def test_only_averaging_runs_collectives():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "averaging.py":
+        if path.name in ("averaging.py", "node_slices.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
