@@ -9,13 +9,15 @@ from torch.nn.parallel import DistributedDataParallel
 from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.analysis.planner import plan
 from qsr_hf.engines.hierarchical import HierarchicalEngine, resolve_node_size
+from qsr_hf.node_slices import NodeSlices
 
 
 LRS = [0.2, 0.2] + [0.1] * 7  # H = max(2, (0.2 / lr)^2): rounds of 2, 4, then 3 (clipped): syncs after 2, 6, 9
 CONFIG = {"qsr_alpha": 0.2, "qsr_h_base": 2, "qsr_worker": "node", "qsr_node_size": 2}
 
 
-def _build():
+def _build(split=True):
+    HierarchicalEngine.split_sync = split  # this spawned process only
     torch.manual_seed(0)
     ddp = DistributedDataParallel(BNMLP())
     sgd = torch.optim.SGD(ddp.parameters(), lr=LRS[0], momentum=0.9)
@@ -46,6 +48,17 @@ def _bad_layout():
     return None
 
 
+def _odd(engine):
+    """Slices of an odd-sized fp32 tensor (padded to 2 x 4) and a 2-element fp64 one, changed and gathered back."""
+    tensors = [torch.arange(7.0), torch.ones(2, dtype=torch.float64)]
+    slices = NodeSlices(engine.node_group)
+    pieces = slices.pieces(tensors)
+    for piece in pieces:
+        piece.mul_(2)
+    slices.gather()
+    return [p.numel() for p in pieces], tensors
+
+
 def _hierarchical(rank, world_size, tmp):
     bad_layout = _bad_layout()
     batches = rank_batches(rank, len(LRS))
@@ -70,12 +83,22 @@ def _hierarchical(rank, world_size, tmp):
     )
     optimizer.close()
     resumed.close()
-    return type(engine).__name__, engine.world_size, per_step, logs, exact, bad_layout
+    # the same run with every process averaging the whole model across nodes (no split): the reference
+    ddp3, _, whole = _build(split=False)
+    reference = []
+    for step, batch in enumerate(batches):
+        _step(ddp3, whole, step, batch)
+        reference.append(_vectors(ddp3.module))
+    same = [torch.equal(a[0], r[1]) and torch.equal(a[1], r[2]) for a, r in zip(reference, per_step, strict=True)]
+    split = (engine.intra_node_bytes_per_sync, whole.synchronizer.engine.intra_node_bytes_per_sync, _odd(engine))
+    whole.close()
+    whole_logs = whole.stats.to_logs()
+    return type(engine).__name__, engine.world_size, per_step, logs, exact, bad_layout, same, whole_logs, split
 
 
 def test_hierarchical_two_nodes_of_two(tmp_path):
     results = run_distributed(_hierarchical, world_size=4, tmp=str(tmp_path))
-    name, workers, steps0, logs, _, _ = results[0]
+    name, workers, steps0, logs, *_ = results[0]
     assert name == HierarchicalEngine.__name__ and workers == 2  # one QSR worker per node
     expected = plan(QSRConfig(**CONFIG), LRS).sync_steps
     assert [i + 1 for i, s in enumerate(steps0) if s[0]] == expected == [2, 6, 9]
@@ -98,11 +121,20 @@ def test_hierarchical_two_nodes_of_two(tmp_path):
             allowed = {node, inter[rank % 2], (0, 1, 2, 3)} if synced else {node}
             assert node in groups and groups <= allowed, (step, rank, groups)
             assert (inter[rank % 2] in groups) == synced, (step, rank)
-    # accounting: gradients inside the node every step, parameters and buffers between nodes at each sync
+    # accounting: gradients inside the node every step; between nodes at each sync, half the parameters per
+    # process (the split: the node sends one model's worth, the floor) and its buffers
     grad_bytes = sum(p.numel() * 4 for p in BNMLP().parameters())
     buffer_bytes = 2 * 16 * 4
     assert logs["qsr/bytes_intra_node"] == len(LRS) * grad_bytes
-    assert logs["qsr/bytes_inter_node"] == 3 * (grad_bytes + buffer_bytes)
+    assert logs["qsr/bytes_inter_node"] == 3 * (grad_bytes // 2 + buffer_bytes)
+    whole_logs = results[0][7]
+    assert whole_logs["qsr/bytes_inter_node"] == 3 * (grad_bytes + buffer_bytes)  # without the split: k times more
+    assert results[0][8][:2] == (grad_bytes // 2, 0)  # the split's all-gather inside the node: the other half
+    for result in results:  # an odd size is zero-padded to k slices; every dtype is its own flat buffer
+        sizes, (fp32, fp64) = result[8][2]
+        assert sizes == [4, 1] and torch.equal(fp32, 2 * torch.arange(7.0)) and torch.equal(fp64, 2 * torch.ones(2))
+    # the split is bitwise the whole-model average (2 nodes: a sum of two values does not depend on the order)
+    assert all(all(r[6]) for r in results), [r[6] for r in results]
     assert all(r[4] for r in results)  # resume from a mid-round checkpoint is bitwise exact on every rank
     for result in results:  # a node size that does not divide the world: a clear error on every rank
         assert result[5] is not None and "qsr_node_size" in result[5] and "divide the world size 4" in result[5]

@@ -8,6 +8,12 @@ inter-node group: the ranks holding the same local rank on every node (parameter
 Floating-point buffers (BatchNorm statistics) are averaged across nodes and then inside the node, so every rank ends
 a sync with the mean over all ranks.
 
+The inter-node floor (``split_sync=True``, the default): parameters agree inside a node, so local rank j averages
+only slice j (1/k) of the flat parameters across nodes and the node all-gathers the averaged slices
+([`NodeSlices`]): one model's worth per node crosses the inter-node link per sync instead of k. With two nodes the
+result is bitwise that of averaging the whole model on every process (a sum of two values does not depend on the
+order); with more nodes the all-reduce of a slice may add in another order (rounding-level differences).
+
 Nodes are ``rank // node_size`` (the contiguous layout torchrun and ``accelerate launch`` use). ``node_size`` comes
 from ``qsr_node_size`` or the launcher's ``LOCAL_WORLD_SIZE``.
 """
@@ -24,6 +30,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from qsr_hf.averaging import ParameterAverager, averaged_tensors
 from qsr_hf.engines.base import Engine
 from qsr_hf.logging_utils import get_logger
+from qsr_hf.node_slices import NodeSlices
 
 
 logger = get_logger(__name__)
@@ -173,13 +180,20 @@ class HierarchicalEngine(NodeWorkerEngine):
     Args:
         ddp (`DistributedDataParallel`): the model, wrapped over the default (world) group.
         node_size (`int`, *optional*): processes per node (``qsr_node_size``); defaults to ``LOCAL_WORLD_SIZE``.
+        split_sync (`bool`, *optional*): each process averages 1/k of the parameters across nodes, then the node
+            all-gathers them (the inter-node floor); `False`: every process averages the whole model across nodes.
+            Defaults to the class attribute ``HierarchicalEngine.split_sync`` (`True`).
 
     Raises:
         `ValueError`: the node size is unknown or does not divide the world size, or DDP is not over the world.
         `RuntimeError`: DDP already has a communication hook (DDP takes one only).
     """
 
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel, node_size: int | None = None) -> None:
+    split_sync: bool = True
+
+    def __init__(
+        self, ddp: nn.parallel.DistributedDataParallel, node_size: int | None = None, split_sync: bool | None = None
+    ) -> None:
         super().__init__(ddp.module)
         if dist.get_world_size(ddp.process_group) != dist.get_world_size():
             raise ValueError("qsr_worker='node' needs the model wrapped in DDP over all ranks (the default group)")
@@ -201,6 +215,23 @@ class HierarchicalEngine(NodeWorkerEngine):
                 main_process_only=True,
             )
         self._broadcast_buffers = ddp.broadcast_buffers
+        split = type(self).split_sync if split_sync is None else split_sync
+        self._slices = NodeSlices(self.node_group) if split and self.node_size > 1 else None
+
+    def parameter_tensors(self) -> list[torch.Tensor]:
+        """The parameters, or with ``split_sync`` this rank's slice of them (copied in at each call)."""
+        params = super().parameter_tensors()
+        return params if self._slices is None else self._slices.pieces(params)
+
+    def after_parameters_averaged(self) -> None:
+        """With ``split_sync``: all-gather the averaged slices inside the node into the parameters."""
+        if self._slices is not None:
+            self._slices.gather()
+
+    @property
+    def intra_node_bytes_per_sync(self) -> int:
+        """Bytes each rank receives inside its node per sync (the all-gather of the slices; 0 without split)."""
+        return 0 if self._slices is None else self._slices.gather_bytes
 
     @property
     def node_allreduces(self) -> int:
