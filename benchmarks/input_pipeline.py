@@ -17,9 +17,9 @@ passes over the images (the machine may be shared: the best pass is the least di
 - ``batched RandAugment + normalize``: [`DeviceAugmentation`] on batches of 256 on ``--device`` (img/s per core on
   the CPU, per GPU on CUDA), after checking that its output equals the per-image path's on every image.
 
-    python benchmarks/input_pipeline.py [--images 300] [--repeats 5] [--workers 2] [--device auto]
+    python benchmarks/input_pipeline.py [--images 300] [--repeats 5] [--workers 2] [--device auto] [--results PATH]
 
-Writes benchmarks/results/input_pipeline.json.
+Writes benchmarks/results/input_pipeline.json (or ``--results``).
 """
 
 import argparse
@@ -27,6 +27,7 @@ import io
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="passes per stage; the best one counts")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader measurement")
     parser.add_argument("--device", default="auto", help="device of the batched augmentation (auto: cuda if any)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON")
     cli = parser.parse_args()
     device = torch.device(
         "cuda" if cli.device == "auto" and torch.cuda.is_available() else cli.device.replace("auto", "cpu")
@@ -187,10 +189,10 @@ def main() -> None:
         "machine": machine_info(),
         "load_average_1min_at_start": round(load_start[0], 2),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "command": "python benchmarks/input_pipeline.py",
+        "command": " ".join(["python benchmarks/input_pipeline.py", *sys.argv[1:]]),
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    cli.results.parent.mkdir(parents=True, exist_ok=True)
+    cli.results.write_text(json.dumps(result, indent=2) + "\n")
     for name, value in stages.items():
         print(f"{name:<70} {value:8.0f} img/s per core")
     info = result["batched_randaugment_normalize"]

@@ -1,5 +1,7 @@
 """Image transforms on uint8, as the official code's ffcv pipeline: decode + crop/resize, flip, RandAugment, then
-float conversion and normalization on whole batches in the collator.
+float conversion and normalization on whole batches in the collator ([`ImageCollator`]); or, with
+``randaugment_on_device``, the loader only draws the RandAugment ops and the trainer applies them and normalizes on
+the device ([`~qsr_hf.training.batched_randaugment.DeviceAugmentation`]).
 
 Training: RandomResizedCrop (torchvision's sampling: area fraction ``U(crop_scale_min, 1)``, log-uniform aspect ratio
 in [3/4, 4/3], 10 tries, then a center crop) + horizontal flip + RandAugment ([`rand_augment`], composer's). Evaluation:
