@@ -69,8 +69,8 @@ class ImageClassificationTrainer(Trainer):
         device augmentation, when there is one)."""
         labels, pixel_values = inputs.pop("labels"), inputs.pop("pixel_values")
         ops = inputs.pop("randaugment", None)
-        if self.device_augmentation is not None:
-            pixel_values = self.device_augmentation(pixel_values, ops)
+        if self.device_augmentation is not None:  # then the Trainer's input cast (DeepSpeed: to the engine's dtype)
+            pixel_values = self._prepare_input(self.device_augmentation(pixel_values, ops))
         if model.training and self.mixup_alpha > 0:
             num_labels = self.accelerator.unwrap_model(model).config.num_labels
             pixel_values, labels = data.mixup_batch(pixel_values, labels, self.mixup_alpha, num_labels)
