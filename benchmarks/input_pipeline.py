@@ -17,7 +17,7 @@ passes over the images (the machine may be shared: the best pass is the least di
 - ``batched RandAugment + normalize``: [`DeviceAugmentation`] on batches of 256 on ``--device`` (img/s per core on
   the CPU, per GPU on CUDA), after checking that its output equals the per-image path's on every image.
 
-    python benchmarks/input_pipeline.py [--images 300] [--repeats 5] [--workers 2] [--device auto] [--results PATH]
+    python benchmarks/input_pipeline.py [--images 300] [--repeats 3] [--workers 2] [--device auto] [--results PATH]
 
 Writes benchmarks/results/input_pipeline.json (or ``--results``).
 """
@@ -96,7 +96,7 @@ def main() -> None:
     """Measure every stage and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=5, help="passes per stage; the best one counts")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per stage; the best one counts")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader measurement")
     parser.add_argument("--device", default="auto", help="device of the batched augmentation (auto: cuda if any)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON")
