@@ -78,6 +78,14 @@ class ImageClassificationTrainer(Trainer):
         loss = F.cross_entropy(outputs.logits.float(), labels, label_smoothing=self.label_smoothing)
         return (loss, outputs) if return_outputs else loss
 
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # the RandAugment ops stay on the CPU, where the batched augmentation groups images by op (no device sync)
+        ops = inputs.pop("randaugment", None)
+        inputs = super()._prepare_inputs(inputs)
+        if ops is not None:
+            inputs["randaugment"] = ops
+        return inputs
+
     def _set_signature_columns_if_needed(self) -> None:
         # keep the rows' RandAugment ops: `remove_unused_columns` drops every key the model's forward does not take
         super()._set_signature_columns_if_needed()
