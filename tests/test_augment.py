@@ -3,12 +3,13 @@
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from qsr_hf.training import data, randaugment, transforms
+from qsr_hf.training import batched_randaugment, data, randaugment, transforms
 
 
 # composer.algorithms.utils.augmentation_sets["all"], the set the official code's RandomAugment uses
@@ -99,3 +100,99 @@ def test_augmentation_is_a_function_of_index_and_epoch():
     )
     out = subprocess.run([sys.executable, "-c", code], input=image.tobytes(), capture_output=True, check=True).stdout
     assert out == first.contiguous().numpy().tobytes()
+
+
+# --- RandAugment on whole batches (the device path) -------------------------------------------------------------
+
+
+def as_batch(image: Image.Image) -> torch.Tensor:
+    return transforms.to_uint8_tensor(image)[None]
+
+
+def test_every_batched_op_equals_pillow_bit_for_bit():
+    # RGB photo, random RGB noise of a non-square size, grey: each op with 8 random strengths (one batch per op)
+    rng = np.random.default_rng(3)
+    noise = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    for image in (photo(), noise, photo().convert("L")):
+        for name in OFFICIAL_OPS:
+            strengths = [randaugment.draw_strength(name, rng, 10, image.size) for _ in range(8)]
+            expected = torch.cat([as_batch(randaugment.apply_op(image, name, s)) for s in strengths])
+            values = torch.tensor([0.0 if s is None else float(s) for s in strengths], dtype=torch.float64)
+            out = batched_randaugment.apply_op_batched(as_batch(image).repeat(8, 1, 1, 1), name, values)
+            assert out.dtype == torch.uint8
+            assert torch.equal(out, expected), f"{name} on {image.mode} {image.size}: {(out != expected).sum()} values"
+
+
+def test_ops_survive_any_input_cast_and_decode_exactly():
+    ops = randaugment.sample_ops(np.random.default_rng(0), 4, 10, (224, 224))
+    encoded = randaugment.encode_ops(ops)
+    assert encoded.dtype == torch.int64 and encoded.shape == (4, 2)  # not floating: DeepSpeed leaves it alone
+    index, strength = randaugment.decode_ops(encoded[None])
+    assert [OFFICIAL_OPS[i] for i in index[0].tolist()] == [name for name, _ in ops]
+    assert strength[0].tolist() == [0.0 if s is None else float(s) for _, s in ops]
+
+
+def rgb_table(n: int = 12) -> datasets.Dataset:
+
+    rng = np.random.default_rng(0)
+    images = [photo(int(rng.integers(40, 72))).rotate(int(rng.integers(0, 360))) for _ in range(n)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    return datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]}, features=features)
+
+
+def test_device_path_draws_and_applies_what_the_loader_path_does():
+    # same seed, same (index, epoch): the per-image Pillow path and the loader-draws / batch-applies path agree
+    table, indices = rgb_table(), list(range(12))
+    on_cpu = transforms.TrainTransform(32, randaugment_depth=2)
+    on_device = transforms.TrainTransform(32, randaugment_depth=2, randaugment_on_device=True)
+    expected = torch.stack([r["pixel_values"] for r in data.ImageDataset(table, on_cpu, 5).__getitems__(indices)])
+    rows = data.ImageDataset(table, on_device, 5).__getitems__(indices)
+    batch = transforms.ImageCollator(data.IMAGENET_MEAN, data.IMAGENET_STD, normalize=False)(rows)
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["randaugment"].shape == (12, 2, 2)
+    assert torch.equal(batched_randaugment.batched_rand_augment(batch["pixel_values"], batch["randaugment"]), expected)
+    augment = batched_randaugment.DeviceAugmentation(data.IMAGENET_MEAN, data.IMAGENET_STD)
+    normalized = transforms.ImageCollator(data.IMAGENET_MEAN, data.IMAGENET_STD)(
+        [{"pixel_values": e, "labels": 0} for e in expected]
+    )
+    assert torch.equal(augment(batch["pixel_values"], batch["randaugment"]), normalized["pixel_values"])
+    with pytest.raises(ValueError, match="uint8 pixel_values"):
+        augment(normalized["pixel_values"])
+
+
+def test_trainer_augments_and_normalizes_batches_on_the_device(tmp_path):
+    # the model's forward sees exactly the per-image path's normalized pixels, in training and in evaluation
+    from transformers import TrainingArguments
+
+    from qsr_hf.training.image_trainer import ImageClassificationTrainer
+    from qsr_hf.training.models import build_model
+
+    table, mean, std = rgb_table(4), data.IMAGENET_MEAN, data.IMAGENET_STD
+    train_tf = transforms.TrainTransform(16, randaugment_depth=2, randaugment_on_device=True)
+    cpu_rows = data.ImageDataset(table, transforms.TrainTransform(16, randaugment_depth=2), 0).__getitems__(
+        [0, 1, 2, 3]
+    )
+    eval_rows = data.ImageDataset(table, transforms.EvalTransform(16)).__getitems__([0, 1, 2, 3])
+    expected = {
+        name: transforms.ImageCollator(mean, std)(rows)["pixel_values"]
+        for name, rows in (("train", cpu_rows), ("eval", eval_rows))
+    }
+    model = build_model("demo_vit", ["a", "b"], image_size=16, config_overrides="patch_size=8")
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["pixel_values"].detach().clone()), with_kwargs=True
+    )
+    args = TrainingArguments(
+        str(tmp_path), max_steps=1, per_device_train_batch_size=4, per_device_eval_batch_size=4, use_cpu=True,
+        report_to="none", save_strategy="no", learning_rate=0.0,
+    )  # fmt: skip
+    trainer = ImageClassificationTrainer(
+        model=model, args=args, train_dataset=data.ImageDataset(table, train_tf, 0),
+        eval_dataset=data.ImageDataset(table, transforms.EvalTransform(16)),
+        data_collator=transforms.ImageCollator(mean, std, normalize=False),
+        device_augmentation=batched_randaugment.DeviceAugmentation(mean, std),
+    )  # fmt: skip
+    trainer.train()
+    trainer.evaluate()
+    assert len(seen) == 2
+    for got, name in zip(seen, ("train", "eval"), strict=True):  # the sampler shuffles: match rows as a set
+        assert sorted(map(tuple, got.flatten(1).tolist())) == sorted(map(tuple, expected[name].flatten(1).tolist()))

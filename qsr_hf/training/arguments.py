@@ -63,6 +63,13 @@ class DataArguments:
     randaugment_severity: float = field(
         default=10.0, metadata={"help": "RandAugment's largest op strength, 0-10 (composer's severity)."}
     )
+    augment_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply RandAugment and normalization on the training device, to whole batches, instead of per "
+            "image in the loader's workers (same op and strength draws; the loader ships uint8 crops)."
+        },
+    )
     mixup_alpha: float = field(default=0.0, metadata={"help": "Mixup Beta(α, α), one λ per batch (0: off)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the cross-entropy."})
     eval_crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize to image_size/eval_crop_pct, crop."})

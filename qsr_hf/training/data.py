@@ -133,9 +133,16 @@ def class_names(ds: datasets.Dataset | datasets.IterableDataset, label_column: s
 
 
 class ImageTransformFn(Protocol):
-    """What [`ImageDataset`] calls: ``transform(image, rng) -> (C, H, W)`` uint8 tensor."""
+    """What [`ImageDataset`] calls: ``transform(image, rng) -> (C, H, W)`` uint8 tensor, or a dict of the row's
+    tensors holding ``pixel_values`` (e.g. with the RandAugment ops to apply on the device)."""
 
-    def __call__(self, image: Any, rng: np.random.Generator) -> torch.Tensor: ...  # noqa: D102
+    def __call__(self, image: Any, rng: np.random.Generator) -> torch.Tensor | dict[str, torch.Tensor]: ...  # noqa: D102
+
+
+def _row(transformed: torch.Tensor | dict[str, torch.Tensor], label: Any) -> dict[str, Any]:
+    row = dict(transformed) if isinstance(transformed, dict) else {"pixel_values": transformed}
+    row["labels"] = int(label)
+    return row
 
 
 def _undecoded(ds: datasets.Dataset | datasets.IterableDataset, column: str) -> Any:
@@ -203,7 +210,7 @@ class ImageDataset(torch.utils.data.Dataset):
         rows = self.ds[list(indices)]
         images, labels = rows[self.image_column], rows[self.label_column]
         return [
-            {"pixel_values": self.transform(image, self.rng(i)), "labels": int(label)}
+            _row(self.transform(image, self.rng(i)), label)
             for i, image, label in zip(indices, images, labels, strict=True)
         ]
 
@@ -215,10 +222,7 @@ def streaming_image_dataset(
     ds = _undecoded(ds, image_column)
 
     def apply(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "pixel_values": transform(row[image_column], np.random.default_rng()),
-            "labels": int(row[label_column]),
-        }
+        return _row(transform(row[image_column], np.random.default_rng()), row[label_column])
 
     return ds.map(apply, remove_columns=list(ds.column_names or []))
 

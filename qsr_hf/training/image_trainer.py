@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qsr_hf.training import data
+from qsr_hf.training.batched_randaugment import DeviceAugmentation
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -40,6 +41,9 @@ class ImageClassificationTrainer(Trainer):
         mixup_alpha (`float`, defaults to 0): mixup α for training batches (0: off).
         label_smoothing (`float`, defaults to 0): label smoothing of the cross-entropy.
         weight_decay_all_params (`bool`, defaults to `False`): decay biases and norm weights too.
+        device_augmentation ([`~qsr_hf.training.batched_randaugment.DeviceAugmentation`], *optional*): applied to
+            every batch on the device before the forward (and before mixup): RandAugment when the batch carries
+            ops, then normalization of the uint8 ``pixel_values`` (the collator then runs with ``normalize=False``).
         *args, **kwargs: passed to `Trainer`.
     """
 
@@ -47,9 +51,10 @@ class ImageClassificationTrainer(Trainer):
 
     def __init__(
         self, *args: Any, mixup_alpha: float = 0.0, label_smoothing: float = 0.0, weight_decay_all_params: bool = False,
-        **kwargs: Any,
+        device_augmentation: DeviceAugmentation | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.device_augmentation = device_augmentation
         self.mixup_alpha = mixup_alpha
         self.label_smoothing = label_smoothing
         self.weight_decay_all_params = weight_decay_all_params
@@ -60,14 +65,32 @@ class ImageClassificationTrainer(Trainer):
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, **kwargs: Any
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Cross-entropy against hard labels, or mixed soft labels in training when ``mixup_alpha > 0``."""
+        """Cross-entropy against hard labels, or mixed soft labels in training when ``mixup_alpha > 0`` (after the
+        device augmentation, when there is one)."""
         labels, pixel_values = inputs.pop("labels"), inputs.pop("pixel_values")
+        ops = inputs.pop("randaugment", None)
+        if self.device_augmentation is not None:  # then the Trainer's input cast (DeepSpeed: to the engine's dtype)
+            pixel_values = self._prepare_input(self.device_augmentation(pixel_values, ops))
         if model.training and self.mixup_alpha > 0:
             num_labels = self.accelerator.unwrap_model(model).config.num_labels
             pixel_values, labels = data.mixup_batch(pixel_values, labels, self.mixup_alpha, num_labels)
         outputs = model(pixel_values=pixel_values, **inputs)
         loss = F.cross_entropy(outputs.logits.float(), labels, label_smoothing=self.label_smoothing)
         return (loss, outputs) if return_outputs else loss
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # the RandAugment ops stay on the CPU, where the batched augmentation groups images by op (no device sync)
+        ops = inputs.pop("randaugment", None)
+        inputs = super()._prepare_inputs(inputs)
+        if ops is not None:
+            inputs["randaugment"] = ops
+        return inputs
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # keep the rows' RandAugment ops: `remove_unused_columns` drops every key the model's forward does not take
+        super()._set_signature_columns_if_needed()
+        if "randaugment" not in self._signature_columns:
+            self._signature_columns.append("randaugment")
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """All parameter names when ``weight_decay_all_params``, else `Trainer`'s choice."""

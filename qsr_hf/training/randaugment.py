@@ -15,10 +15,11 @@ Written here on PIL uint8 images (composer cannot be imported next to this torch
 `numpy.random.Generator` passed in, so a seeded generator gives the same augmentation in any process.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 
@@ -126,7 +127,40 @@ def rand_augment(image: Image.Image, rng: np.random.Generator, depth: int = 2, s
     (32, 32)
     ```
     """
+    for name, strength in sample_ops(rng, depth, severity, image.size):
+        image = apply_op(image, name, strength)
+    return image
+
+
+def sample_ops(rng: np.random.Generator, depth: int, severity: float, size: tuple[int, int]) -> list[tuple[str, Any]]:
+    """Draw ``depth`` ops (uniformly, with replacement) and each one's strength, as [`rand_augment`] applies them.
+
+    The one sampling code of both paths: [`rand_augment`] (Pillow, per image) and
+    [`~qsr_hf.training.batched_randaugment.batched_rand_augment`] (torch, per batch).
+
+    Returns:
+        `list[tuple[str, Any]]`: ``(op name, strength)`` pairs, in the order they are applied.
+    """
+    ops = []
     for _ in range(depth):
         name = OP_NAMES[int(rng.integers(len(OP_NAMES)))]
-        image = apply_op(image, name, draw_strength(name, rng, severity, image.size))
-    return image
+        ops.append((name, draw_strength(name, rng, severity, size)))
+    return ops
+
+
+_F64 = torch.float64
+
+
+def encode_ops(ops: Sequence[tuple[str, Any]]) -> torch.Tensor:
+    """``(depth, 2)`` int64: op index and the float64 bits of its strength (0 for none), from [`sample_ops`].
+
+    Integers, so that no input preparation (DeepSpeed casts floating inputs to bf16/fp16) rounds a strength.
+    """
+    values = [(float(OP_NAMES.index(name)), 0.0 if strength is None else float(strength)) for name, strength in ops]
+    return torch.tensor(values, dtype=_F64).reshape(len(values), 2).view(torch.int64)
+
+
+def decode_ops(encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(op index int64, strength float64)``, each ``(B, depth)``, on the CPU, from a batch of [`encode_ops`]."""
+    values = encoded.detach().to("cpu", torch.int64).contiguous().view(_F64)
+    return values[..., 0].to(torch.int64), values[..., 1]

@@ -33,6 +33,7 @@ from qsr_hf.training.arguments import (
     parse_recipe,
     recipe_path,
 )
+from qsr_hf.training.batched_randaugment import DeviceAugmentation
 from qsr_hf.training.image_trainer import ImageClassificationTrainer, compute_metrics, top_k_indices
 
 
@@ -79,7 +80,7 @@ def build_datasets(data_args: DataArguments, seed: int) -> tuple[Any, Any, list[
     labels = data.class_names(train_ds, data_args.label_column)
     train_tf = transforms.TrainTransform(
         size, channels, data_args.crop_scale_min, data_args.hflip, data_args.randaugment_depth,
-        data_args.randaugment_severity,
+        data_args.randaugment_severity, randaugment_on_device=data_args.augment_on_device,
     )  # fmt: skip
     eval_tf = transforms.EvalTransform(size, channels, data_args.eval_crop_pct)
 
@@ -134,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=transforms.ImageCollator(processor.image_mean, processor.image_std),
+        data_collator=transforms.ImageCollator(
+            processor.image_mean, processor.image_std, normalize=not data_args.augment_on_device
+        ),
         processing_class=processor,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=top_k_indices,
@@ -142,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         mixup_alpha=data_args.mixup_alpha,
         label_smoothing=data_args.label_smoothing,
         weight_decay_all_params=model_args.weight_decay_all_params,
+        device_augmentation=(
+            DeviceAugmentation(processor.image_mean, processor.image_std) if data_args.augment_on_device else None
+        ),
     )
     resume = args.resume_from_checkpoint
     if resume in ("true", "True", "last"):

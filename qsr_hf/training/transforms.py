@@ -1,5 +1,7 @@
 """Image transforms on uint8, as the official code's ffcv pipeline: decode + crop/resize, flip, RandAugment, then
-float conversion and normalization on whole batches in the collator.
+float conversion and normalization on whole batches in the collator ([`ImageCollator`]); or, with
+``randaugment_on_device``, the loader only draws the RandAugment ops and the trainer applies them and normalizes on
+the device ([`~qsr_hf.training.batched_randaugment.DeviceAugmentation`]).
 
 Training: RandomResizedCrop (torchvision's sampling: area fraction ``U(crop_scale_min, 1)``, log-uniform aspect ratio
 in [3/4, 4/3], 10 tries, then a center crop) + horizontal flip + RandAugment ([`rand_augment`], composer's). Evaluation:
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qsr_hf.training.randaugment import rand_augment
+from qsr_hf.training.randaugment import encode_ops, rand_augment, sample_ops
 
 
 _BILINEAR = Image.Resampling.BILINEAR
@@ -103,6 +105,9 @@ class TrainTransform:
         randaugment_depth (`int`, defaults to 0): RandAugment ops per image (0: off; 2 in the paper's ViT recipe).
         randaugment_severity (`float`, defaults to 10): largest op strength, 0-10 (composer's scale).
         draft (`bool`, defaults to `True`): decode JPEGs at a reduced scale when the crop allows it.
+        randaugment_on_device (`bool`, defaults to `False`): draw the RandAugment ops and strengths here (same draws
+            from the same ``rng``) but leave applying them to
+            [`~qsr_hf.training.batched_randaugment.DeviceAugmentation`], on whole batches.
     """
 
     image_size: int
@@ -112,15 +117,24 @@ class TrainTransform:
     randaugment_depth: int = 0
     randaugment_severity: float = 10.0
     draft: bool = True
+    randaugment_on_device: bool = False
 
-    def __call__(self, image: Any, rng: np.random.Generator) -> torch.Tensor:
-        """Augment one image with randomness from ``rng``; returns ``(C, image_size, image_size)`` uint8."""
+    def __call__(self, image: Any, rng: np.random.Generator) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Augment one image with randomness from ``rng``.
+
+        Returns:
+            ``(C, image_size, image_size)`` uint8; with ``randaugment_on_device``, ``{"pixel_values": that,
+            "randaugment": (depth, 2) int64}`` (the ops, [`~qsr_hf.training.randaugment.encode_ops`]).
+        """
         image = open_image(image)
         box = random_resized_crop_box(*image.size, rng, self.crop_scale_min)
         mode = "L" if self.num_channels == 1 else "RGB"
         image = crop_resize(image, box, self.image_size, mode, self.draft)
         if self.hflip and rng.uniform() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.randaugment_on_device:
+            ops = sample_ops(rng, self.randaugment_depth, self.randaugment_severity, image.size)
+            return {"pixel_values": to_uint8_tensor(image), "randaugment": encode_ops(ops)}
         if self.randaugment_depth > 0:
             image = rand_augment(image, rng, self.randaugment_depth, self.randaugment_severity)
         return to_uint8_tensor(image)
@@ -151,12 +165,37 @@ class EvalTransform:
         )
 
 
+class Normalize:
+    """uint8 pixels to normalized floats, ``(x / 255 - mean) / std``, on the pixels' device.
+
+    Args:
+        mean (`list[float]`), std (`list[float]`): per-channel normalization (the model's image processor's).
+        dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the result.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], dtype: torch.dtype = torch.float32) -> None:
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std_t)).view(-1, 1, 1)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) / std_t).view(-1, 1, 1)
+        self.dtype = dtype
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(..., C, H, W)`` uint8 -> normalized ``dtype``, on ``pixels.device``."""
+        scale, shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
+        return pixels.to(torch.float32).mul_(scale).sub_(shift).to(self.dtype)
+
+
 class ImageCollator:
     """Stack uint8 ``pixel_values`` into a batch, convert to float and normalize: ``(x / 255 - mean) / std``.
 
     Args:
         mean (`list[float]`), std (`list[float]`): per-channel normalization (the model's image processor's).
         dtype (`torch.dtype`, defaults to `torch.float32`): dtype of ``pixel_values``.
+        normalize (`bool`, defaults to `True`): `False` keeps the batch uint8 (4x fewer bytes to the device) for
+            [`~qsr_hf.training.batched_randaugment.DeviceAugmentation`] to augment and normalize on the device.
+
+    Rows that carry RandAugment ops (``"randaugment"``, from ``TrainTransform(randaugment_on_device=True)``) have
+    them stacked into the batch.
 
     Example:
 
@@ -168,14 +207,16 @@ class ImageCollator:
     ```
     """
 
-    def __init__(self, mean: list[float], std: list[float], dtype: torch.dtype = torch.float32) -> None:
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(-1, 1, 1)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(-1, 1, 1)
-        self.dtype = dtype
+    def __init__(
+        self, mean: list[float], std: list[float], dtype: torch.dtype = torch.float32, normalize: bool = True
+    ) -> None:
+        self.normalize = Normalize(mean, std, dtype) if normalize else None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """``{"pixel_values": (B, C, H, W) float, "labels": (B,) int64}`` from per-image uint8 tensors."""
+        """``{"pixel_values": (B, C, H, W), "labels": (B,) int64}`` (+ ``"randaugment"``) from per-image rows."""
         pixels = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])
-        pixels = pixels.to(torch.float32).mul_(self.scale).sub_(self.shift).to(self.dtype)
         labels = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
-        return {"pixel_values": pixels, "labels": labels}
+        batch = {"pixel_values": self.normalize(pixels) if self.normalize else pixels, "labels": labels}
+        if "randaugment" in examples[0]:
+            batch["randaugment"] = torch.stack([torch.as_tensor(e["randaugment"]) for e in examples])
+        return batch
