@@ -172,18 +172,23 @@ def run_pair(hosts, args, link, outdir, methods):
         cmd = ["ip", "netns", "exec", hosts.ns[rank], sys.executable, __file__, "--worker", "--out", str(out)]
         cmd += ["--steps", str(args.steps), "--ifname", hosts.dev[rank], "--methods", *methods]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.time() + args.timeout
-    logs = ["", ""]
+    return wait_for_workers(procs, outs, args.timeout, f"slow_link.py (link {link})")
+
+
+def wait_for_workers(procs, outs, timeout, label):
+    """Wait for the worker processes (all killed past ``timeout`` s); return each one's JSON result, by rank."""
+    deadline = time.time() + timeout
+    logs = [""] * len(procs)
     for i, p in enumerate(procs):
         try:
             logs[i], _ = p.communicate(timeout=max(1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise SystemExit(f"slow_link.py: workers did not finish within {args.timeout} s on link {link}") from None
+            raise SystemExit(f"{label}: workers did not finish within {timeout} s") from None
     for i, p in enumerate(procs):
         if p.returncode != 0:
-            raise SystemExit(f"slow_link.py: rank {i} failed on link {link}:\n{logs[i][-4000:]}")
+            raise SystemExit(f"{label}: rank {i} failed:\n{logs[i][-4000:]}")
     return [json.loads(o.read_text()) for o in outs]
 
 

@@ -33,7 +33,19 @@ import time
 from pathlib import Path
 
 from _common import median, print_table, write_result
-from slow_link import BATCH, D_IN, HIDDEN, PEAK_LR, TwoHosts, _counters, _data, _mlp, _rate_bps, schedule
+from slow_link import (
+    BATCH,
+    D_IN,
+    HIDDEN,
+    PEAK_LR,
+    TwoHosts,
+    _counters,
+    _data,
+    _mlp,
+    _rate_bps,
+    schedule,
+    wait_for_workers,
+)  # fmt: skip
 
 
 METHODS = ["ddp", "qsr_process", "qsr_node_whole", "qsr_node_split"]
@@ -149,19 +161,7 @@ def run_nodes(hosts, args, outdir):
         cmd = ["ip", "netns", "exec", hosts.ns[node], sys.executable, __file__, "--worker", "--out", str(outs[-1])]
         cmd += ["--steps", str(args.steps), "--ifname", hosts.dev[node], "--methods", *args.methods]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.time() + args.timeout
-    logs = [""] * len(procs)
-    for i, p in enumerate(procs):
-        try:
-            logs[i], _ = p.communicate(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise SystemExit(f"slow_link_nodes.py: workers did not finish within {args.timeout} s") from None
-    for i, p in enumerate(procs):
-        if p.returncode != 0:
-            raise SystemExit(f"slow_link_nodes.py: rank {i} failed:\n{logs[i][-4000:]}")
-    return [json.loads(o.read_text()) for o in outs]
+    return wait_for_workers(procs, outs, args.timeout, "slow_link_nodes.py")
 
 
 def main(argv=None):
