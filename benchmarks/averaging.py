@@ -18,6 +18,10 @@ Methods, each averaging the same fp32 parameters of a model with ViT shapes:
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=1).step()` (barrier, then per parameter
   clone + all_reduce + div, re-binding ``p.data``).
 - ``per_param_inplace``: one in-place ``all_reduce`` per parameter (for reference: the per-call cost alone).
+- ``finite_check``: what qsr_hf's Synchronizer checks before averaging, on the ``qsr_hf`` row's buffers:
+  `qsr_hf.agreement.all_finite` (one fp32 sum per flat buffer), no communication.
+- ``sync_checks``: ``finite_check`` plus the agreement all-gather (`qsr_hf.agreement.exchange`, 14 int64 per rank):
+  everything a sync adds to the average itself. Its ratio to ``qsr_hf`` is the ``checks_vs_average`` column.
 
 Each method has its own copy of the model; the methods are interleaved (order rotated every repetition) so that load
 drift on a shared machine hits all of them alike. Reported: the median over ``--reps`` repetitions (after one warm-up
@@ -54,6 +58,8 @@ METHODS = [
     "torch_periodic",
     "accelerate_localsgd",
     "per_param_inplace",
+    "finite_check",
+    "sync_checks",
 ]
 
 
@@ -75,6 +81,7 @@ def _worker(rank, world_size, shapes, reps, methods):
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
     from qsr_hf import ParameterAverager
+    from qsr_hf.agreement import COMMON, all_finite, exchange
 
     accelerator = Accelerator(cpu=True)
     zero = torch.zeros(1)
@@ -89,7 +96,7 @@ def _worker(rank, world_size, shapes, reps, methods):
 
     # one model per method, so that no method re-binds another's parameters (methods are interleaved below); the async
     # rows reuse the blocking row's averager (same mode, same buffers): two fewer model copies in memory
-    shares = {"qsr_hf_async": "qsr_hf", "qsr_hf_copy_async": "qsr_hf_copy"}
+    shares = {"qsr_hf_async": "qsr_hf", "qsr_hf_copy_async": "qsr_hf_copy", "finite_check": "", "sync_checks": ""}
     models = {m: make_model() for m in methods if not m.startswith("floor") and m not in shares}
     numel = sum(p.numel() for p in next(iter(models.values())).parameters())
     ops, averagers, build_s = {}, {}, None
@@ -113,6 +120,15 @@ def _worker(rank, world_size, shapes, reps, methods):
             )
             build_s = build_s or time.perf_counter() - t0
             ops[method] = averagers[method].average
+        elif method == "finite_check":
+            ops[method] = lambda averager=averagers["qsr_hf"]: all_finite([b.flat for b in averager.buckets])
+        elif method == "sync_checks":
+
+            def checks(averager=averagers["qsr_hf"]):
+                finite = all_finite([b.flat for b in averager.buckets])
+                exchange([0] * len(COMMON), [int(not finite)])
+
+            ops[method] = checks
         elif method in shares:
             ops[method] = lambda averager=averagers[shares[method]]: averager.average(async_op=True).wait()
         elif method == "torch_periodic":
@@ -184,6 +200,7 @@ def main(argv=None):
             "ratio_to_floor": {m: med[m] / med["floor"] for m in METHODS},
             "min_s": best,
             "min_ratio_to_floor": {m: best[m] / best["floor"] for m in METHODS},
+            "checks_vs_average": med["sync_checks"] / med["qsr_hf"],
             "floor_gbit_per_s": numel * 4 * 8 / med["floor"] / 1e9,
             "qsr_hf_one_time_build_s": max(r["qsr_hf_build_s"] for r in results),
             "params_equal_across_ranks_after": all(r["equal_after"] for r in results),
@@ -207,6 +224,10 @@ def main(argv=None):
     )
     print(f"machine: {machine_info()['cpu_model']}, {machine_info()['cpu_cores']} cores; seconds (ratio to floor)")
     print_table(["model", "params", "stat", *METHODS], rows)
+    for record in records:
+        print(
+            f"{record['model']}: finite + agreement checks = {record['checks_vs_average']:.1%} of the qsr_hf average"
+        )
     print(f"wrote {path}")
 
 

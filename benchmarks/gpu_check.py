@@ -146,6 +146,7 @@ def _sync_local_work(rank, world_size, size, model):
     import torch
     import torch.distributed as dist
 
+    from qsr_hf.agreement import all_finite
     from qsr_hf.averaging import ParameterAverager, averaged_tensors
 
     device = _on_gpu(rank)
@@ -164,7 +165,7 @@ def _sync_local_work(rank, world_size, size, model):
                 "upcast_fp32": lambda flat=flat: flat.to(torch.float32),
                 "divide": lambda wide=wide: wide.div_(1),
                 "copy_back": lambda flat=flat, wide=wide: flat.copy_(wide),
-                "finite_check": lambda wide=wide: bool(torch.isfinite(wide).all()),
+                "finite_check": lambda flat=flat: all_finite([flat]),  # what the Synchronizer runs before a sync
                 "checksum_fp64": lambda wide=wide: float(wide.sum(dtype=torch.float64)),
             }
         else:

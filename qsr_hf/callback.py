@@ -16,7 +16,7 @@ from qsr_hf.checkpoint import restore_local_state, save_local_state
 from qsr_hf.config import QSRConfig, make_config
 from qsr_hf.engines import FSDP_UNSUPPORTED, Topology, detect_engine
 from qsr_hf.logging_utils import get_logger
-from qsr_hf.scheduler_checks import catch_up_scheduler, check_planned_lrs, planned_lrs
+from qsr_hf.scheduler_checks import check_planned_lrs, planned_lrs
 from qsr_hf.synchronizer import Synchronizer
 
 
@@ -130,7 +130,7 @@ class QSRCallback(TrainerCallback):
         """Put back the local parameters an evaluation replaced; open a round if needed, its H set by this step's lr
         (this rank's lr follows the global step, also after a step it skipped on overflow)."""
         self.synchronizer.leave_averaged_view()
-        catch_up_scheduler(kwargs.get("lr_scheduler"), state.global_step)
+        self.synchronizer.engine.catch_up_lr(kwargs.get("lr_scheduler"), state.global_step)
         self.synchronizer.begin_step(kwargs["optimizer"].param_groups[0]["lr"])
 
     def on_optimizer_step(

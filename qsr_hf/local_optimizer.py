@@ -87,7 +87,10 @@ class LocalOptimizer(torch.optim.Optimizer):
         lr_scheduler (*optional*):
             The (prepared) lr scheduler. A `transformers` scheduler declares its warm-up and length, which are then
             read from it in optimizer steps (accounting for accelerate stepping a prepared scheduler
-            ``num_processes`` times per optimizer step), so QSR's warm-up and the lr cannot disagree.
+            ``num_processes`` times per optimizer step), so QSR's warm-up and the lr cannot disagree. After an
+            optimizer step skipped on this rank only (GradScaler overflow), the scheduler is stepped to the global
+            step, so the ranks' lr and round lengths stay equal; without it such a skip stops every rank at the next
+            sync (the ranks' H differ).
         num_training_steps (`int`, *optional*):
             Total optimizer steps; the last round is clipped so training ends on a sync. Read from ``lr_scheduler``
             when it declares it; an explicit value that disagrees is an error.
@@ -127,8 +130,10 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.defaults = getattr(optimizer, "defaults", {})  # DeepSpeed's fp16/bf16 optimizers have none
         self.config = make_config(config, **qsr_kwargs)
+        self.lr_scheduler = lr_scheduler
+        self._scheduler_steps_per_step = 1
         if lr_scheduler is not None:
-            per_step = scheduler_steps_per_optimizer_step(lr_scheduler)
+            per_step = self._scheduler_steps_per_step = scheduler_steps_per_optimizer_step(lr_scheduler)
             warmup, total = scheduler_lengths(lr_scheduler)
             num_warmup_steps = _resolve("num_warmup_steps", num_warmup_steps, warmup, per_step)
             num_training_steps = _resolve("num_training_steps", num_training_steps, total, per_step)
@@ -167,7 +172,10 @@ class LocalOptimizer(torch.optim.Optimizer):
         if not self._is_optimizer_step():
             self.last_step_synced = False
             return self._inner_step(closure)
-        lr = self.synchronizer.engine.step_lr(self.optimizer)
+        engine, global_step = self.synchronizer.engine, self.synchronizer.clock.step
+        # a step skipped on overflow on this rank only also skipped its scheduler step: keep the lr on the global step
+        engine.catch_up_lr(self.lr_scheduler, global_step * self._scheduler_steps_per_step)
+        lr = engine.step_lr(self.optimizer)
         self._check_warmup(lr)
         self.synchronizer.begin_step(lr)
         loss = self._inner_step(closure)

@@ -43,32 +43,38 @@ def planned_lrs(scheduler: Any, total_steps: int) -> list[float] | None:
     return [base * factor(step) for step in range(total_steps)]
 
 
-def catch_up_scheduler(scheduler: Any, global_step: int) -> int:
-    """Step a torch lr scheduler that fell behind the global optimizer step (skipped steps on overflow).
+def catch_up_scheduler(scheduler: Any, target_steps: int) -> int:
+    """Step a torch lr scheduler that fell behind (steps skipped on overflow on this rank only).
 
     Args:
-        scheduler: the run's lr scheduler, stepped once per optimizer step (as the Trainer does).
-        global_step (`int`): optimizer steps taken by every rank.
+        scheduler: the run's lr scheduler (possibly wrapped by accelerate); `None` does nothing.
+        target_steps (`int`): where every rank's scheduler is now: the global optimizer step times the scheduler
+            steps per optimizer step (1 for the Trainer; ``num_processes`` for a scheduler prepared by accelerate).
 
     Returns:
         `int`: how many steps it was behind (0 for a scheduler it cannot read, e.g. ReduceLROnPlateau).
     """
     inner = _torch_scheduler(scheduler)
-    lag = 0 if inner is None else global_step - inner.last_epoch
+    lag = 0 if inner is None else target_steps - inner.last_epoch
+    step_scheduler(inner, lag, f"scheduler step {target_steps}")
+    return max(lag, 0)
+
+
+def step_scheduler(scheduler: Any, lag: int, where: str) -> None:
+    """Step ``scheduler`` ``lag`` times (nothing if ``lag`` <= 0) and say so, printed by this rank."""
     if lag <= 0:
-        return 0
+        return
     with warnings.catch_warnings():
         # torch warns when a scheduler steps without an optimizer step in between: here that is the point
         warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
         for _ in range(lag):
-            inner.step()
+            scheduler.step()
     logger.warning(
-        f"qsr_hf: rank {process_rank()}: the lr scheduler was {lag} step(s) behind optimizer step {global_step} (an optimizer "
-        "step skipped on this rank, e.g. on fp16 overflow); stepped it so that this rank's lr and round lengths stay "
+        f"qsr_hf: rank {process_rank()}: the lr scheduler was {lag} step(s) behind {where} (an optimizer step "
+        "skipped on this rank only, e.g. on fp16 overflow); stepped it so that this rank's lr and round lengths stay "
         "those of the other ranks",
         main_process_only=False,
     )
-    return lag
 
 
 def check_planned_lrs(config: Any, lrs: list[float] | None, warmup_steps: int) -> None:

@@ -257,7 +257,7 @@ class _OverflowOnRank1(TrainerCallback):
         self.synced.append(self.qsr.synchronizer.stats.syncs > self._syncs)
 
 
-def _overflow_run(rank, world_size, out_dir):
+def _overflow_run(rank, world_size, out_dir, evaluate):
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(0)
@@ -269,7 +269,7 @@ def _overflow_run(rank, world_size, out_dir):
     spy = _OverflowOnRank1(qsr, at=2)
     args = TrainingArguments(
         output_dir=out_dir, use_cpu=True, max_steps=16, per_device_train_batch_size=4, learning_rate=0.1,
-        lr_scheduler_type="cosine", optim="sgd", eval_strategy="steps", eval_steps=5, report_to=[],
+        lr_scheduler_type="cosine", optim="sgd", eval_strategy="steps" if evaluate else "no", eval_steps=5, report_to=[],
         save_strategy="no", disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = Trainer(
@@ -280,9 +280,97 @@ def _overflow_run(rank, world_size, out_dir):
     return {"lrs": spy.lrs, "synced": spy.synced, "skipped": spy.skipped, "final": flat_params(trainer.model)}
 
 
-def test_overflow_on_one_rank_keeps_lr_and_rounds_aligned(tmp_path):
-    r0, r1 = run_distributed(_overflow_run, world_size=2, timeout=TIMEOUT, out_dir=str(tmp_path))
+@pytest.mark.parametrize("evaluate", [False, True], ids=["no_eval", "eval_in_round"])
+def test_overflow_on_one_rank_keeps_lr_and_rounds_aligned(tmp_path, evaluate):
+    r0, r1 = run_distributed(_overflow_run, world_size=2, timeout=TIMEOUT, out_dir=str(tmp_path), evaluate=evaluate)
     assert (r0["skipped"], r1["skipped"]) == (0, 1), "the overflow was not injected on rank 1 only"
     assert r1["lrs"] == r0["lrs"], "rank 1's lr lags after its skipped step"
     assert r1["synced"] == r0["synced"] and sum(r0["synced"]) >= 2
     assert torch.equal(r0["final"], r1["final"]), "training did not end on a common average"
+
+
+def _accelerate_overflow_run(rank, world_size, eval_at):
+    """An Accelerate loop with a real GradScaler: rank 1's loss is inf at step 2, so its scaler skips the optimizer
+    step and accelerate's scheduler skips its step too (``step_was_skipped``)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # what fp16 on a GPU installs
+    model = BNMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** (s / 12))
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    local = LocalOptimizer(opt, model, QSRConfig(qsr_alpha=0.12, qsr_h_base=2), lr_scheduler=sched)
+    out = {"lrs": [], "synced": [], "skipped": 0}
+    for i, (x, y) in enumerate(rank_batches(rank, 12)):
+        loss = F.cross_entropy(model(x), y) * (float("inf") if rank == 1 and i == 2 else 1.0)
+        accelerator.backward(loss)
+        local.step()
+        out["lrs"].append(local.synchronizer.stats.round_length)
+        out.setdefault("lr", []).append(opt.param_groups[0]["lr"])  # the lr this step used
+        out["skipped"] += opt.step_was_skipped
+        sched.step()
+        local.zero_grad()
+        out["synced"].append(local.last_step_synced)
+        if i == eval_at:
+            local.synchronizer.enter_averaged_view()
+            local.synchronizer.leave_averaged_view()
+    local.close()
+    out["final"] = flat_params(model.module)
+    return out
+
+
+@pytest.mark.parametrize("eval_at", [None, 3], ids=["no_eval", "eval_in_round"])
+def test_accelerate_overflow_on_one_rank_keeps_lr_and_rounds_aligned(eval_at):
+    r0, r1 = run_distributed(_accelerate_overflow_run, world_size=2, timeout=TIMEOUT, eval_at=eval_at)
+    assert (r0["skipped"], r1["skipped"]) == (0, 1), "the overflow was not injected on rank 1 only"
+    assert r1["lrs"] == r0["lrs"] and len(set(r0["lrs"])) > 1, (
+        "the ranks' round lengths differ after rank 1's skipped step"
+    )
+    assert r1["synced"] == r0["synced"] and sum(r0["synced"]) >= 3
+    assert r1["lr"] == r0["lr"] and r0["lr"][-1] < r0["lr"][0], "rank 1's lr lags after its skipped step"
+    assert torch.equal(r0["final"], r1["final"]), "training did not end on a common average"
+
+
+CRASH_SCRIPT = """
+import torch, torch.nn.functional as F
+from accelerate import Accelerator
+from qsr_hf import LocalOptimizer, QSRConfig
+
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 4)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+model, opt = accelerator.prepare(model, opt)
+local = LocalOptimizer(opt, model, QSRConfig(qsr_rule="constant", qsr_h_base=4), num_training_steps=8)
+for step in range(8):
+    if accelerator.process_index == 1 and step == 1:
+        raise ValueError("injected failure on rank 1 inside a round")
+    x = torch.randn(4, 8)
+    accelerator.backward(F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)))
+    local.step()
+    local.zero_grad()
+local.close()
+"""
+
+
+def test_a_rank_that_crashes_inside_a_round_stops_the_run(tmp_path):
+    # the other rank goes on with local steps and then waits at the next sync; accelerate launch (torchrun's agent)
+    # sees rank 1 fail and stops it at once instead of letting it wait for the process group's timeout
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    config = Path(__file__).parents[1] / "accelerate_configs" / "multi_cpu.yaml"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", "0",
+        str(script),
+    ]  # fmt: skip
+    start = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path, check=False)
+    assert out.returncode != 0
+    assert time.monotonic() - start < 90, "the surviving rank waited instead of being stopped"
+    assert "injected failure on rank 1 inside a round" in out.stderr

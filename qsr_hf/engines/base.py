@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from qsr_hf.averaging import averaged_tensors
+from qsr_hf.scheduler_checks import catch_up_scheduler
 
 
 class Engine:
@@ -55,6 +56,16 @@ class Engine:
     def step_lr(self, optimizer: torch.optim.Optimizer) -> float:
         """The learning rate of the optimizer step about to be taken (the rule's η)."""
         return float(optimizer.param_groups[0]["lr"])
+
+    def catch_up_lr(self, lr_scheduler: Any, scheduler_steps: int) -> int:
+        """Step ``lr_scheduler`` up to ``scheduler_steps`` if it lags (an optimizer step skipped on this rank only).
+
+        Called before the lr of an optimizer step is read. See `qsr_hf.scheduler_checks.catch_up_scheduler`.
+
+        Returns:
+            `int`: how many scheduler steps it was behind.
+        """
+        return catch_up_scheduler(lr_scheduler, scheduler_steps)
 
     def local_state_dict(self) -> dict[str, Any]:
         """Per-rank backend state a checkpoint must hold besides the optimizer's (none by default)."""

@@ -29,6 +29,7 @@ from torch.distributed import ProcessGroup
 
 from qsr_hf.averaging import averaged_tensors
 from qsr_hf.engines.base import Engine
+from qsr_hf.scheduler_checks import step_scheduler
 
 
 _ZERO_UNSUPPORTED = (
@@ -100,6 +101,7 @@ class DeepSpeedEngineAdapter(Engine):
         self._flat_masters = isinstance(optimizer, FP16_Optimizer)  # one flat fp32 master per parameter group
         self._step_lr: float | None = None
         self._lr_hook: Any = None
+        self._skips_caught_up = 0  # engine.skipped_steps already made up for on the lr scheduler
 
     # -- per-step communication ---------------------------------------------------------------------------------
     def disable_gradient_sync(self) -> None:
@@ -114,6 +116,7 @@ class DeepSpeedEngineAdapter(Engine):
             # engine reference the check stays on this rank (no model parallelism here, see _validate)
             checker.deepspeed = None
         if self._lr_hook is None:
+            self._skips_caught_up = engine.skipped_steps
             self._lr_hook = engine.module.register_forward_pre_hook(self._record_lr)
 
     def restore_gradient_sync(self) -> None:
@@ -133,8 +136,18 @@ class DeepSpeedEngineAdapter(Engine):
 
     def _record_lr(self, module: nn.Module, args: Any) -> None:
         # The engine steps its lr scheduler inside `accelerator.backward`, before `LocalOptimizer.step` runs: the lr
-        # the step used is the one current at the forward pass.
-        self._step_lr = self.engine.optimizer.param_groups[0]["lr"]
+        # the step used is the one current at the forward pass. A step skipped on overflow (on this rank only, now
+        # that the overflow check is local) skipped the scheduler's step too: make it up first.
+        engine = self.engine
+        if engine.lr_scheduler is not None:
+            step_scheduler(engine.lr_scheduler, engine.skipped_steps - self._skips_caught_up, "the engine's step")
+        self._skips_caught_up = engine.skipped_steps
+        self._step_lr = engine.optimizer.param_groups[0]["lr"]
+
+    def catch_up_lr(self, lr_scheduler: Any, scheduler_steps: int) -> int:
+        """Nothing to do here: the engine steps its own scheduler, and a lag is made up before each forward pass
+        (from ``engine.skipped_steps``), before the step's lr is recorded."""
+        return 0
 
     def step_lr(self, optimizer: torch.optim.Optimizer) -> float:
         """The lr recorded at the last forward pass: the engine has already stepped its scheduler by the time
@@ -205,4 +218,5 @@ class DeepSpeedEngineAdapter(Engine):
         """
         self.engine.optimizer.load_state_dict(state["optimizer"])
         self.engine.skipped_steps = state.get("skipped_steps", self.engine.skipped_steps)
+        self._skips_caught_up = self.engine.skipped_steps  # the saved scheduler state already made up for them
         self.after_average()
