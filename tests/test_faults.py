@@ -321,9 +321,19 @@ def _accelerate_overflow_run(rank, world_size, eval_at):
     return out
 
 
+def _accelerate_overflow_runs(rank, world_size):
+    # both cases on one process group: without an evaluation, and with one (an averaged view) inside a round
+    return {eval_at: _accelerate_overflow_run(rank, world_size, eval_at) for eval_at in (None, 3)}
+
+
+@pytest.fixture(scope="module")
+def accelerate_overflow():
+    return run_distributed(_accelerate_overflow_runs, world_size=2, timeout=TIMEOUT)
+
+
 @pytest.mark.parametrize("eval_at", [None, 3], ids=["no_eval", "eval_in_round"])
-def test_accelerate_overflow_on_one_rank_keeps_lr_and_rounds_aligned(eval_at):
-    r0, r1 = run_distributed(_accelerate_overflow_run, world_size=2, timeout=TIMEOUT, eval_at=eval_at)
+def test_accelerate_overflow_on_one_rank_keeps_lr_and_rounds_aligned(accelerate_overflow, eval_at):
+    r0, r1 = (results[eval_at] for results in accelerate_overflow)
     assert (r0["skipped"], r1["skipped"]) == (0, 1), "the overflow was not injected on rank 1 only"
     assert r1["lrs"] == r0["lrs"] and len(set(r0["lrs"])) > 1, (
         "the ranks' round lengths differ after rank 1's skipped step"
