@@ -28,12 +28,19 @@ from torch.distributed import ProcessGroup
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from qsr_hf.averaging import ParameterAverager, averaged_tensors
+from qsr_hf.config import QSRConfig
 from qsr_hf.engines.base import Engine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.node_slices import NodeSlices
 
 
 logger = get_logger(__name__)
+
+OVERLAP_UNSUPPORTED = (
+    "qsr_overlap_sync=True is not supported with {engine}: a sync there averages copies ({copies}) and writes them "
+    "back, so the one-step-delayed fold-in would overwrite the optimizer step taken while the average was in flight "
+    "and drop its local change. Set qsr_overlap_sync=False{alternative}"
+)
 
 
 def resolve_node_size(world_size: int, node_size: int | None = None) -> int:
@@ -156,7 +163,7 @@ class NodeWorkerEngine(Engine):
         with torch.no_grad():
             for copy, buffer in zip(self._buffer_copies, buffers, strict=True):
                 copy.copy_(buffer)
-            self._buffer_averager.average()
+            self.count_intra_node_bytes(self._buffer_averager.average())
             for copy, buffer in zip(self._buffer_copies, buffers, strict=True):
                 buffer.copy_(copy)
 
@@ -223,14 +230,31 @@ class HierarchicalEngine(NodeWorkerEngine):
         params = super().parameter_tensors()
         return params if self._slices is None else self._slices.pieces(params)
 
+    def check_config(self, config: QSRConfig) -> None:
+        """Refuse ``qsr_overlap_sync`` on the floor path (each process averages a copy of its slice)."""
+        if config.qsr_overlap_sync and self._slices is not None:
+            raise NotImplementedError(
+                OVERLAP_UNSUPPORTED.format(
+                    engine="qsr_worker='node' on the inter-node floor path (HierarchicalEngine.split_sync, the default)",
+                    copies="each process's slice of the parameters, all-gathered inside the node afterwards",
+                    alternative=", or average the whole model on every process with HierarchicalEngine.split_sync = "
+                    "False (k times the bytes between nodes), or use qsr_worker='process'",
+                )
+            )
+
     def after_parameters_averaged(self) -> None:
         """With ``split_sync``: all-gather the averaged slices inside the node into the parameters."""
         if self._slices is not None:
             self._slices.gather()
+            self.count_intra_node_bytes(self._slices.gather_bytes)
 
     @property
     def intra_node_bytes_per_sync(self) -> int:
-        """Bytes each rank receives inside its node per sync (the all-gather of the slices; 0 without split)."""
+        """Bytes each rank receives inside its node per sync from the all-gather of the slices (0 without split).
+
+        0 before the first sync (the slices are laid out then); the BatchNorm statistics averaged inside the node come
+        on top.
+        """
         return 0 if self._slices is None else self._slices.gather_bytes
 
     @property
