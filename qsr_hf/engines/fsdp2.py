@@ -15,6 +15,9 @@ replicas stay equal. Such a model is refused with a message saying how to shard 
 Averaging: DTensor local shards cannot be re-bound to views of a flat buffer, so the shards are copied into
 persistent fp32 (the sharded parameters' own dtype, also under a `MixedPrecisionPolicy`) tensors before the
 all-reduce and copied back after it.
+For the same reason ``qsr_overlap_sync`` is refused (the delayed fold-in would overwrite the step taken while the
+average was in flight). ``qsr/bytes_intra_node`` counts FSDP's per-step all-gathers and reduce-scatters
+([`fsdp2_bytes_per_step`]).
 """
 
 import math
@@ -25,6 +28,10 @@ from torch import nn
 
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines.hierarchical import OVERLAP_UNSUPPORTED, NodeWorkerEngine, node_groups
+from qsr_hf.logging_utils import get_logger
+
+
+logger = get_logger(__name__)
 
 
 HSDP_UNSUPPORTED = (
@@ -95,19 +102,25 @@ def fsdp2_bytes_per_step(model: nn.Module, node_size: int) -> int:
     from torch.distributed.fsdp import FSDPModule
 
     total = 0
-    for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        state = module._get_fsdp_state()
-        root_keeps = module is model and getattr(state, "_auto_reshard_after_forward", False)
-        for group in getattr(state, "_fsdp_param_groups", []):
-            params = group.fsdp_params
-            numel = sum(math.prod(fp.padded_sharded_param_size) for fp in params)
-            orig = params[0].sharded_param.dtype
-            gather = group.mp_policy.param_dtype or orig
-            reduce = group.mp_policy.reduce_dtype or gather
-            gathers = 2 if group.post_forward_mesh_info is not None and not root_keeps else 1
-            total += (node_size - 1) * numel * (gathers * gather.itemsize + reduce.itemsize)
+    try:
+        for module in model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            root_keeps = module is model and state._auto_reshard_after_forward
+            for group in state._fsdp_param_groups:
+                params = group.fsdp_params
+                numel = sum(math.prod(fp.padded_sharded_param_size) for fp in params)
+                gather = group.mp_policy.param_dtype or params[0].sharded_param.dtype
+                reduce = group.mp_policy.reduce_dtype or gather
+                gathers = 2 if group.post_forward_mesh_info is not None and not root_keeps else 1
+                total += (node_size - 1) * numel * (gathers * gather.itemsize + reduce.itemsize)
+    except AttributeError:  # another torch version's private layout: count nothing rather than fail the run
+        logger.warning(
+            "qsr_hf: could not read FSDP2's parameter groups; qsr/bytes_intra_node leaves out FSDP's per-step traffic",
+            main_process_only=True,
+        )
+        return 0
     return total
 
 

@@ -13,6 +13,9 @@ only slice j (1/k) of the flat parameters across nodes and the node all-gathers 
 ([`NodeSlices`]): one model's worth per node crosses the inter-node link per sync instead of k. With two nodes the
 result is bitwise that of averaging the whole model on every process (a sum of two values does not depend on the
 order); with more nodes the all-reduce of a slice may add in another order (rounding-level differences).
+``qsr_overlap_sync`` is refused on this path (:meth:`HierarchicalEngine.check_config`): the slices are copies, so the
+delayed fold-in would overwrite the step taken while the average was in flight. The all-gather and the buffers
+averaged inside the node are added to ``qsr/bytes_intra_node`` as they happen.
 
 Nodes are ``rank // node_size`` (the contiguous layout torchrun and ``accelerate launch`` use). ``node_size`` comes
 from ``qsr_node_size`` or the launcher's ``LOCAL_WORLD_SIZE``.
