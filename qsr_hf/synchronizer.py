@@ -176,7 +176,7 @@ class Synchronizer:
         with torch.no_grad():
             for target, local in self._held:
                 target.copy_(local)
-            self.engine.after_average()
+            self.engine.after_restore()
         self._held = None
         self.synced_at = self._synced_before_view
 

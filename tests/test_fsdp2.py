@@ -1,7 +1,14 @@
 """FSDP2 local steps: 4 gloo processes as 2 nodes x 2, parameters and Adam state sharded inside each node."""
 
 import torch
-from testing_utils import BNMLP, assert_node_collectives, rank_batches, recorded_steps, run_distributed
+from testing_utils import (
+    BNMLP,
+    assert_node_collectives,
+    averaged_view_round_trip,
+    rank_batches,
+    recorded_steps,
+    run_distributed,
+)
 from torch import nn
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -73,7 +80,11 @@ def _fsdp2(rank, world_size, tmp):
     resumed_steps = recorded_steps(model2, resumed, LRS[4:], batches[4:], _shards)
     exact = all(torch.equal(a, b) for a, b in zip(resumed_steps[-1][1:3], per_step[-1][1:3], strict=True))
     engine = optimizer.synchronizer.engine
-    return type(engine).__name__, engine.world_size, per_step, optimizer.stats.to_logs(), exact, refusals
+    # an evaluation view mid-round (qsr_eval_copy) puts the shards and BatchNorm statistics back bitwise
+    model3, viewed = _build(mesh)
+    recorded_steps(model3, viewed, LRS[:3], batches[:3], _shards)
+    view = averaged_view_round_trip(model3, viewed, _shards)
+    return type(engine).__name__, engine.world_size, per_step, optimizer.stats.to_logs(), exact, refusals, view
 
 
 def test_fsdp2_sharded_inside_nodes():
@@ -81,7 +92,7 @@ def test_fsdp2_sharded_inside_nodes():
 
     with tempfile.TemporaryDirectory() as tmp:
         results = run_distributed(_fsdp2, world_size=4, tmp=tmp)
-    name, workers, steps0, logs, _, _ = results[0]
+    name, workers, steps0, logs, *_ = results[0]
     assert name == FSDP2Engine.__name__ and workers == 2  # one QSR worker per node (shard group)
     assert [i + 1 for i, s in enumerate(steps0) if s[0]] == plan(QSRConfig(**CONFIG), LRS).sync_steps == [2, 6, 9]
     nodes, replicas = ((0, 1), (2, 3)), ((0, 2), (1, 3))
@@ -109,6 +120,8 @@ def test_fsdp2_sharded_inside_nodes():
     # inside the node (128 bytes). 9 steps, 3 syncs:
     assert logs["qsr/bytes_intra_node"] == 9 * 1400 + 3 * 128 == 12984
     assert all(r[4] for r in results)  # resume from a mid-round checkpoint is bitwise exact on every rank
+    # leaving the evaluation view restores every rank bitwise; entering averaged the buffers inside the node (128)
+    assert all(r[6] == (True, 128) for r in results), [r[6] for r in results]
     for grads_unset, messages in (r[5] for r in results):
         assert grads_unset  # HSDP with set_requires_all_reduce(False): .grad stays unset, nothing would train
         assert len(messages) == 3 and "hybrid sharding" in messages[0] and 'mesh["shard"]' in messages[0]

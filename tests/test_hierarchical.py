@@ -5,7 +5,14 @@ from collections import Counter
 
 import pytest
 import torch
-from testing_utils import BNMLP, assert_node_collectives, rank_batches, recorded_steps, run_distributed
+from testing_utils import (
+    BNMLP,
+    assert_node_collectives,
+    averaged_view_round_trip,
+    rank_batches,
+    recorded_steps,
+    run_distributed,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -78,7 +85,11 @@ def _hierarchical(rank, world_size, tmp):
     split = (engine.intra_node_bytes_per_sync, whole.synchronizer.engine.intra_node_bytes_per_sync, _odd(engine))
     whole.close()
     logs = (logs, resumed_logs, whole.stats.to_logs())
-    return type(engine).__name__, engine.world_size, per_step, logs, exact, refusals, same, split
+    # an evaluation view mid-round (Trainer eval with qsr_eval_copy) puts parameters and BatchNorm statistics back
+    ddp4, viewed = _build()
+    recorded_steps(ddp4, viewed, LRS[:3], batches[:3], _vectors)
+    view = averaged_view_round_trip(ddp4, viewed, _vectors)
+    return type(engine).__name__, engine.world_size, per_step, logs, exact, refusals, same, split, view
 
 
 def test_hierarchical_two_nodes_of_two(tmp_path):
@@ -116,6 +127,9 @@ def test_hierarchical_two_nodes_of_two(tmp_path):
     # the split is bitwise the whole-model average (2 nodes: a sum of two values does not depend on the order)
     assert all(all(r[6]) for r in results), [r[6] for r in results]
     assert all(r[4] for r in results)  # resume from a mid-round checkpoint is bitwise exact on every rank
+    # leaving the evaluation view restores every rank bitwise (its own BatchNorm statistics, not the node's mean);
+    # entering is an extra sync: the all-gather (488) and the buffers (128) inside the node; leaving re-gathers (488)
+    assert all(r[8] == (True, 488 + 128 + 488) for r in results), [r[8] for r in results]
     for result in results:  # clear errors before training, on every rank
         (layout_error, layout), (overlap_error, overlap) = result[5]
         assert layout_error == "ValueError" and "qsr_node_size" in layout and "divide the world size 4" in layout

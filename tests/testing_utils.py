@@ -196,3 +196,13 @@ def assert_node_collectives(log: list, node: tuple, inter: tuple, world_size: in
     allowed = {node, inter, tuple(range(world_size))} if synced else {node}
     assert node in groups and groups <= allowed, (where, groups)
     assert (inter in groups) == synced, where
+
+
+def averaged_view_round_trip(model: nn.Module, optimizer: Any, snapshot: Callable) -> tuple[bool, int]:
+    """Enter and leave the averaged (evaluation) view of a qsr_hf optimizer; return whether ``snapshot(model)`` came
+    back bitwise and the bytes the two moved inside the node."""
+    before, counted = snapshot(model), optimizer.stats.intra_node_sync_bytes
+    optimizer.synchronizer.enter_averaged_view()
+    optimizer.synchronizer.leave_averaged_view()
+    same = all(torch.equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
+    return same, optimizer.stats.intra_node_sync_bytes - counted

@@ -70,6 +70,10 @@ class Engine:
     def after_average(self) -> None:
         """Propagate averaged tensors to where the backend reads them (nothing for plain parameters)."""
 
+    def after_restore(self) -> None:
+        """Propagate tensors put back to their local values (after an averaged view); as :meth:`after_average`."""
+        self.after_average()
+
     def step_lr(self, optimizer: torch.optim.Optimizer) -> float:
         """The learning rate of the optimizer step about to be taken (the rule's η)."""
         return float(optimizer.param_groups[0]["lr"])

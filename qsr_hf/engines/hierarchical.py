@@ -170,6 +170,10 @@ class NodeWorkerEngine(Engine):
             for copy, buffer in zip(self._buffer_copies, buffers, strict=True):
                 buffer.copy_(copy)
 
+    def after_restore(self) -> None:
+        """Propagate the parameters only: the buffers were put back to this rank's own values, keep them."""
+        self.after_parameters_averaged()
+
     def local_state_dict(self) -> dict[str, Any]:
         """The node layout, checked on resume."""
         return {"node_size": self.node_size}
