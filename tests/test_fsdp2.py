@@ -1,14 +1,7 @@
 """FSDP2 local steps: 4 gloo processes as 2 nodes x 2, parameters and Adam state sharded inside each node."""
 
 import torch
-from testing_utils import (
-    BNMLP,
-    assert_node_collectives,
-    averaged_view_round_trip,
-    rank_batches,
-    recorded_steps,
-    run_distributed,
-)
+from testing_utils import BNMLP, assert_node_groups, rank_batches, recorded_steps, run_distributed, view_round_trip
 from torch import nn
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -83,7 +76,7 @@ def _fsdp2(rank, world_size, tmp):
     # an evaluation view mid-round (qsr_eval_copy) puts the shards and BatchNorm statistics back bitwise
     model3, viewed = _build(mesh)
     recorded_steps(model3, viewed, LRS[:3], batches[:3], _shards)
-    view = averaged_view_round_trip(model3, viewed, _shards)
+    view = view_round_trip(model3, viewed, _shards)
     return type(engine).__name__, engine.world_size, per_step, optimizer.stats.to_logs(), exact, refusals, view
 
 
@@ -110,7 +103,7 @@ def test_fsdp2_sharded_inside_nodes():
             assert all(torch.equal(buffers[0], b) for b in buffers), step
         for rank, result in enumerate(results):
             # FSDP's all-gathers and reduce-scatters stay inside the node; only a sync crosses nodes
-            assert_node_collectives(result[2][step][3], nodes[rank // 2], replicas[rank % 2], 4, synced, (step, rank))
+            assert_node_groups(result[2][step][3], nodes[rank // 2], replicas[rank % 2], 4, synced, (step, rank))
     # each rank averages its own shard: half the model between nodes per sync (plus the unsharded buffers)
     assert steps0[0][1].numel() * 4 == 488 and logs["qsr/bytes_inter_node"] == 3 * (488 + 128) == 1848
     # inside the node, per rank and step (k = 2, fp32; a collective moves the other rank's shard, 4 bytes each):

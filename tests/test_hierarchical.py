@@ -5,14 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
-from testing_utils import (
-    BNMLP,
-    assert_node_collectives,
-    averaged_view_round_trip,
-    rank_batches,
-    recorded_steps,
-    run_distributed,
-)
+from testing_utils import BNMLP, assert_node_groups, rank_batches, recorded_steps, run_distributed, view_round_trip
 from torch.nn.parallel import DistributedDataParallel
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -88,7 +81,7 @@ def _hierarchical(rank, world_size, tmp):
     # an evaluation view mid-round (Trainer eval with qsr_eval_copy) puts parameters and BatchNorm statistics back
     ddp4, viewed = _build()
     recorded_steps(ddp4, viewed, LRS[:3], batches[:3], _vectors)
-    view = averaged_view_round_trip(ddp4, viewed, _vectors)
+    view = view_round_trip(ddp4, viewed, _vectors)
     return type(engine).__name__, engine.world_size, per_step, logs, exact, refusals, same, split, view
 
 
@@ -110,7 +103,7 @@ def test_hierarchical_two_nodes_of_two(tmp_path):
         else:  # nodes diverge inside a round
             assert not torch.equal(params[0], params[2]), step
         for rank, result in enumerate(results):
-            assert_node_collectives(result[2][step][3], nodes[rank // 2], inter[rank % 2], 4, synced, (step, rank))
+            assert_node_groups(result[2][step][3], nodes[rank // 2], inter[rank % 2], 4, synced, (step, rank))
     # accounting, per rank, 9 steps and 3 syncs: between nodes half the parameters (the split: the node sends one
     # model's worth, the floor) and the buffers: 3 x (488 + 128); inside the node the gradients every step
     # (9 x 976) and at each sync the all-gather of the other half (488) and the buffers averaged in the node (128)
@@ -163,7 +156,7 @@ def test_floor_path_three_nodes_of_two():
         for rank, (per_step, _) in enumerate(results):
             log = per_step[step][3]
             node, peers = nodes[rank // 2], inter[rank % 2]
-            assert_node_collectives(log, node, peers, 6, synced, (step, rank))
+            assert_node_groups(log, node, peers, 6, synced, (step, rank))
             counts = Counter((name, ranks) for name, ranks in log)
             # every step: one gradient bucket all-reduced inside the node (DDP's hook); at a sync also: one all-reduce
             # of the slice and the buffers with the 2 other nodes, one all-gather of the slices and one all-reduce of

@@ -189,7 +189,7 @@ def recorded_steps(
     return per_step
 
 
-def assert_node_collectives(log: list, node: tuple, inter: tuple, world_size: int, synced: bool, where: Any) -> None:
+def assert_node_groups(log: list, node: tuple, inter: tuple, world_size: int, synced: bool, where: Any) -> None:
     """Between syncs every collective of a step (``log`` from `count_collectives`) stays inside ``node``; a sync adds
     the ``inter``-node group and the agreement check (one small all-gather over all ranks)."""
     groups = {ranks for _, ranks in log}
@@ -198,7 +198,7 @@ def assert_node_collectives(log: list, node: tuple, inter: tuple, world_size: in
     assert (inter in groups) == synced, where
 
 
-def averaged_view_round_trip(model: nn.Module, optimizer: Any, snapshot: Callable) -> tuple[bool, int]:
+def view_round_trip(model: nn.Module, optimizer: Any, snapshot: Callable) -> tuple[bool, int]:
     """Enter and leave the averaged (evaluation) view of a qsr_hf optimizer; return whether ``snapshot(model)`` came
     back bitwise and the bytes the two moved inside the node."""
     before, counted = snapshot(model), optimizer.stats.intra_node_sync_bytes
