@@ -3,6 +3,7 @@
 Not part of the library and not run by the unit tests.
 """
 
+import argparse
 import datetime
 import json
 import math
@@ -85,6 +86,20 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
 
 
+def netns_parser(
+    doc: str, steps: int, methods: list[str], timeout: float, timeout_help: str
+) -> argparse.ArgumentParser:
+    """The flags shared by the network-namespace benchmarks (slow_link*.py), and the hidden ones of their workers."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--timeout", type=float, default=timeout, help=timeout_help)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--ifname", help=argparse.SUPPRESS)
+    return parser
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -105,7 +120,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from testing_utils import run_distributed  # noqa: E402
 
 
-__all__ = ["machine_info", "median", "paper_lr_schedule", "print_table", "quantile", "run_distributed", "write_result"]
+__all__ = [
+    "machine_info",
+    "median",
+    "netns_parser",
+    "paper_lr_schedule",
+    "print_table",
+    "quantile",
+    "run_distributed",
+    "write_result",
+]
 
 
 def paper_lr_schedule(

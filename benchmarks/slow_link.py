@@ -37,7 +37,6 @@ run is also split into compute and communication and re-assembled with one commo
 ("normalized wall", see `normalize`); on a quiet machine the raw and normalized ratios agree. Results go to ``benchmarks/results/slow_link.json``.
 """
 
-import argparse
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_info, median, paper_lr_schedule, print_table, write_result
+from _common import machine_info, median, netns_parser, paper_lr_schedule, print_table, write_result
 
 
 METHODS = ["ddp", "qsr", "constant_h4", "accelerate_localsgd", "torch_postlocal"]
@@ -398,15 +397,9 @@ def worker(args):
 
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser = netns_parser(__doc__, 200, METHODS, 900, "seconds per link setting")
     parser.add_argument("--links", nargs="+", default=["1gbit", "10gbit"], help="tc rates, e.g. 1gbit 10gbit")
     parser.add_argument("--delay-ms", type=float, default=0.5, help="one-way delay per direction (needs netem)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per link setting")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--ifname", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)

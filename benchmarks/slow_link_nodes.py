@@ -23,7 +23,6 @@ machine is shared: the load average is recorded before and after. Results go to
 ``benchmarks/results/slow_link_nodes.json``.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -32,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import median, print_table, write_result
+from _common import median, netns_parser, print_table, write_result
 from slow_link import (
     BATCH,
     D_IN,
@@ -62,8 +61,7 @@ def expected_tx(method, r, param_bytes, steps):
         return 1.5 * steps * param_bytes, 1.5 * steps * param_bytes
     if method == "qsr_process":
         return 1.5 * r["bytes_inter_node"], 1.5 * r["bytes_inter_node"]
-    intra = r["bytes_intra_node"] + r["syncs"] * r["intra_node_bytes_per_sync"]
-    return PER_NODE * r["bytes_inter_node"], PER_NODE * intra
+    return PER_NODE * r["bytes_inter_node"], PER_NODE * r["bytes_intra_node"]
 
 
 def train(method, rank, steps, ifnames):
@@ -107,16 +105,14 @@ def train(method, rank, steps, ifnames):
     out["sync_extra_s"] = sum(t - median(local) for t, s in zip(step_s, synced, strict=True) if s) if local else None
     out["tx_bytes"] = {link: after[link]["tx_bytes"] - before[link]["tx_bytes"] for link in ifnames}
     if method == "ddp":
-        out.update(syncs=steps, bytes_inter_node=steps * param_bytes, bytes_intra_node=0, intra_node_bytes_per_sync=0)
+        out.update(syncs=steps, bytes_inter_node=steps * param_bytes, bytes_intra_node=0)
     else:
         opt.close()
         logs = opt.stats.to_logs()
-        engine = opt.synchronizer.engine
         out.update(
             syncs=int(logs["qsr/syncs"] + logs["qsr/extra_syncs"]),
             bytes_inter_node=int(logs["qsr/bytes_inter_node"]),
-            bytes_intra_node=int(logs["qsr/bytes_intra_node"]),
-            intra_node_bytes_per_sync=getattr(engine, "intra_node_bytes_per_sync", 0),
+            bytes_intra_node=int(logs["qsr/bytes_intra_node"]),  # the node's all-gathers at syncs included
         )
     with torch.no_grad():
         flat = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
@@ -165,14 +161,8 @@ def run_nodes(hosts, args, outdir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
+    parser = netns_parser(__doc__, 100, METHODS, 1200, "seconds to wait for the workers")
     parser.add_argument("--link", default="1gbit", help="tc rate of the inter-node veth")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--timeout", type=float, default=1200)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--ifname", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -200,8 +190,7 @@ def main(argv=None):
             "sync_extra_s": None if r0["sync_extra_s"] is None else max(r["sync_extra_s"] for r in per_rank),
             "syncs": r0["syncs"],
             "accounted_bytes_inter_node_per_rank": r0["bytes_inter_node"],
-            "accounted_bytes_intra_node_per_rank": r0["bytes_intra_node"]
-            + r0["syncs"] * r0["intra_node_bytes_per_sync"],
+            "accounted_bytes_intra_node_per_rank": r0["bytes_intra_node"],
             "tx_bytes": tx,
             "expected_tx_bytes_per_node": {"veth": exp_veth, "loopback": exp_lo},
             "veth_tx_over_expected": [v / exp_veth for v in tx["veth_per_node"]],

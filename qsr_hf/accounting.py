@@ -19,13 +19,20 @@ class SyncStats:
         extra_syncs (`int`): syncs forced outside the schedule (before evaluation, checkpoint, end of training).
         bytes_averaged (`int`): bytes this rank put into parameter all-reduces.
         round_length (`int`): H of the current round.
-        intra_node_bytes_per_step (`int`): bytes all-reduced inside a node on every step (hierarchical QSR, where a
-            node is one worker: its gradients); 0 when every process is a worker.
+        intra_node_bytes_per_step (`int`): bytes this rank moves inside its node on every optimizer step when a node
+            is one worker (hierarchical QSR: its gradient all-reduce; FSDP2 inside nodes: its all-gathers and
+            reduce-scatters); 0 when every process is a worker.
+        intra_node_sync_bytes (`int`): bytes this rank moved inside its node at syncs so far (the all-gather of the
+            hierarchical floor path, the BatchNorm statistics averaged inside the node); added by the engine.
+        nonfinite_syncs (`int`): syncs at which some rank held NaN/inf and was left out
+            (``qsr_on_nonfinite="skip_rank"``).
 
     Inter-node bytes are those averaged between QSR workers (``bytes_averaged``): with ``qsr_worker="node"`` that is
     the only traffic between nodes; with one worker per process on several nodes the averaging crosses nodes too.
-        nonfinite_syncs (`int`): syncs at which some rank held NaN/inf and was left out
-            (``qsr_on_nonfinite="skip_rank"``).
+    Byte conventions, per rank and exact: an all-reduce counts its buffer (as data-parallel's gradient all-reduce
+    does); an all-gather counts what this rank receives from the other k - 1 processes of its node, and a
+    reduce-scatter what it sends to them ((k - 1) / k of the full buffer each). With k = 2 every count is what a rank
+    sends over the node's link.
     """
 
     grad_bytes_per_step: int = 0
@@ -35,6 +42,7 @@ class SyncStats:
     bytes_averaged: int = 0
     round_length: int = 0
     intra_node_bytes_per_step: int = 0
+    intra_node_sync_bytes: int = 0
     nonfinite_syncs: int = 0
 
     def record_sync(self, num_bytes: int, scheduled: bool) -> None:
@@ -52,8 +60,8 @@ class SyncStats:
 
     @property
     def bytes_intra_node(self) -> int:
-        """Bytes all-reduced inside nodes so far (steps x ``intra_node_bytes_per_step``)."""
-        return self.steps * self.intra_node_bytes_per_step
+        """Bytes moved inside the node so far: steps x ``intra_node_bytes_per_step`` + ``intra_node_sync_bytes``."""
+        return self.steps * self.intra_node_bytes_per_step + self.intra_node_sync_bytes
 
     @property
     def bytes_inter_node(self) -> int:
@@ -84,5 +92,6 @@ class SyncStats:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters saved by :meth:`state_dict` (bytes per step are recomputed, not restored)."""
-        for key in ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length", "nonfinite_syncs"):
+        counters = ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length", "intra_node_sync_bytes")
+        for key in (*counters, "nonfinite_syncs"):
             setattr(self, key, int(state.get(key, 0)))

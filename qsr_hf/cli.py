@@ -223,7 +223,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
         if modes is not None:
             print(
                 f"on {ns.nodes} nodes x {ns.procs_per_node}: data-parallel {modes['ddp_h']:.2f} h, QSR per process "
-                f"{modes['qsr_process_h']:.2f} h, per node {modes['qsr_node_h']:.2f} h, FSDP2 in nodes "
+                f"{modes['qsr_process_h']:.2f} h, per node {modes['qsr_node_h']:.2f} h (whole model per process "
+                f"{modes['qsr_node_whole_h']:.2f} h), FSDP2 in nodes "
                 f"{modes['qsr_fsdp2_h']:.2f} h; one sync at the inter-node floor {modes['sync_floor_s']:.3f} s"
             )
         if ns.plot:

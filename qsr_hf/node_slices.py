@@ -75,7 +75,7 @@ class NodeSlices:
     def gather(self) -> None:
         """All-gather the slices inside the node and copy the result into the tensors (a collective of the node)."""
         for bucket, piece in zip(self._buckets, self._pieces, strict=True):
-            dist.all_gather_into_tensor(bucket.flat, piece, group=self.node_group)
+            dist.all_gather_single(bucket.flat, piece, group=self.node_group)
             bucket.scatter(bucket.flat)
 
     @property

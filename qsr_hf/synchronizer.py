@@ -46,6 +46,7 @@ class Synchronizer:
         total_steps: int | None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
+        engine.check_config(config)  # refusals of settings this backend cannot run, before anything is built
         self.engine = engine
         self.config = config
         self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
@@ -56,6 +57,7 @@ class Synchronizer:
             grad_bytes_per_step=sum(p.numel() * p.element_size() for p in trainable),
             intra_node_bytes_per_step=engine.intra_node_bytes_per_step,
         )
+        engine.stats = self.stats  # the engine adds the bytes it moves inside the node at a sync
         self.averager: ParameterAverager | None = None
         self.overlap: OverlappedSync | None = None
         self.synced_at = -1  # optimizer step of the last average: the ranks' tensors are identical there
@@ -174,7 +176,7 @@ class Synchronizer:
         with torch.no_grad():
             for target, local in self._held:
                 target.copy_(local)
-            self.engine.after_average()
+            self.engine.after_restore()
         self._held = None
         self.synced_at = self._synced_before_view
 

@@ -1,7 +1,7 @@
 """FSDP2 local steps: 4 gloo processes as 2 nodes x 2, parameters and Adam state sharded inside each node."""
 
 import torch
-from testing_utils import BNMLP, count_collectives, rank_batches, run_distributed
+from testing_utils import BNMLP, assert_node_groups, rank_batches, recorded_steps, run_distributed, view_round_trip
 from torch import nn
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -30,19 +30,10 @@ def _sharded(mesh):
     return fully_shard(model, mesh=mesh)
 
 
-def _build(mesh):
+def _build(mesh, **overrides):
     model = _sharded(mesh["shard"])
     adam = torch.optim.AdamW(model.parameters(), lr=LRS[0])
-    return model, LocalOptimizer(adam, model, QSRConfig(**CONFIG), num_training_steps=len(LRS))
-
-
-def _step(model, optimizer, step, batch):
-    for group in optimizer.param_groups:
-        group["lr"] = LRS[step]
-    x, y = batch
-    nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    return model, LocalOptimizer(adam, model, QSRConfig(**CONFIG, **overrides), num_training_steps=len(LRS))
 
 
 def _shards(model):
@@ -52,7 +43,8 @@ def _shards(model):
 
 
 def _refusals(mesh, batch):
-    """FSDP2's own HSDP (2-D mesh) and sharding across all ranks are refused; why HSDP cannot take local steps."""
+    """FSDP2's own HSDP (2-D mesh), sharding across all ranks and qsr_overlap_sync are refused; why HSDP cannot take
+    local steps."""
     hsdp = _sharded(mesh)
     hsdp.set_requires_all_reduce(False)
     nn.functional.cross_entropy(hsdp(batch[0]), batch[1]).backward()
@@ -63,6 +55,10 @@ def _refusals(mesh, batch):
             detect_engine(model)
         except NotImplementedError as e:
             messages.append(str(e))
+    try:
+        _build(mesh, qsr_overlap_sync=True)
+    except NotImplementedError as e:
+        messages.append(str(e))
     return grads_unset, messages
 
 
@@ -71,21 +67,17 @@ def _fsdp2(rank, world_size, tmp):
     batches = rank_batches(rank, len(LRS))
     refusals = _refusals(mesh, batches[0])
     model, optimizer = _build(mesh)
-    per_step = []
-    for step, batch in enumerate(batches):
-        log: list = []
-        with count_collectives(log):
-            _step(model, optimizer, step, batch)
-        per_step.append((optimizer.last_step_synced, *_shards(model), log))
-        if step == 3:  # mid-round (the round of steps 2-5)
-            optimizer.save_local_state(tmp)
+    per_step = recorded_steps(model, optimizer, LRS, batches, _shards, save_at=3, tmp=tmp)  # 3: mid-round (2-5)
     model2, resumed = _build(mesh)
     resumed.load_local_state(tmp)
-    for step in range(4, len(LRS)):
-        _step(model2, resumed, step, batches[step])
-    exact = all(torch.equal(a, b) for a, b in zip(_shards(model2), per_step[-1][1:3], strict=True))
+    resumed_steps = recorded_steps(model2, resumed, LRS[4:], batches[4:], _shards)
+    exact = all(torch.equal(a, b) for a, b in zip(resumed_steps[-1][1:3], per_step[-1][1:3], strict=True))
     engine = optimizer.synchronizer.engine
-    return type(engine).__name__, engine.world_size, per_step, optimizer.stats.to_logs(), exact, refusals
+    # an evaluation view mid-round (qsr_eval_copy) puts the shards and BatchNorm statistics back bitwise
+    model3, viewed = _build(mesh)
+    recorded_steps(model3, viewed, LRS[:3], batches[:3], _shards)
+    view = view_round_trip(model3, viewed, _shards)
+    return type(engine).__name__, engine.world_size, per_step, optimizer.stats.to_logs(), exact, refusals, view
 
 
 def test_fsdp2_sharded_inside_nodes():
@@ -93,7 +85,7 @@ def test_fsdp2_sharded_inside_nodes():
 
     with tempfile.TemporaryDirectory() as tmp:
         results = run_distributed(_fsdp2, world_size=4, tmp=tmp)
-    name, workers, steps0, logs, _, _ = results[0]
+    name, workers, steps0, logs, *_ = results[0]
     assert name == FSDP2Engine.__name__ and workers == 2  # one QSR worker per node (shard group)
     assert [i + 1 for i, s in enumerate(steps0) if s[0]] == plan(QSRConfig(**CONFIG), LRS).sync_steps == [2, 6, 9]
     nodes, replicas = ((0, 1), (2, 3)), ((0, 2), (1, 3))
@@ -110,18 +102,22 @@ def test_fsdp2_sharded_inside_nodes():
         if synced:
             assert all(torch.equal(buffers[0], b) for b in buffers), step
         for rank, result in enumerate(results):
-            groups = {ranks for _, ranks in result[2][step][3]}
-            node, replica = nodes[rank // 2], replicas[rank % 2]
-            # FSDP's all-gathers and reduce-scatters stay inside the node; only a sync crosses nodes (the replica group,
-            # and the agreement check: one small all-gather over all ranks)
-            allowed = {node, replica, (0, 1, 2, 3)} if synced else {node}
-            assert node in groups and groups <= allowed, (step, rank, groups)
-            assert (replica in groups) == synced, (step, rank)
+            # FSDP's all-gathers and reduce-scatters stay inside the node; only a sync crosses nodes
+            assert_node_groups(result[2][step][3], nodes[rank // 2], replicas[rank % 2], 4, synced, (step, rank))
     # each rank averages its own shard: half the model between nodes per sync (plus the unsharded buffers)
-    shard_bytes, buffer_bytes = steps0[0][1].numel() * 4, 2 * 16 * 4
-    assert logs["qsr/bytes_inter_node"] == 3 * (shard_bytes + buffer_bytes)
+    assert steps0[0][1].numel() * 4 == 488 and logs["qsr/bytes_inter_node"] == 3 * (488 + 128) == 1848
+    # inside the node, per rank and step (k = 2, fp32; a collective moves the other rank's shard, 4 bytes each):
+    # forward all-gathers of the root (BatchNorm: 8 + 8 = 16 elements), net[0] (8 x 8 + 8 = 72) and net[3] (2 x 16 + 2
+    # = 34); backward re-gathers net[0] and net[3] (the root keeps its parameters after forward); reduce-scatters of
+    # all three: (16 + 72 + 34 + 72 + 34 + 16 + 72 + 34) x 4 = 1400 bytes. At each sync the buffers are averaged
+    # inside the node (128 bytes). 9 steps, 3 syncs:
+    assert logs["qsr/bytes_intra_node"] == 9 * 1400 + 3 * 128 == 12984
     assert all(r[4] for r in results)  # resume from a mid-round checkpoint is bitwise exact on every rank
+    # leaving the evaluation view restores every rank bitwise; entering averaged the buffers inside the node (128)
+    assert all(r[6] == (True, 128) for r in results), [r[6] for r in results]
     for grads_unset, messages in (r[5] for r in results):
         assert grads_unset  # HSDP with set_requires_all_reduce(False): .grad stays unset, nothing would train
-        assert len(messages) == 2 and "hybrid sharding" in messages[0] and 'mesh["shard"]' in messages[0]
+        assert len(messages) == 3 and "hybrid sharding" in messages[0] and 'mesh["shard"]' in messages[0]
         assert "sharded across all 4 ranks" in messages[1] and "DDP" in messages[1]
+        assert "qsr_overlap_sync=True is not supported with FSDP2" in messages[2]
+        assert "Set qsr_overlap_sync=False" in messages[2]

@@ -152,3 +152,57 @@ def count_collectives(log: list) -> Any:
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+
+
+def lr_step(model: nn.Module, optimizer: Any, lr: float, batch: tuple) -> None:
+    """One optimizer step of cross-entropy on ``batch = (x, y)`` at learning rate ``lr`` (set on every param group)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x, y = batch
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def recorded_steps(
+    model: nn.Module,
+    optimizer: Any,
+    lrs: list[float],
+    batches: list,
+    snapshot: Callable,
+    save_at: int = -1,
+    tmp: str = "",
+) -> list:
+    """Train one step per batch through a qsr_hf optimizer; per step return (synced, *snapshot(model), collectives).
+
+    The collectives are those `count_collectives` logs during the step. With ``save_at``, the per-rank local state is
+    saved to ``tmp`` after that (0-based) step, for a resume test.
+    """
+    per_step = []
+    for step, batch in enumerate(batches):
+        log: list = []
+        with count_collectives(log):
+            lr_step(model, optimizer, lrs[step], batch)
+        per_step.append((optimizer.last_step_synced, *snapshot(model), log))
+        if step == save_at:
+            optimizer.save_local_state(tmp)
+    return per_step
+
+
+def assert_node_groups(log: list, node: tuple, inter: tuple, world_size: int, synced: bool, where: Any) -> None:
+    """Between syncs every collective of a step (``log`` from `count_collectives`) stays inside ``node``; a sync adds
+    the ``inter``-node group and the agreement check (one small all-gather over all ranks)."""
+    groups = {ranks for _, ranks in log}
+    allowed = {node, inter, tuple(range(world_size))} if synced else {node}
+    assert node in groups and groups <= allowed, (where, groups)
+    assert (inter in groups) == synced, where
+
+
+def view_round_trip(model: nn.Module, optimizer: Any, snapshot: Callable) -> tuple[bool, int]:
+    """Enter and leave the averaged (evaluation) view of a qsr_hf optimizer; return whether ``snapshot(model)`` came
+    back bitwise and the bytes the two moved inside the node."""
+    before, counted = snapshot(model), optimizer.stats.intra_node_sync_bytes
+    optimizer.synchronizer.enter_averaged_view()
+    optimizer.synchronizer.leave_averaged_view()
+    same = all(torch.equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
+    return same, optimizer.stats.intra_node_sync_bytes - counted

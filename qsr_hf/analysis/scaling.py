@@ -223,6 +223,11 @@ class NodeLayout:
         """One all-reduce over all processes at the two-level floor: inside the node, then between nodes."""
         return self.intra_allreduce_s(num_bytes) + self.inter_allreduce_s(num_bytes)
 
+    def intra_allgather_s(self, num_bytes: float) -> float:
+        """One ring all-gather of ``num_bytes`` (the gathered size) inside a node: half a ring all-reduce."""
+        hops = self.per_node - 1
+        return hops / self.per_node * num_bytes * 8 / self.intra_bits_per_s + hops * self.latency_s
+
 
 def predict_node_modes(
     plan: Plan, compute_s_per_step: float, model_bytes: float, layout: NodeLayout, ddp_overlap: float = 0.0
@@ -231,9 +236,11 @@ def predict_node_modes(
 
     - ``ddp``: a gradient all-reduce over all processes every step (at the two-level floor);
     - ``qsr_process``: every process is a worker (the paper); one all-reduce over all processes per sync;
-    - ``qsr_node`` (``qsr_worker="node"``): a gradient all-reduce inside the node every step; at each sync each of
-      the node's ``per_node`` processes all-reduces the whole model with its peers, so a node's link carries
-      ``per_node`` times the floor;
+    - ``qsr_node`` (``qsr_worker="node"``, the engine's default floor path): a gradient all-reduce inside the node
+      every step; at each sync local rank j all-reduces slice j (1/k of the model) with its peers on the other nodes
+      (together one model's all-reduce on the node's link: the floor), then the node all-gathers the slices;
+    - ``qsr_node_whole`` (``HierarchicalEngine.split_sync = False``): as ``qsr_node``, but each of the node's k
+      processes all-reduces the whole model with its peers, so the node's link carries k times the floor;
     - ``qsr_fsdp2``: FSDP2 sharded inside the node (all-gather in forward and backward, reduce-scatter of the
       gradients: 1.5 intra-node all-reduces per step); at each sync every process averages its shard: the floor.
 
@@ -245,15 +252,17 @@ def predict_node_modes(
         ddp_overlap (`float`, defaults to 0.0): share of the data-parallel all-reduce hidden behind backward.
 
     Returns:
-        `dict[str, float]`: seconds per mode (``ddp_s``, ``qsr_process_s``, ``qsr_node_s``, ``qsr_fsdp2_s``) and the
-        one-sync floor ``sync_floor_s``.
+        `dict[str, float]`: seconds per mode (``ddp_s``, ``qsr_process_s``, ``qsr_node_s``, ``qsr_node_whole_s``,
+        ``qsr_fsdp2_s``) and the one-sync floor ``sync_floor_s``.
     """
     compute = plan.total_steps * compute_s_per_step
     intra, inter = layout.intra_allreduce_s(model_bytes), layout.inter_allreduce_s(model_bytes)
+    node_steps = compute + plan.total_steps * intra
     return {
         "ddp_s": compute + plan.total_steps * (intra + inter) * (1.0 - ddp_overlap),
         "qsr_process_s": compute + plan.syncs * (intra + inter),
-        "qsr_node_s": compute + plan.total_steps * intra + plan.syncs * layout.per_node * inter,
+        "qsr_node_s": node_steps + plan.syncs * (inter + layout.intra_allgather_s(model_bytes)),
+        "qsr_node_whole_s": node_steps + plan.syncs * layout.per_node * inter,
         "qsr_fsdp2_s": compute + plan.total_steps * 1.5 * intra + plan.syncs * inter,
         "sync_floor_s": inter,
     }

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from qsr_hf.accounting import SyncStats
 from qsr_hf.averaging import averaged_tensors
+from qsr_hf.config import QSRConfig
 from qsr_hf.scheduler_checks import catch_up_scheduler
 
 
@@ -29,16 +31,32 @@ class Engine:
         can_average_optimizer_state (`bool`): whether the optimizer is a torch optimizer whose state tensors can be
             averaged (``qsr_average_optimizer_state``).
         intra_node_bytes_per_step (`int`): bytes each rank all-reduces inside its node on every optimizer step
-            (hierarchical QSR: the gradients; 0 where a worker is one process).
+            (hierarchical QSR: the gradients; FSDP2: its all-gathers and reduce-scatters; 0 where a worker is one
+            process).
+        stats ([`SyncStats`] or `None`): the run's counters, set by the [`Synchronizer`]; an engine adds the bytes it
+            moves inside the node at a sync to them (:meth:`count_intra_node_bytes`).
     """
 
     process_group: ProcessGroup | None = None
     world_size: int = 1
     can_average_optimizer_state: bool = True
     intra_node_bytes_per_step: int = 0
+    stats: SyncStats | None = None
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+
+    def check_config(self, config: QSRConfig) -> None:
+        """Refuse, before training, QSR settings this backend cannot run (every setting runs by default).
+
+        Raises:
+            `NotImplementedError`: with a message that says which setting to change.
+        """
+
+    def count_intra_node_bytes(self, num_bytes: int) -> None:
+        """Add ``num_bytes`` moved inside the node at a sync to ``qsr/bytes_intra_node``."""
+        if self.stats is not None:
+            self.stats.intra_node_sync_bytes += num_bytes
 
     def disable_gradient_sync(self) -> None:
         """Switch the backend's per-step gradient all-reduce off (start of local training)."""
@@ -52,6 +70,10 @@ class Engine:
 
     def after_average(self) -> None:
         """Propagate averaged tensors to where the backend reads them (nothing for plain parameters)."""
+
+    def after_restore(self) -> None:
+        """Propagate tensors put back to their local values (after an averaged view); as :meth:`after_average`."""
+        self.after_average()
 
     def step_lr(self, optimizer: torch.optim.Optimizer) -> float:
         """The learning rate of the optimizer step about to be taken (the rule's η)."""

@@ -15,13 +15,23 @@ replicas stay equal. Such a model is refused with a message saying how to shard 
 Averaging: DTensor local shards cannot be re-bound to views of a flat buffer, so the shards are copied into
 persistent fp32 (the sharded parameters' own dtype, also under a `MixedPrecisionPolicy`) tensors before the
 all-reduce and copied back after it.
+For the same reason ``qsr_overlap_sync`` is refused (the delayed fold-in would overwrite the step taken while the
+average was in flight). ``qsr/bytes_intra_node`` counts FSDP's per-step all-gathers and reduce-scatters
+([`fsdp2_bytes_per_step`]).
 """
+
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from qsr_hf.engines.hierarchical import NodeWorkerEngine, node_groups
+from qsr_hf.config import QSRConfig
+from qsr_hf.engines.hierarchical import OVERLAP_UNSUPPORTED, NodeWorkerEngine, node_groups
+from qsr_hf.logging_utils import get_logger
+
+
+logger = get_logger(__name__)
 
 
 HSDP_UNSUPPORTED = (
@@ -73,6 +83,47 @@ def validate_fsdp2(model: nn.Module) -> int:
     return mesh.size()
 
 
+def fsdp2_bytes_per_step(model: nn.Module, node_size: int) -> int:
+    """Bytes one rank moves inside its node per optimizer step under FSDP2 (the [`SyncStats`] conventions).
+
+    Per parameter group (one per ``fully_shard`` call): one all-gather in forward, a second in backward if the group
+    reshards after forward (FSDP2's default for every group but the root), one reduce-scatter of the gradients. Each
+    moves (k - 1) x this rank's padded shard (dim 0 padded to a multiple of k), all-gathers in the compute dtype
+    (``MixedPrecisionPolicy.param_dtype``), reduce-scatters in ``reduce_dtype``. Read from FSDP2's parameter groups
+    (private attributes of torch 2.13) before the first forward.
+
+    Args:
+        model (`nn.Module`): the root module given to ``fully_shard``.
+        node_size (`int`): k, the processes of the shard group.
+
+    Returns:
+        `int`: bytes per step (0 if FSDP2's layout could not be read).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    total = 0
+    try:
+        for module in model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            root_keeps = module is model and state._auto_reshard_after_forward
+            for group in state._fsdp_param_groups:
+                params = group.fsdp_params
+                numel = sum(math.prod(fp.padded_sharded_param_size) for fp in params)
+                gather = group.mp_policy.param_dtype or params[0].sharded_param.dtype
+                reduce = group.mp_policy.reduce_dtype or gather
+                gathers = 2 if group.post_forward_mesh_info is not None and not root_keeps else 1
+                total += (node_size - 1) * numel * (gathers * gather.itemsize + reduce.itemsize)
+    except AttributeError:  # another torch version's private layout: count nothing rather than fail the run
+        logger.warning(
+            "qsr_hf: could not read FSDP2's parameter groups; qsr/bytes_intra_node leaves out FSDP's per-step traffic",
+            main_process_only=True,
+        )
+        return 0
+    return total
+
+
 class FSDP2Engine(NodeWorkerEngine):
     """Adapter for a model sharded with FSDP2 inside each node: the shard group is one QSR worker.
 
@@ -90,6 +141,18 @@ class FSDP2Engine(NodeWorkerEngine):
         self.world_size = dist.get_world_size(self.process_group)
         self._shards: list[torch.Tensor] = []
         self._copies: list[torch.Tensor] = []
+        self.intra_node_bytes_per_step = fsdp2_bytes_per_step(model, self.node_size)
+
+    def check_config(self, config: QSRConfig) -> None:
+        """Refuse ``qsr_overlap_sync`` (a sync averages copies of the DTensor shards)."""
+        if config.qsr_overlap_sync:
+            raise NotImplementedError(
+                OVERLAP_UNSUPPORTED.format(
+                    engine="FSDP2 sharded inside nodes",
+                    copies="of the local shards, copied back into the DTensors afterwards",
+                    alternative=" (syncs block; they send one model's worth per node, the floor)",
+                )
+            )
 
     def _local_shards(self) -> list[torch.Tensor]:
         return [p.to_local() for p in _sharded_params(self.module)]

@@ -13,6 +13,9 @@ only slice j (1/k) of the flat parameters across nodes and the node all-gathers 
 ([`NodeSlices`]): one model's worth per node crosses the inter-node link per sync instead of k. With two nodes the
 result is bitwise that of averaging the whole model on every process (a sum of two values does not depend on the
 order); with more nodes the all-reduce of a slice may add in another order (rounding-level differences).
+``qsr_overlap_sync`` is refused on this path (:meth:`HierarchicalEngine.check_config`): the slices are copies, so the
+delayed fold-in would overwrite the step taken while the average was in flight. The all-gather and the buffers
+averaged inside the node are added to ``qsr/bytes_intra_node`` as they happen.
 
 Nodes are ``rank // node_size`` (the contiguous layout torchrun and ``accelerate launch`` use). ``node_size`` comes
 from ``qsr_node_size`` or the launcher's ``LOCAL_WORLD_SIZE``.
@@ -28,12 +31,19 @@ from torch.distributed import ProcessGroup
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from qsr_hf.averaging import ParameterAverager, averaged_tensors
+from qsr_hf.config import QSRConfig
 from qsr_hf.engines.base import Engine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.node_slices import NodeSlices
 
 
 logger = get_logger(__name__)
+
+OVERLAP_UNSUPPORTED = (
+    "qsr_overlap_sync=True is not supported with {engine}: a sync there averages copies ({copies}) and writes them "
+    "back, so the one-step-delayed fold-in would overwrite the optimizer step taken while the average was in flight "
+    "and drop its local change. Set qsr_overlap_sync=False{alternative}"
+)
 
 
 def resolve_node_size(world_size: int, node_size: int | None = None) -> int:
@@ -156,9 +166,13 @@ class NodeWorkerEngine(Engine):
         with torch.no_grad():
             for copy, buffer in zip(self._buffer_copies, buffers, strict=True):
                 copy.copy_(buffer)
-            self._buffer_averager.average()
+            self.count_intra_node_bytes(self._buffer_averager.average())
             for copy, buffer in zip(self._buffer_copies, buffers, strict=True):
                 buffer.copy_(copy)
+
+    def after_restore(self) -> None:
+        """Propagate the parameters only: the buffers were put back to this rank's own values, keep them."""
+        self.after_parameters_averaged()
 
     def local_state_dict(self) -> dict[str, Any]:
         """The node layout, checked on resume."""
@@ -223,14 +237,31 @@ class HierarchicalEngine(NodeWorkerEngine):
         params = super().parameter_tensors()
         return params if self._slices is None else self._slices.pieces(params)
 
+    def check_config(self, config: QSRConfig) -> None:
+        """Refuse ``qsr_overlap_sync`` on the floor path (each process averages a copy of its slice)."""
+        if config.qsr_overlap_sync and self._slices is not None:
+            raise NotImplementedError(
+                OVERLAP_UNSUPPORTED.format(
+                    engine="qsr_worker='node' on the inter-node floor path (HierarchicalEngine.split_sync, the default)",
+                    copies="each process's slice of the parameters, all-gathered inside the node afterwards",
+                    alternative=", or average the whole model on every process with HierarchicalEngine.split_sync = "
+                    "False (k times the bytes between nodes), or use qsr_worker='process'",
+                )
+            )
+
     def after_parameters_averaged(self) -> None:
         """With ``split_sync``: all-gather the averaged slices inside the node into the parameters."""
         if self._slices is not None:
             self._slices.gather()
+            self.count_intra_node_bytes(self._slices.gather_bytes)
 
     @property
     def intra_node_bytes_per_sync(self) -> int:
-        """Bytes each rank receives inside its node per sync (the all-gather of the slices; 0 without split)."""
+        """Bytes each rank receives inside its node per sync from the all-gather of the slices (0 without split).
+
+        0 before the first sync (the slices are laid out then); the BatchNorm statistics averaged inside the node come
+        on top.
+        """
         return 0 if self._slices is None else self._slices.gather_bytes
 
     @property
