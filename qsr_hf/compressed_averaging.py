@@ -88,7 +88,8 @@ class CompressedAverager:
     Same call shape as [`ParameterAverager`] (``average(divisor=None) -> int``); its copy-mode buckets hold the
     layout and an fp32 copy of the tensors (the staged deltas). The anchor is set from the tensors at construction,
     so build it when the ranks hold identical tensors (start of training), and restore it with the tensors on a
-    resume inside a round (``Synchronizer.state_dict`` holds it).
+    resume inside a round (``Synchronizer.state_dict`` holds it). Only its being equal on every rank matters: a
+    change that is not a sync (post-local's data-parallel phase) leaves it behind, and the next sync's delta spans it.
 
     Args:
         tensors (`Iterable[torch.Tensor]` or `Callable[[], Iterable[torch.Tensor]]`):

@@ -77,21 +77,14 @@ class Synchronizer:
         self._held_anchor: torch.Tensor | None = None  # compression: the anchor before an eval-copy average
         self._synced_before_view = -1
         self._gradient_sync = True  # the backend's own per-step gradient all-reduce
-        if self.distributed and config.qsr_compress_delta:
-            # the anchor is taken here, where every rank holds the same tensors (checked by check_start)
-            self.averager = CompressedAverager(
-                functools.partial(self._synced_tensors, optimizer), engine.process_group
-            )
-            self._set_gradient_sync(self._data_parallel_step(0))
-        elif self.distributed:
+        if self.distributed:
             # overlap (qsr_overlap_sync, see qsr_hf.overlap): copy-mode averager, the average folded in one step late
-            overlapped = config.qsr_overlap_sync
-            self.averager = ParameterAverager(
-                functools.partial(self._synced_tensors, optimizer),
-                engine.process_group,
-                config.qsr_fp32_average,
-                mode="copy" if overlapped else "inplace",
-            )
+            overlapped, tensors = config.qsr_overlap_sync, functools.partial(self._synced_tensors, optimizer)
+            if config.qsr_compress_delta:  # its anchor is taken here, where the ranks agree (checked by check_start)
+                self.averager = CompressedAverager(tensors, engine.process_group)
+            else:
+                mode = "copy" if overlapped else "inplace"
+                self.averager = ParameterAverager(tensors, engine.process_group, config.qsr_fp32_average, mode=mode)
             self.overlap = OverlappedSync(self.averager) if overlapped else None
             self._set_gradient_sync(self._data_parallel_step(0))
         else:
