@@ -87,12 +87,12 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 
 def netns_parser(
-    doc: str, steps: int, methods: list[str], timeout: float, timeout_help: str
+    doc: str, steps: int, methods: list[str], timeout: float, timeout_help: str, variants: Sequence[str] = ()
 ) -> argparse.ArgumentParser:
     """The flags shared by the network-namespace benchmarks (slow_link*.py), and the hidden ones of their workers."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--methods", nargs="+", default=methods, choices=[*methods, *variants])
     parser.add_argument("--timeout", type=float, default=timeout, help=timeout_help)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

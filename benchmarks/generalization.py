@@ -7,12 +7,14 @@ seed, so differences between rules are paired. Writes benchmarks/results/general
 
     python benchmarks/generalization.py              # the committed run (14 min on 2 CPU cores)
     python benchmarks/generalization.py --quick      # smoke test (~1 min)
+    python benchmarks/generalization.py --variants   # QSR vs QSR + qsr_overlap_sync vs QSR + qsr_compress_delta
 
 Data: /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist). Without it, the run falls back to
 scikit-learn's digits with a warning; those numbers say nothing about the paper's claim.
 """
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -38,6 +40,7 @@ from qsr_hf.analysis.simulation import DataParallelSimulation, LocalTrainingSimu
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).parent / "results"
 RULES = ["ddp", "constant2", "constant4", "constant8", "post_local", "linear", "qsr", "cubic"]
+VARIANTS = ["ddp", "qsr", "qsr_overlap", "qsr_compress"]  # --variants: issue 14's overlap and compression
 LABELS = {
     "ddp": "data-parallel",
     "constant2": "constant H=2",
@@ -47,6 +50,8 @@ LABELS = {
     "linear": "linear rule",
     "qsr": "QSR",
     "cubic": "cubic rule",
+    "qsr_overlap": "QSR + overlap (one-step-delayed)",
+    "qsr_compress": "QSR + bf16 delta compression",
 }
 # the paper's ViT-B recipe: alpha = 0.0175 at peak lr 0.008 with H_base = 4, i.e. 1.09375 * peak_lr * sqrt(H_base)
 PAPER_ALPHA_RATIO = 0.0175 / (0.008 * math.sqrt(4))
@@ -162,6 +167,8 @@ def rule_configs(args, lrs: list[float], warmup_steps: int) -> dict[str, QSRConf
         peak_h = configs[name].build_schedule(0).round_length(0, args.lr)
         if peak_h != h:
             print(f"WARNING: {name} gives H={peak_h} at the peak lr, not H_base={h}", file=sys.stderr)
+    configs["qsr_overlap"] = dataclasses.replace(configs["qsr"], qsr_overlap_sync=True)
+    configs["qsr_compress"] = dataclasses.replace(configs["qsr"], qsr_compress_delta=True)
     return configs
 
 
@@ -288,7 +295,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"then H={a['h_base']}."
     )
     lines = [
-        "# Generalization benchmark (issue 7)",
+        "# Generalization benchmark (issue 7)"
+        + (": overlap and compression variants (issue 14)" if any(r["rule"] in VARIANTS[2:] for r in rows) else ""),
         "",
         f"Command: `{meta['command']}`  ",
         machine + "  ",
@@ -329,7 +337,7 @@ def plot(rows: list[dict], runs: list[dict], path: Path, meta: dict) -> None:
     from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    colors = dict(zip(RULES, plt.cm.tab10.colors, strict=False))
+    colors = dict(zip(RULES + VARIANTS[2:], plt.cm.tab10.colors, strict=False))
     ax = axes[0]
     for r in rows:
         ax.errorbar(
@@ -402,7 +410,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of steps before post-local goes local (assumption)",
     )
-    p.add_argument("--rules", nargs="+", choices=RULES, default=RULES)
+    p.add_argument("--rules", nargs="+", choices=RULES + VARIANTS[2:], default=RULES)
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="data-parallel, QSR, QSR + overlap, QSR + compression; 3 seeds; writes results/generalization_variants",
+    )
     p.add_argument("--evals", type=int, default=20, help="test evaluations per run")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel (1 thread each)")
     p.add_argument("--data-dir", default=str(FMNIST_DIR))
@@ -423,6 +436,10 @@ def main(argv: list[str] | None = None) -> None:
         args.seeds, args.epochs, args.train_subset, args.evals = 2, 2, 2048, 3
         if args.output == str(RESULTS / "generalization"):
             args.output = str(RESULTS / "generalization_quick")
+    if args.variants:
+        args.rules, args.seeds = VARIANTS, 3
+        if args.output == str(RESULTS / "generalization"):
+            args.output = str(RESULTS / "generalization_variants")
     if "ddp" not in args.rules:
         args.rules = ["ddp", *args.rules]
     if args.global_batch % args.workers:

@@ -13,6 +13,9 @@ with each method, one after the other, over each link setting:
 - ``ddp``: `accelerator.prepare` (DistributedDataParallel), one gradient all-reduce per step.
 - ``qsr``: `qsr_hf.LocalOptimizer` with the paper's ViT-B QSR schedule compressed to this run (below).
 - ``constant_h4``: `qsr_hf.LocalOptimizer`, ``qsr_rule="constant"``, H = 4.
+- ``qsr_overlap``, ``constant_h4_overlap``: the same with ``qsr_overlap_sync`` (each sync's all-reduce runs during the
+  next step and is folded in after it); ``qsr_compress``: QSR with ``qsr_compress_delta`` (the round's change in
+  bf16: an all-to-all and an all-gather, half the bytes). Not in the default run: ``--methods ... --name ...``.
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=4)`.
 - ``torch_postlocal``: torch's `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=4)` + DDP
   `post_localSGD_hook` (no gradient all-reduce after the switch); switch at the end of lr warm-up (an assumption:
@@ -37,6 +40,7 @@ run is also split into compute and communication and re-assembled with one commo
 ("normalized wall", see `normalize`); on a quiet machine the raw and normalized ratios agree. Results go to ``benchmarks/results/slow_link.json``.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +55,7 @@ from _common import machine_info, median, netns_parser, paper_lr_schedule, print
 
 
 METHODS = ["ddp", "qsr", "constant_h4", "accelerate_localsgd", "torch_postlocal"]
+VARIANTS = ["qsr_overlap", "constant_h4_overlap", "qsr_compress"]  # qsr_hf options (issue 14), not run by default
 PAPER = {"steps": 93_600, "warmup": 10_000, "peak_lr": 0.008, "min_lr": 1e-6, "alpha": 0.0175, "h_base": 4}
 PEAK_LR = 1e-3
 D_IN, HIDDEN, CLASSES, BATCH = 1024, 2048, 10, 16
@@ -275,8 +280,10 @@ def train(method, rank, steps, ifname, accelerator):
         opt = PostLocalSGDOptimizer(opt, PeriodicModelAverager(period=4, warmup_steps=warmup))
         n_syncs = sum(1 for s in range(steps) if s >= warmup and (s - warmup) % 4 == 0)
         accounted = warmup * param_bytes + n_syncs * param_bytes
-    elif method in ("qsr", "constant_h4"):
-        config = QSRConfig(qsr_alpha=alpha, qsr_h_base=4) if method == "qsr" else QSRConfig(qsr_rule="constant")
+    elif method in ("qsr", "constant_h4", *VARIANTS):
+        base = QSRConfig(qsr_alpha=alpha, qsr_h_base=4) if method.startswith("qsr") else QSRConfig(qsr_rule="constant")
+        overlap, compress = method.endswith("_overlap"), method.endswith("_compress")
+        config = dataclasses.replace(base, qsr_overlap_sync=overlap, qsr_compress_delta=compress)
         opt = LocalOptimizer(opt, model, config, num_training_steps=steps, num_warmup_steps=warmup)
     elif method == "accelerate_localsgd":
         local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4)
@@ -298,7 +305,7 @@ def train(method, rank, steps, ifname, accelerator):
     t0 = time.perf_counter()
     if local_sgd is not None:
         local_sgd.__enter__()
-    step_s, comm_step = [], []
+    step_s, comm_step, prev_synced = [], [], False
     for i, (x, y) in enumerate(batches):
         t_step = time.perf_counter()
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -315,8 +322,9 @@ def train(method, rank, steps, ifname, accelerator):
             comm_step.append(i < warmup or (i - warmup) % 4 == 0)
         elif method == "accelerate_localsgd":
             comm_step.append((i + 1) % 4 == 0)
-        else:
-            comm_step.append(opt.last_step_synced)
+        else:  # with overlap the step after a sync's start waits for its all-reduce: it communicates too
+            comm_step.append(opt.last_step_synced or ("overlap" in method and prev_synced))
+            prev_synced = opt.last_step_synced
     if local_sgd is not None:
         local_sgd.__exit__(None, None, None)
         n_syncs = counter[0]
@@ -397,9 +405,10 @@ def worker(args):
 
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = netns_parser(__doc__, 200, METHODS, 900, "seconds per link setting")
+    parser = netns_parser(__doc__, 200, METHODS, 900, "seconds per link setting", VARIANTS)
     parser.add_argument("--links", nargs="+", default=["1gbit", "10gbit"], help="tc rates, e.g. 1gbit 10gbit")
     parser.add_argument("--delay-ms", type=float, default=0.5, help="one-way delay per direction (needs netem)")
+    parser.add_argument("--name", default="slow_link", help="results/<name>.json")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -493,7 +502,7 @@ def main(argv=None):
             print(f"[{time.time() - t_start:.0f} s] link {rate} done", flush=True)
 
     path = write_result(
-        "slow_link",
+        args.name,
         {
             "setup": (
                 f"2 network namespaces + veth, gloo, 1 thread per rank; MLP {D_IN}-{HIDDEN}x3-{CLASSES} "

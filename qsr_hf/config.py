@@ -60,6 +60,13 @@ class QSRConfig:
             Overlap each scheduled sync with the next optimizer step: the all-reduce starts at the end of the round
             and is folded in one step later (parameters = the average + that step's local change). Not the exact QSR
             update (not in the official code); syncs before evaluation/save and the last sync of training stay exact.
+        qsr_compress_delta (`bool`, defaults to `False`):
+            Average the round's parameter change instead of the parameters: each rank sends its change since the last
+            average (an fp32 anchor, the same on every rank) in bf16, the mean is summed in fp32 and sent back in bf16
+            (an all-to-all plus an all-gather: half the bytes of an fp32 all-reduce, 2 instead of 4 per parameter
+            in all-reduce terms). Adds bf16 rounding of the change (see `qsr_hf.compressed_averaging`); not in the
+            paper nor the official code (which average fp32 parameters). DDP only; not with ``qsr_overlap_sync``,
+            ``qsr_average_optimizer_state`` or ``qsr_worker="node"``.
         qsr_worker (`str`, defaults to `"process"`):
             What one QSR worker is: ``process`` (the paper: every process takes its own local steps) or ``node``
             (hierarchical: the processes of a node all-reduce gradients every step, nodes average every H steps).
@@ -124,6 +131,13 @@ class QSRConfig:
             "that step's local change). Not the exact QSR update; off by default."
         },
     )
+    qsr_compress_delta: bool = field(
+        default=False,
+        metadata={
+            "help": "Average the round's parameter change in bf16 (fp32 anchor and fp32 sums): 2 instead of 4 bytes "
+            "per parameter per sync, plus bf16 rounding of the change. Not in the paper; DDP only; off by default."
+        },
+    )
 
     qsr_worker: Worker = field(
         default="process",
@@ -165,6 +179,8 @@ class QSRConfig:
             raise ValueError(
                 f"qsr_h_max must be >= qsr_h_base ({self.qsr_h_base}), got {self.qsr_h_max!r}; raise it or unset it"
             )
+        if self.qsr_compress_delta:
+            _check_compress_delta(self)
         if self.qsr_rule == "post_local" and (self.qsr_switch_step is None or self.qsr_switch_step < 0):
             raise ValueError(
                 f"qsr_rule='post_local' needs qsr_switch_step >= 0 (an optimizer step), got {self.qsr_switch_step!r}"
@@ -202,6 +218,22 @@ class QSRConfig:
         """
         canonical = json.dumps(self.to_dict(), sort_keys=True)
         return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big") >> 2
+
+
+def _check_compress_delta(config: QSRConfig) -> None:
+    # the combinations qsr_compress_delta refuses, each with the field to change
+    conflicts = {
+        "qsr_overlap_sync": "not implemented: the compressed average is blocking",
+        "qsr_average_optimizer_state": "bf16 changes of Adam's second moments can round below zero",
+        "qsr_worker": "not implemented for the hierarchical engine",
+    }
+    for name, why in conflicts.items():
+        value = getattr(config, name)
+        if value is True or (name == "qsr_worker" and value != "process"):
+            raise ValueError(
+                f"qsr_compress_delta=True does not work with {name}={value!r} ({why}): set "
+                f"{name}={'False' if value is True else repr('process')} or qsr_compress_delta=False"
+            )
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:

@@ -17,8 +17,10 @@ from qsr_hf.agreement import END, EXTRA_SYNC, ROUND_END, START, exchange
 from qsr_hf.averaging import ParameterAverager, optimizer_state_tensors
 from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
 from qsr_hf.clock import SyncClock
+from qsr_hf.compressed_averaging import CompressedAverager
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import Engine
+from qsr_hf.engines.ddp import DDPEngine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.overlap import OverlappedSync
 
@@ -58,7 +60,7 @@ class Synchronizer:
             intra_node_bytes_per_step=engine.intra_node_bytes_per_step,
         )
         engine.stats = self.stats  # the engine adds the bytes it moves inside the node at a sync
-        self.averager: ParameterAverager | None = None
+        self.averager: ParameterAverager | CompressedAverager | None = None
         self.overlap: OverlappedSync | None = None
         self.synced_at = -1  # optimizer step of the last average: the ranks' tensors are identical there
         self._start_error: RuntimeError | None = None  # deferred by check_start(defer_parameters=True)
@@ -68,18 +70,23 @@ class Synchronizer:
                 + ("" if optimizer is None else ": its optimizer state is not a plain torch optimizer's")
                 + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
             )
+        if config.qsr_compress_delta and self.distributed and not isinstance(engine, DDPEngine):
+            raise ValueError(
+                f"qsr_compress_delta=True is supported with DDP only, not with {type(engine).__name__}: set "
+                "qsr_compress_delta=False"
+            )
         self._held: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # local tensors kept aside (eval copy)
+        self._held_anchor: torch.Tensor | None = None  # compression: the anchor before an eval-copy average
         self._synced_before_view = -1
         self._gradient_sync = True  # the backend's own per-step gradient all-reduce
         if self.distributed:
             # overlap (qsr_overlap_sync, see qsr_hf.overlap): copy-mode averager, the average folded in one step late
-            overlapped = config.qsr_overlap_sync
-            self.averager = ParameterAverager(
-                functools.partial(self._synced_tensors, optimizer),
-                engine.process_group,
-                config.qsr_fp32_average,
-                mode="copy" if overlapped else "inplace",
-            )
+            overlapped, tensors = config.qsr_overlap_sync, functools.partial(self._synced_tensors, optimizer)
+            if config.qsr_compress_delta:  # its anchor is taken here, where the ranks agree (checked by check_start)
+                self.averager = CompressedAverager(tensors, engine.process_group)
+            else:
+                mode = "copy" if overlapped else "inplace"
+                self.averager = ParameterAverager(tensors, engine.process_group, config.qsr_fp32_average, mode=mode)
             self.overlap = OverlappedSync(self.averager) if overlapped else None
             self._set_gradient_sync(self._data_parallel_step(0))
         else:
@@ -166,6 +173,8 @@ class Synchronizer:
             kept += batchnorm_statistics(self.engine.module)
         self._held = [(t, t.detach().clone()) for t in kept]
         self._synced_before_view = self.synced_at  # the local tensors come back: they are not averaged ones
+        if needs_average and self.averager.mode == "delta":
+            self._held_anchor = self.averager.anchor.clone()  # and so does the anchor the average moved
         if needs_average:
             self._average(EXTRA_SYNC)
 
@@ -176,8 +185,10 @@ class Synchronizer:
         with torch.no_grad():
             for target, local in self._held:
                 target.copy_(local)
+            if self._held_anchor is not None:
+                self.averager.load_anchor(self._held_anchor)
             self.engine.after_restore()
-        self._held = None
+        self._held = self._held_anchor = None
         self.synced_at = self._synced_before_view
 
     def _average(self, kind: int) -> None:
@@ -204,6 +215,8 @@ class Synchronizer:
         # where the values to average live: the flat buffers (in place) or the tensors themselves (copy mode)
         if self.averager.mode == "inplace":
             return [b.flat for b in self.averager.buckets]
+        if self.averager.mode == "delta":
+            return self.averager.stage()  # compression: this rank's change; zeroing it = contributing nothing
         return list(self.averager.tensors)
 
     def _finish_overlap(self) -> None:
@@ -355,8 +368,11 @@ class Synchronizer:
         self.load_state_dict(state["qsr"])
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position and counters (identical on every rank)."""
-        return {"clock": self.clock.state_dict(), "stats": self.stats.state_dict(), "synced_at": self.synced_at}
+        """Schedule position, counters and, with ``qsr_compress_delta``, the fp32 anchor (identical on every rank)."""
+        state = {"clock": self.clock.state_dict(), "stats": self.stats.state_dict(), "synced_at": self.synced_at}
+        if isinstance(self.averager, CompressedAverager):
+            state["anchor"] = self.averager.anchor.to("cpu", copy=True)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -364,4 +380,11 @@ class Synchronizer:
         self.stats.load_state_dict(state["stats"])
         self._set_gradient_sync(self._data_parallel_step(self.clock.step))
         self.synced_at = int(state.get("synced_at", -1))
+        if isinstance(self.averager, CompressedAverager):
+            if "anchor" not in state:
+                raise ValueError(
+                    "qsr_compress_delta=True but the saved QSR state has no anchor (saved without compression?): "
+                    "resume with the settings it was saved with"
+                )
+            self.averager.load_anchor(state["anchor"])
         self._start_error = None  # a resumed position: the start check happens after the state is loaded

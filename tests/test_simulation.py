@@ -24,6 +24,10 @@ CONFIGS = {
     "qsr": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2),
     # data-parallel (gradients averaged, as DDP) for 10 steps, then local rounds of 3
     "post_local": QSRConfig(qsr_rule="post_local", qsr_switch_step=10, qsr_h_base=3),
+    # the QSR schedule with each sync folded in one step late (the last one blocking)
+    "qsr_overlap": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_overlap_sync=True),
+    # the QSR schedule averaging bf16 changes from an fp32 anchor
+    "qsr_compress": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_compress_delta=True),
 }
 
 
@@ -112,6 +116,11 @@ def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
     assert torch.equal(flat_params(sim.replicas[0]), flat_params(sim.replicas[1]))
     first_local = CONFIGS[rule].qsr_switch_step or 0
     assert not torch.equal(real[0]["params"][first_local], real[1]["params"][first_local])
+    if config.qsr_overlap_sync or config.qsr_compress_delta:  # the variant must change the trajectory
+        plain = LocalTrainingSimulation(_model(), _optimizer, CONFIGS["qsr"], WORKERS, STEPS, WARMUP, _scheduler)
+        for batch in _global_batches()[:3]:  # rounds of 2: the first sync after step 2
+            plain.step(shard_batch(batch, WORKERS), _loss)
+        assert not torch.equal(flat_params(plain.replicas[0]), real[0]["params"][2]), f"{rule} = plain QSR"
 
 
 def test_data_parallel_simulation_matches_ddp_bitwise(one_thread):

@@ -124,7 +124,7 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 
 COLLECTIVES = (
     "all_reduce", "broadcast", "_broadcast_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
-    "reduce_scatter_tensor", "reduce_scatter_single", "barrier",
+    "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all_single", "barrier",
 )  # fmt: skip
 
 

@@ -6,7 +6,9 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 (fp32 for bf16/fp16), divide by K, copy to every replica. With K = 2 this is bitwise what a 2-process gloo run of
 [`LocalOptimizer`] computes (``tests/test_simulation.py``). The data-parallel baseline is true data-parallel
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
-AdamW moments.
+AdamW moments. ``qsr_overlap_sync`` (folded one step late, as `qsr_hf.overlap`) and ``qsr_compress_delta`` (with
+`qsr_hf.compressed_averaging.compressed_average`) are simulated too, also checked bitwise. Evaluations here never
+change the trajectory (the real library folds an overlapped average in flight before an evaluation).
 """
 
 import copy
@@ -20,6 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from qsr_hf.accounting import SyncStats
 from qsr_hf.averaging import averaged_tensors, reduce_dtype
 from qsr_hf.clock import SyncClock
+from qsr_hf.compressed_averaging import compressed_average, compressed_sync_bytes
 from qsr_hf.config import QSRConfig
 
 
@@ -111,6 +114,11 @@ class LocalTrainingSimulation:
         self.bytes_per_sync = sum(
             t.numel() * reduce_dtype(t.dtype, config.qsr_fp32_average).itemsize for t in self._tensors[0]
         )
+        self._anchor: list[torch.Tensor] = []  # qsr_compress_delta: the tensors after the last average, in fp32
+        if config.qsr_compress_delta:
+            self._anchor = [t.detach().to(torch.float32, copy=True) for t in self._tensors[0]]
+            self.bytes_per_sync = compressed_sync_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # overlap: the average in flight
 
     @property
     def lr(self) -> float:
@@ -140,11 +148,22 @@ class LocalTrainingSimulation:
             optimizer.step()
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
+        with torch.no_grad():  # overlap: the previous round's average, one step late (AverageHandle.wait's rule)
+            for t, sent, mean in self._pending:
+                t.copy_(mean + (t.to(sent.dtype) - sent))  # the average + this step's local change
+        self._pending = []
+        last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
         if due and data_parallel:  # one gradient all-reduce; the replicas agree already: no average (as Synchronizer)
             self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)
             due = False
         elif due:
-            self.average()
+            if self.config.qsr_overlap_sync and not last:  # (tensor, value sent in the summing dtype, average)
+                means = self._averages()
+                self._pending = [
+                    (t, t.to(m.dtype, copy=True), m) for ts in self._tensors for t, m in zip(ts, means, strict=True)
+                ]
+            else:
+                self.average()
             self.stats.record_sync(self.bytes_per_sync, scheduled=True)
         for scheduler in self.schedulers:
             scheduler.step()
@@ -172,6 +191,9 @@ class LocalTrainingSimulation:
     @torch.no_grad()
     def _averages(self) -> list[torch.Tensor]:
         # ParameterAverager's arithmetic: sum over ranks (rank order) in fp32 when low precision, then divide by K
+        if self._anchor:
+            groups = zip(*self._tensors, strict=True)
+            return [compressed_average(a, g, len(g)) for a, g in zip(self._anchor, groups, strict=True)]
         out = []
         for group in zip(*self._tensors, strict=True):
             dtype = reduce_dtype(group[0].dtype, self.config.qsr_fp32_average)
@@ -184,7 +206,10 @@ class LocalTrainingSimulation:
     @torch.no_grad()
     def average(self) -> None:
         """Average the selected tensors across workers and copy the result into every replica (one sync)."""
-        for mean, group in zip(self._averages(), zip(*self._tensors, strict=True), strict=True):
+        means = self._averages()
+        if self._anchor:
+            self._anchor = [m.clone() for m in means]
+        for mean, group in zip(means, zip(*self._tensors, strict=True), strict=True):
             for t in group:
                 t.copy_(mean)
 
