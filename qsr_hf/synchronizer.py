@@ -20,7 +20,6 @@ from qsr_hf.clock import SyncClock
 from qsr_hf.compressed_averaging import CompressedAverager
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines import Engine
-from qsr_hf.engines.ddp import DDPEngine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.overlap import OverlappedSync
 
@@ -70,7 +69,7 @@ class Synchronizer:
                 + ("" if optimizer is None else ": its optimizer state is not a plain torch optimizer's")
                 + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
             )
-        if config.qsr_compress_delta and self.distributed and not isinstance(engine, DDPEngine):
+        if config.qsr_compress_delta and self.distributed and not engine.can_compress_delta:
             raise ValueError(
                 f"qsr_compress_delta=True is supported with DDP only, not with {type(engine).__name__}: set "
                 "qsr_compress_delta=False"

@@ -30,6 +30,8 @@ class Engine:
         world_size (`int`): number of QSR workers in that group.
         can_average_optimizer_state (`bool`): whether the optimizer is a torch optimizer whose state tensors can be
             averaged (``qsr_average_optimizer_state``).
+        can_compress_delta (`bool`): whether a sync may average the round's change in bf16 (``qsr_compress_delta``;
+            tested with DDP only).
         intra_node_bytes_per_step (`int`): bytes each rank all-reduces inside its node on every optimizer step
             (hierarchical QSR: the gradients; FSDP2: its all-gathers and reduce-scatters; 0 where a worker is one
             process).
@@ -40,6 +42,7 @@ class Engine:
     process_group: ProcessGroup | None = None
     world_size: int = 1
     can_average_optimizer_state: bool = True
+    can_compress_delta: bool = False
     intra_node_bytes_per_step: int = 0
     stats: SyncStats | None = None
 

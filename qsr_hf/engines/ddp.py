@@ -20,6 +20,8 @@ class DDPEngine(Engine):
         ddp (`DistributedDataParallel`): the wrapped model.
     """
 
+    can_compress_delta = True
+
     def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         super().__init__(ddp.module)
         self.ddp = ddp
