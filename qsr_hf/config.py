@@ -4,11 +4,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qsr_hf.field_checks import check_field_types
 from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
 
 
@@ -16,6 +16,7 @@ RULE_EXPONENTS: dict[str, int] = {"linear": 1, "qsr": 2, "cubic": 3}
 Rule = Literal["qsr", "linear", "cubic", "constant", "post_local", "ddp"]
 Worker = Literal["process", "node"]
 OnNonfinite = Literal["error", "skip_rank"]
+OuterOptimizer = Literal["none", "sgd", "nesterov"]
 RULES: list[str] = list(typing.get_args(Rule))
 
 
@@ -72,6 +73,16 @@ class QSRConfig:
             (hierarchical: the processes of a node all-reduce gradients every step, nodes average every H steps).
         qsr_node_size (`int`, *optional*):
             Processes per node for ``qsr_worker="node"``; defaults to the launcher's ``LOCAL_WORLD_SIZE``.
+        qsr_outer_optimizer (`str`, defaults to `"none"`):
+            What a sync does with the ranks' average (DiLoCo / SlowMo; not in the QSR paper): ``none`` takes it (the
+            paper), ``sgd`` (heavy-ball momentum) or ``nesterov`` steps the last synced parameters with the averaged
+            round change (last synced - local, the pseudo-gradient). Buffers are averaged plainly. See `qsr_hf.sync.outer`.
+        qsr_outer_lr (`float`, defaults to 0.7):
+            Outer learning rate (DiLoCo: 0.7). ``sgd`` with lr 1 and momentum 0 is the plain average, bit for bit.
+        qsr_outer_momentum (`float`, defaults to 0.9):
+            Outer momentum in [0, 1) (DiLoCo: 0.9).
+        qsr_outer_state_on_cpu (`bool`, defaults to `False`):
+            Keep the outer state (last synced parameters, momentum: 8 B/param) in host memory, streamed at a sync.
         qsr_on_nonfinite (`str`, defaults to `"error"`):
             What a sync does when a rank's tensors hold NaN/inf: ``error`` (every rank raises, naming the rank and
             the step) or ``skip_rank`` (average the finite ranks only, give the result to every rank, warn, and count
@@ -148,6 +159,14 @@ class QSRConfig:
         metadata={"help": "Processes per node for qsr_worker='node'; defaults to LOCAL_WORLD_SIZE."},
     )
 
+    qsr_outer_optimizer: OuterOptimizer = field(
+        default="none",
+        metadata={"help": "Outer optimizer on the averaged round change: none (the paper), sgd or nesterov (DiLoCo)."},
+    )
+    qsr_outer_lr: float = field(default=0.7, metadata={"help": "Outer learning rate (DiLoCo: 0.7)."})
+    qsr_outer_momentum: float = field(default=0.9, metadata={"help": "Outer momentum in [0, 1) (DiLoCo: 0.9)."})
+    qsr_outer_state_on_cpu: bool = field(default=False, metadata={"help": "Outer state (8 B/param) in host memory."})
+
     qsr_on_nonfinite: OnNonfinite = field(
         default="error", metadata={"help": "NaN/inf on a rank at a sync: error (stop every rank) or skip_rank."}
     )
@@ -181,6 +200,8 @@ class QSRConfig:
             )
         if self.qsr_compress_delta:
             _check_compress_delta(self)
+        if self.qsr_outer_optimizer != "none":
+            _check_outer_optimizer(self)
         if self.qsr_rule == "post_local" and (self.qsr_switch_step is None or self.qsr_switch_step < 0):
             raise ValueError(
                 f"qsr_rule='post_local' needs qsr_switch_step >= 0 (an optimizer step), got {self.qsr_switch_step!r}"
@@ -220,6 +241,23 @@ class QSRConfig:
         return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big") >> 2
 
 
+def _check_outer_optimizer(config: QSRConfig) -> None:
+    if not (config.qsr_outer_lr > 0 and math.isfinite(config.qsr_outer_lr)):
+        raise ValueError(f"qsr_outer_lr must be > 0 and finite (DiLoCo: 0.7), got {config.qsr_outer_lr!r}")
+    if not 0 <= config.qsr_outer_momentum < 1:
+        raise ValueError(f"qsr_outer_momentum must be in [0, 1) (DiLoCo: 0.9), got {config.qsr_outer_momentum!r}")
+    if config.qsr_average_optimizer_state:
+        raise ValueError(
+            "qsr_outer_optimizer steps the parameters with the averaged round change; averaging the inner optimizer's "
+            "state as well is not supported (DiLoCo keeps it local): set qsr_average_optimizer_state=False"
+        )
+    if config.qsr_outer_state_on_cpu and config.qsr_compress_delta:
+        raise ValueError(
+            "qsr_outer_state_on_cpu=True is not implemented with qsr_compress_delta=True (its all-to-all reads the "
+            "synced parameters on the device): set one of them to False"
+        )
+
+
 def _check_compress_delta(config: QSRConfig) -> None:
     # the combinations qsr_compress_delta refuses, each with the field to change
     conflicts = {
@@ -234,38 +272,6 @@ def _check_compress_delta(config: QSRConfig) -> None:
                 f"qsr_compress_delta=True does not work with {name}={value!r} ({why}): set "
                 f"{name}={'False' if value is True else repr('process')} or qsr_compress_delta=False"
             )
-
-
-def _allowed_types(annotation: Any) -> tuple[type, ...]:
-    # `float | None` -> (float, int, NoneType): an int is a valid float, a bool is neither; Literal[...] -> its types
-    if typing.get_origin(annotation) is Literal:
-        return tuple({type(a) for a in typing.get_args(annotation)})
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    allowed = tuple(type(None) if a is None else a for a in args)
-    return allowed + ((int,) if float in allowed else ())
-
-
-def check_field_types(config: Any) -> None:
-    """Refuse a field whose value has the wrong type (e.g. ``qsr_alpha: [0.02]`` or ``qsr_h_base: true`` in YAML).
-
-    Args:
-        config: a dataclass instance whose annotations are plain types or unions of them.
-
-    Raises:
-        `ValueError`: naming the field, the expected type and the value.
-    """
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value, allowed = getattr(config, f.name), _allowed_types(hints[f.name])
-        wrong_bool = isinstance(value, bool) and bool not in allowed
-        if wrong_bool or not isinstance(value, allowed):
-            names = " or ".join(
-                "None" if a is type(None) else a.__name__ for a in allowed if a is not int or float not in allowed
-            )
-            raise ValueError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
-        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
-        if choices and value not in choices:
-            raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
 
 
 def make_config(config: QSRConfig | None = None, **kwargs: Any) -> QSRConfig:

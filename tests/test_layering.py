@@ -20,7 +20,15 @@ import pytest
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qsr_hf"
-PURE = ["schedules.py", "clock.py", "config.py", "accounting.py", "analysis/planner.py", "analysis/scaling.py"]
+PURE = [
+    "schedules.py",
+    "clock.py",
+    "config.py",
+    "field_checks.py",
+    "accounting.py",
+    "analysis/planner.py",
+    "analysis/scaling.py",
+]
 HEAVY = {"torch", "transformers", "accelerate", "deepspeed"}
 FRONT_ENDS = {"qsr_hf.callback", "qsr_hf.local_optimizer"}
 ALLOWED_COLLECTIVES = ("averaging.py", "agreement.py", "node_slices.py", "compressed_averaging.py")
