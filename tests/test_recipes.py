@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("**/*.yaml"))
 IMAGENET = [p for p in RECIPES if "imagenet1k" in p.parent.name]
 METHODS = ["parallel", "constant", "post_local", "linear", "cubic", "qsr"]
+LM_METHODS = ["parallel", "diloco", "qsr", "qsr_nesterov"]
+LLAMA = [p for p in RECIPES if p.parent.name == "llama150m_c4"]
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 
 
@@ -36,7 +38,8 @@ def rel(path: Path) -> str:
 def test_recipe_tree_is_complete():
     for family in ("vit_b16_imagenet1k", "resnet152_imagenet1k"):
         assert sorted(p.stem for p in (ROOT / "recipes" / family).glob("*.yaml")) == sorted(METHODS), family
-    assert {p.stem for p in (ROOT / "recipes" / "demo").glob("*.yaml")} == {"qsr", "parallel"}
+    assert sorted(p.stem for p in (ROOT / "recipes" / "llama150m_c4").glob("*.yaml")) == sorted(LM_METHODS)
+    assert {p.stem for p in (ROOT / "recipes" / "demo").glob("*.yaml")} == {"qsr", "parallel", "lm_qsr", "lm_parallel"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=rel)
@@ -50,7 +53,7 @@ def test_recipe_parses_and_validates(recipe):
     min_lr = args.lr_scheduler_kwargs["min_lr"]
     assert isinstance(min_lr, float) and 0 < min_lr < args.learning_rate  # "1e-6" in YAML would be a string
     qsr_config.build_schedule(args.get_warmup_steps(args.max_steps))
-    assert (qsr_config.qsr_rule == "ddp") == (recipe.stem == "parallel")
+    assert (qsr_config.qsr_rule == "ddp") == recipe.stem.endswith("parallel")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=rel)
@@ -93,6 +96,31 @@ def test_imagenet_recipes_follow_the_paper(recipe):
     assert (data_args.randaugment_depth, data_args.randaugment_severity) == ((2, 10) if vit else (0, 10))
     assert args.per_device_train_batch_size == (128 if vit else 32)
     assert 16 * args.per_device_train_batch_size * args.gradient_accumulation_steps == 4096
+
+
+@pytest.mark.parametrize("recipe", LLAMA, ids=rel)
+def test_llama_recipes_follow_diloco(recipe):
+    model_args, data_args, qsr_config, args = parse_recipe(recipe, [])
+    assert (model_args.task, model_args.model_type, model_args.tokenizer_name) == (
+        "causal-lm",
+        "llama_150m",
+        "google-t5/t5-base",
+    )
+    assert (data_args.dataset_name, data_args.dataset_config, data_args.streaming) == ("allenai/c4", "en", True)
+    assert data_args.block_size == 1024 and args.learning_rate == 4e-4 and args.max_steps == 88_000
+    assert 8 * args.per_device_train_batch_size * args.gradient_accumulation_steps == 512
+    outer = (qsr_config.qsr_outer_optimizer, qsr_config.qsr_outer_lr, qsr_config.qsr_outer_momentum)
+    if recipe.stem in ("diloco", "qsr_nesterov"):
+        assert outer == ("nesterov", 0.7, 0.9)  # DiLoCo's outer step
+    else:
+        assert outer[0] == "none"
+    if recipe.stem == "diloco":
+        assert (qsr_config.qsr_rule, qsr_config.qsr_h_base) == ("constant", 500)
+    if recipe.stem.startswith("qsr"):
+        # at DiLoCo's communication budget (1/500 of data-parallel), by the planner
+        lrs = replay_lrs(args)
+        result = plan(qsr_config, lrs, args.get_warmup_steps(args.max_steps))
+        assert qsr_config.qsr_alpha == 0.0059 and 0.0019 < result.comm_volume_vs_ddp <= 0.002
 
 
 def replay_lrs(args) -> list[float]:

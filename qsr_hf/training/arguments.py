@@ -15,16 +15,29 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from qsr_hf.config import QSRConfig
-from qsr_hf.training import data, models
+from qsr_hf.training import data, lm_data, lm_models, models
+
+
+TASK_MODEL_TYPES: dict[str, list[str]] = {
+    "image-classification": sorted(models.MODEL_TYPES),
+    "causal-lm": sorted(lm_models.LM_MODEL_TYPES),
+}
 
 
 @dataclass
 class ModelArguments:
-    """Which model to train. ``num_labels`` comes from the data."""
+    """Which model to train: an image classifier (``num_labels`` comes from the data) or a causal LM."""
 
+    task: str = field(
+        default="image-classification",
+        metadata={"help": "What the recipe trains.", "choices": list(TASK_MODEL_TYPES)},
+    )
     model_type: str = field(
         default="demo_vit",
-        metadata={"help": "Architecture trained from scratch.", "choices": sorted(models.MODEL_TYPES)},
+        metadata={
+            "help": "Architecture trained from scratch (one of the task's).",
+            "choices": sorted(set().union(*TASK_MODEL_TYPES.values())),
+        },
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or folder of a checkpoint; overrides model_type."}
@@ -36,6 +49,22 @@ class ModelArguments:
         default=False,
         metadata={"help": "Decay every parameter (official QSR code) instead of Trainer's no decay on biases/norms."},
     )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "causal-lm: hub id or folder of the tokenizer; default: train a byte-level BPE on the data."
+        },
+    )
+    tokenizer_vocab_size: int = field(
+        default=4096, metadata={"help": "causal-lm: vocabulary of the locally trained tokenizer (tokens)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path and self.model_type not in TASK_MODEL_TYPES[self.task]:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not a {self.task} model; use one of "
+                f"{sorted(TASK_MODEL_TYPES[self.task])} (or set model_name_or_path)"
+            )
 
 
 @dataclass
@@ -44,7 +73,10 @@ class DataArguments:
 
     dataset_name: str = field(
         default="fashion_mnist_local",
-        metadata={"help": f"Hub id, local folder/file for datasets.load_dataset, or one of {data.LOCAL_DATASETS}."},
+        metadata={
+            "help": "Hub id, local folder/file for datasets.load_dataset, or one of "
+            f"{data.LOCAL_DATASETS + lm_data.LOCAL_TEXT_DATASETS}."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     data_dir: str | None = field(default=None, metadata={"help": "data_dir of load_dataset; idx folder for Fashion."})
@@ -53,6 +85,8 @@ class DataArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class ids (ClassLabel)."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs max_steps)."})
+    text_column: str = field(default="text", metadata={"help": "causal-lm: column holding the documents."})
+    block_size: int = field(default=1024, metadata={"help": "causal-lm: tokens per packed training example."})
     num_channels: int = field(default=3, metadata={"help": "Image channels fed to the model (1 for grey)."})
     image_size: int = field(default=224, metadata={"help": "Side of the training/eval crop, in pixels."})
     image_mean: list[float] | None = field(default=None, metadata={"help": "Normalization mean; default: model's."})
@@ -73,8 +107,13 @@ class DataArguments:
     mixup_alpha: float = field(default=0.0, metadata={"help": "Mixup Beta(α, α), one λ per batch (0: off)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the cross-entropy."})
     eval_crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize to image_size/eval_crop_pct, crop."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Truncate the training split (examples; causal-lm: documents, before packing)."},
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the evaluation split (examples; causal-lm: documents)."}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.randaugment_severity <= 10:

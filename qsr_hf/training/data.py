@@ -115,9 +115,19 @@ def load_image_dataset(
         return load_fashion_mnist(split, data_dir, max_samples)
     if name == "sklearn_digits_local":
         return load_sklearn_digits(split, max_samples)
-    ds = datasets.load_dataset(name, config, split=split, data_dir=data_dir, streaming=streaming)
+    return load_split(name, split, config, max_samples, data_dir=data_dir, streaming=streaming)
+
+
+def load_split(
+    name: str, split: str, config: str | None = None, max_samples: int | None = None, **load: Any
+) -> datasets.Dataset | datasets.IterableDataset:
+    """One split through `datasets.load_dataset` (hub id, or local folder/file of parquet, json, text...), cut to its
+    first ``max_samples`` examples; ``load`` goes to `load_dataset` (``data_dir``, ``streaming``). The one loader of
+    hub data for images and text alike."""
+    ds = datasets.load_dataset(name, config, split=split, **load)
     if max_samples is not None:
-        ds = ds.take(max_samples) if streaming else ds.select(range(min(max_samples, len(ds))))
+        streamed = isinstance(ds, datasets.IterableDataset)
+        ds = ds.take(max_samples) if streamed else ds.select(range(min(max_samples, len(ds))))
     return ds
 
 

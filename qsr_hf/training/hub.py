@@ -75,6 +75,7 @@ def build_model_card(
     eval_metrics: Mapping[str, float],
     command: str | None = None,
     base_model: str | None = None,
+    task: str = "image-classification",
 ) -> ModelCard:
     """Build the model card of a qsr_hf run.
 
@@ -89,6 +90,7 @@ def build_model_card(
         eval_metrics (`Mapping[str, float]`): final evaluation (``eval_top1``, ``eval_top5``, ``eval_loss``), fractions.
         command (`str`, *optional*): the command that reproduces the run.
         base_model (`str`, *optional*): hub checkpoint the run started from; `None` for training from scratch.
+        task (`str`, defaults to ``"image-classification"``): or ``"causal-lm"`` (card metric: perplexity).
 
     Returns:
         [`huggingface_hub.ModelCard`]: the card; ``card.save(path)`` writes it.
@@ -102,25 +104,29 @@ def build_model_card(
     ```
     """
     rule = str(qsr_config.get("qsr_rule", "qsr"))
-    top1 = eval_metrics.get("eval_top1")
+    lm = task == "causal-lm"
+    pipeline, metric, key = (
+        ("text-generation", "perplexity", "eval_perplexity") if lm else (task, "accuracy", "eval_top1")
+    )
+    value = eval_metrics.get(key)
     eval_results = None
-    if top1 is not None:
+    if value is not None:
         eval_results = [
             EvalResult(
-                task_type="image-classification",
+                task_type=pipeline,
                 dataset_type=dataset_name,
                 dataset_name=dataset_name,
-                metric_type="accuracy",
-                metric_value=float(top1),
+                metric_type=metric,
+                metric_value=float(value),
             )
         ]
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=["image-classification", "qsr_hf", "local-sgd", f"sync-rule-{rule}"],
-        datasets=None if dataset_name.endswith("_local") else [dataset_name],
-        metrics=["accuracy"],
+        pipeline_tag=pipeline,
+        tags=[pipeline, "qsr_hf", "local-sgd", f"sync-rule-{rule}"],
+        datasets=None if "_local" in dataset_name else [dataset_name],
+        metrics=[metric],
         base_model=base_model,
         eval_results=eval_results,
     )
@@ -132,11 +138,12 @@ def build_model_card(
     results = {
         k.removeprefix("eval_"): v for k, v in eval_metrics.items() if not k.endswith(("_per_second", "runtime"))
     }
+    kind = "Causal language model" if lm else "Image classifier"
     origin = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "from scratch"
     body = f"""
 # {model_name}
 
-Image classifier trained {origin} on `{dataset_name}` with local training synchronized by **{_RULES.get(rule, rule)}**,
+{kind} trained {origin} on `{dataset_name}` with local training synchronized by **{_RULES.get(rule, rule)}**,
 using `qsr_hf` (the Quadratic Synchronization Rule of Gu et al., ICLR 2024, for Hugging Face
 Trainer/Accelerate/DeepSpeed). Each worker takes H optimizer steps on its own data, then all workers average their
 parameters; H is set at the start of each round from the learning rate η of that step.

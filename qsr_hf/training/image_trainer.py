@@ -1,4 +1,5 @@
-"""`ImageClassificationTrainer` (soft-target cross-entropy for mixup and label smoothing) and top-1/top-5 metrics.
+"""`ImageClassificationTrainer` (soft-target cross-entropy for mixup and label smoothing), top-1/top-5 metrics, and
+the image-classification branch of the recipe runner ([`build_image_trainer`]).
 
 Used by the recipe runner (`qsr_hf.training.train`); nothing here knows about QSR.
 """
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from qsr_hf.training import data
+from qsr_hf.training import data, models, transforms
 from qsr_hf.training.batched_randaugment import DeviceAugmentation
 
 
@@ -109,3 +110,62 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     top, labels = prediction.predictions, prediction.label_ids
     hits = np.asarray(top[0] if isinstance(top, tuple) else top) == np.asarray(labels)[:, None]
     return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
+
+
+def build_datasets(data_args: Any, seed: int) -> tuple[Any, Any, list[str]]:
+    """Training and evaluation datasets (uint8 ``pixel_values``, augmentation seeded by ``seed``) and class names."""
+    load = {"config": data_args.dataset_config, "data_dir": data_args.data_dir, "streaming": data_args.streaming}
+    name = data_args.dataset_name
+    columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
+    size, channels = data_args.image_size, data_args.num_channels
+    train_ds = data.load_image_dataset(name, data_args.train_split, max_samples=data_args.max_train_samples, **load)
+    labels = data.class_names(train_ds, data_args.label_column)
+    train_tf = transforms.TrainTransform(
+        size, channels, data_args.crop_scale_min, data_args.hflip, data_args.randaugment_depth,
+        data_args.randaugment_severity, randaugment_on_device=data_args.augment_on_device,
+    )  # fmt: skip
+    eval_tf = transforms.EvalTransform(size, channels, data_args.eval_crop_pct)
+
+    def wrap(ds: Any, transform: data.ImageTransformFn) -> Any:
+        if data_args.streaming:
+            return data.streaming_image_dataset(ds, transform, **columns)
+        return data.ImageDataset(ds, transform, seed, **columns)
+
+    if not data_args.eval_split:
+        return wrap(train_ds, train_tf), None, labels
+    eval_ds = data.load_image_dataset(name, data_args.eval_split, max_samples=data_args.max_eval_samples, **load)
+    return wrap(train_ds, train_tf), wrap(eval_ds, eval_tf), labels
+
+
+def build_image_trainer(
+    model_args: Any, data_args: Any, args: TrainingArguments, callbacks: list[TrainerCallback]
+) -> ImageClassificationTrainer:
+    """The recipe's image classifier, image processor, datasets and collator in an [`ImageClassificationTrainer`]."""
+    processor = models.build_image_processor(
+        model_args.model_name_or_path, data_args.image_size, data_args.image_mean, data_args.image_std,
+        data_args.eval_crop_pct,
+    )  # fmt: skip
+    train_ds, eval_ds, labels = build_datasets(data_args, args.seed)
+    model = models.build_model(
+        model_args.model_type, labels, data_args.image_size, data_args.num_channels,
+        model_args.model_name_or_path, model_args.config_overrides,
+    )  # fmt: skip
+    return ImageClassificationTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=transforms.ImageCollator(
+            processor.image_mean, processor.image_std, normalize=not data_args.augment_on_device
+        ),
+        processing_class=processor,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=top_k_indices,
+        callbacks=callbacks,
+        mixup_alpha=data_args.mixup_alpha,
+        label_smoothing=data_args.label_smoothing,
+        weight_decay_all_params=model_args.weight_decay_all_params,
+        device_augmentation=(
+            DeviceAugmentation(processor.image_mean, processor.image_std) if data_args.augment_on_device else None
+        ),
+    )

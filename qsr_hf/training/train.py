@@ -1,8 +1,9 @@
 """Recipe runner: ``python -m qsr_hf.training.train RECIPE.yaml [--key value ...]`` (also under ``accelerate launch ... -m``).
 
 One YAML recipe fills four dataclasses (`qsr_hf.training.arguments`); ``--key value`` on the command line overrides
-its values. The run trains with
-`Trainer` + `QSRCallback`, evaluates (top-1/top-5), saves the (averaged) model, writes a model card, and pushes.
+its values. The run trains an image classifier or, with ``task: causal-lm``, a causal LM
+(`qsr_hf.training.lm_trainer`) with `Trainer` + `QSRCallback`, evaluates (top-1/top-5, or perplexity), saves the
+(averaged) model, writes a model card, and pushes.
 
 ``qsr_rule: ddp`` means the paper's data-parallel baseline: plain DDP gradient averaging, NO callback. (It is not
 "local training with H = 1", which would keep per-worker AdamW moments.)
@@ -23,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from qsr_hf.config import QSRConfig
 from qsr_hf.logging_utils import get_logger
-from qsr_hf.training import data, hub, models, transforms
+from qsr_hf.training import hub
 from qsr_hf.training.arguments import (
     DataArguments,
     ModelArguments,
@@ -33,14 +34,15 @@ from qsr_hf.training.arguments import (
     parse_recipe,
     recipe_path,
 )
-from qsr_hf.training.batched_randaugment import DeviceAugmentation
-from qsr_hf.training.image_trainer import ImageClassificationTrainer, compute_metrics, top_k_indices
+from qsr_hf.training.corpus import corpus_version
+from qsr_hf.training.image_trainer import build_datasets, build_image_trainer
+from qsr_hf.training.lm_trainer import build_lm_trainer, perplexity
 
 
 logger = get_logger(__name__)
 __all__ = [
     "DataArguments", "ModelArguments", "RecipeTrainingArguments", "build_datasets", "main", "make_callbacks",
-    "make_parser", "parse_recipe", "qsr_summary", "reproduce_command", "run",
+    "make_parser", "parse_recipe", "prepare_training_args", "qsr_summary", "reproduce_command", "result_line", "run",
 ]  # fmt: skip
 
 
@@ -70,29 +72,43 @@ def _check_world_size(args: TrainingArguments) -> None:
         )
 
 
-def build_datasets(data_args: DataArguments, seed: int) -> tuple[Any, Any, list[str]]:
-    """Training and evaluation datasets (uint8 ``pixel_values``, augmentation seeded by ``seed``) and class names."""
-    load = {"config": data_args.dataset_config, "data_dir": data_args.data_dir, "streaming": data_args.streaming}
-    name = data_args.dataset_name
-    columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
-    size, channels = data_args.image_size, data_args.num_channels
-    train_ds = data.load_image_dataset(name, data_args.train_split, max_samples=data_args.max_train_samples, **load)
-    labels = data.class_names(train_ds, data_args.label_column)
-    train_tf = transforms.TrainTransform(
-        size, channels, data_args.crop_scale_min, data_args.hflip, data_args.randaugment_depth,
-        data_args.randaugment_severity, randaugment_on_device=data_args.augment_on_device,
-    )  # fmt: skip
-    eval_tf = transforms.EvalTransform(size, channels, data_args.eval_crop_pct)
+def prepare_training_args(args: TrainingArguments) -> TrainingArguments:
+    """The runner's settings on top of the recipe's: nothing that adds a collective to every step.
 
-    def wrap(ds: Any, transform: data.ImageTransformFn) -> Any:
-        if data_args.streaming:
-            return data.streaming_image_dataset(ds, transform, **columns)
-        return data.ImageDataset(ds, transform, seed, **columns)
+    - ``remove_unused_columns=False``: the image transform needs the raw columns (packed LM rows hold only model
+      inputs);
+    - ``ddp_find_unused_parameters=False`` unless set: every parameter is used, and True all-reduces a flag per step;
+    - ``accelerator_config.dispatch_batches=False`` unless set: for an iterable (streamed) dataset accelerate's
+      default is True, which has rank 0 read every batch and broadcast it every step; with False each rank reads its
+      own share of the stream.
+    """
+    args.remove_unused_columns = False
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False
+    if args.accelerator_config.dispatch_batches is None:
+        args.accelerator_config.dispatch_batches = False
+    return args
 
-    if not data_args.eval_split:
-        return wrap(train_ds, train_tf), None, labels
-    eval_ds = data.load_image_dataset(name, data_args.eval_split, max_samples=data_args.max_eval_samples, **load)
-    return wrap(train_ds, train_tf), wrap(eval_ds, eval_tf), labels
+
+def result_line(
+    task: str, eval_metrics: dict[str, float], eval_split: str | None, summary: dict[str, Any], output_dir: str
+) -> str:
+    """The run's last line: the evaluation (top-1, or validation perplexity and the corpus), the communication
+    relative to data-parallel training, and where the model went."""
+    comm = summary.get("qsr/comm_volume_vs_ddp")
+    comm_text = f", {100 * comm:.2f}% of data-parallel communication" if comm is not None else ""
+    top1, ppl = eval_metrics.get("eval_top1"), eval_metrics.get("eval_perplexity")
+    if top1 is not None:
+        result = f"top-1 {100 * top1:.2f}% on {eval_split}"
+    elif ppl is not None:
+        result = f"perplexity {ppl:.2f} on {eval_split}"
+    else:
+        result = "no evaluation"
+    saved = "tokenizer" if task == "causal-lm" else "image processor"
+    return (
+        f"{result}{comm_text} ({int(summary.get('qsr/syncs', 0))} syncs); model, {saved}, model card and metrics "
+        f"in {Path(output_dir).resolve()}"
+    )
 
 
 def reproduce_command(recipe: str | None, argv: Sequence[str], args: TrainingArguments) -> str:
@@ -115,46 +131,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     _check_world_size(args)
     check_output_dir(args)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with our card (Trainer's replaces it)
-    args.remove_unused_columns = False  # the transform needs the raw image/label columns
-    if args.ddp_find_unused_parameters is None:  # every parameter is used; True adds a per-step flag all-reduce
-        args.ddp_find_unused_parameters = False
+    prepare_training_args(args)
     set_seed(args.seed)
-
-    processor = models.build_image_processor(
-        model_args.model_name_or_path, data_args.image_size, data_args.image_mean, data_args.image_std,
-        data_args.eval_crop_pct,
-    )  # fmt: skip
-    train_ds, eval_ds, labels = build_datasets(data_args, args.seed)
-    model = models.build_model(
-        model_args.model_type, labels, data_args.image_size, data_args.num_channels,
-        model_args.model_name_or_path, model_args.config_overrides,
-    )  # fmt: skip
     callbacks = make_callbacks(qsr_config)
-    trainer = ImageClassificationTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=transforms.ImageCollator(
-            processor.image_mean, processor.image_std, normalize=not data_args.augment_on_device
-        ),
-        processing_class=processor,
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=top_k_indices,
-        callbacks=callbacks,
-        mixup_alpha=data_args.mixup_alpha,
-        label_smoothing=data_args.label_smoothing,
-        weight_decay_all_params=model_args.weight_decay_all_params,
-        device_augmentation=(
-            DeviceAugmentation(processor.image_mean, processor.image_std) if data_args.augment_on_device else None
-        ),
-    )
+    if model_args.task == "causal-lm":
+        trainer = build_lm_trainer(model_args, data_args, args, callbacks)
+    else:
+        trainer = build_image_trainer(model_args, data_args, args, callbacks)
     resume = args.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         resume = get_last_checkpoint(args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", train_result.metrics)
-    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    if "eval_loss" in eval_metrics and model_args.task == "causal-lm":
+        eval_metrics["eval_perplexity"] = perplexity(eval_metrics["eval_loss"])
     trainer.save_metrics("eval", eval_metrics)
     summary = qsr_summary(callbacks, trainer.state.global_step)
     trainer.save_metrics("qsr", summary)
@@ -164,22 +155,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         command = reproduce_command(recipe, argv, args)
         facts = hub.training_facts(args, trainer.state.global_step, trainer.state.max_steps)
+        dataset = data_args.dataset_name
+        if dataset == "python_stdlib_local":
+            dataset = f"{dataset} ({corpus_version()})"
         card = hub.build_model_card(
-            Path(args.output_dir).name, data_args.dataset_name, qsr_config.to_dict(), facts, summary, eval_metrics,
-            command=command, base_model=model_args.model_name_or_path,
+            Path(args.output_dir).name, dataset, qsr_config.to_dict(), facts, summary, eval_metrics,
+            command=command, base_model=model_args.model_name_or_path, task=model_args.task,
         )  # fmt: skip
         hub.save_model_card(card, args.output_dir)
         if push:
             repo_id = args.hub_model_id or Path(args.output_dir).name
             hub.push_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
-        top1 = eval_metrics.get("eval_top1")
-        result = f"top-1 {100 * top1:.2f}% on {data_args.eval_split}" if top1 is not None else "no evaluation"
-        comm = summary.get("qsr/comm_volume_vs_ddp")
-        comm_text = f", {100 * comm:.2f}% of data-parallel communication" if comm is not None else ""
-        logger.info(
-            f"{result}{comm_text} ({int(summary.get('qsr/syncs', 0))} syncs); model, image processor, model card "
-            f"and metrics in {Path(args.output_dir).resolve()}"
-        )
+        logger.info(result_line(model_args.task, eval_metrics, data_args.eval_split, summary, args.output_dir))
     trainer.accelerator.end_training()  # destroy the process group
     return eval_metrics
 
