@@ -153,7 +153,16 @@ def _streamed_lm_run(rank, world_size, data_dir, tokenizer_dir, out_dir):
     with count_collectives(log):
         trainer.train()
     names = [name for name, _ in log]
-    return {"seen": seen, "names": names, "at_step_end": steps.at_step_end, "eval": len(trainer.eval_dataset)}
+    # control: accelerate's default for a stream (dispatch_batches=True) is seen by the same counter
+    args.accelerator_config.dispatch_batches, args.max_steps = True, 1
+    dispatched = build_lm_trainer(model_args, data_args, args, make_callbacks(qsr_config))
+    control = []
+    with count_collectives(control):
+        dispatched.train()
+    return {
+        "seen": seen, "names": names, "at_step_end": steps.at_step_end, "eval": len(trainer.eval_dataset),
+        "control": [name for name, _ in control],
+    }  # fmt: skip
 
 
 def test_streamed_text_is_read_per_rank_without_dispatch_and_loss_is_the_rank_token_mean(tmp_path, tokenizer):
@@ -181,6 +190,7 @@ def test_streamed_text_is_read_per_rank_without_dispatch_and_loss_is_the_rank_to
             assert items == 2 * 2 * 15 and len(ids) == 2
             assert loss == pytest.approx(mean * (2 * 15) / items, rel=1e-5)
         assert r["eval"] > 0
+        assert "broadcast" in r["control"], "the counter sees dispatched batches"
 
 
 def test_text_loader_is_the_hub_loader_and_perplexity_is_exp_loss(tmp_path):
