@@ -2,7 +2,7 @@
 
 One YAML recipe fills four dataclasses (`qsr_hf.training.arguments`); ``--key value`` on the command line overrides
 its values. The run trains with
-`Trainer` + `QSRCallback`, evaluates (top-1/top-5), saves the (averaged) model, writes a model card, and pushes.
+`Trainer` + `QSRCallback`, evaluates (top-1/top-5 through the `evaluate` modules of `qsr_hf.training.metrics`), saves the (averaged) model, writes a model card, and pushes.
 
 ``qsr_rule: ddp`` means the paper's data-parallel baseline: plain DDP gradient averaging, NO callback. (It is not
 "local training with H = 1", which would keep per-worker AdamW moments.)
@@ -34,7 +34,8 @@ from qsr_hf.training.arguments import (
     recipe_path,
 )
 from qsr_hf.training.batched_randaugment import DeviceAugmentation
-from qsr_hf.training.image_trainer import ImageClassificationTrainer, compute_metrics, top_k_indices
+from qsr_hf.training.image_trainer import ImageClassificationTrainer
+from qsr_hf.training.metrics import compute_metrics, top_k_indices
 
 
 logger = get_logger(__name__)
