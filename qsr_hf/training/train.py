@@ -2,7 +2,7 @@
 
 One YAML recipe fills four dataclasses (`qsr_hf.training.arguments`); ``--key value`` on the command line overrides
 its values. The run trains with
-`Trainer` + `QSRCallback`, evaluates (top-1/top-5), saves the (averaged) model, writes a model card, and pushes.
+`Trainer` + `QSRCallback`, evaluates (top-1/top-5 through the `evaluate` modules of `qsr_hf.training.metrics`), saves the (averaged) model, writes a model card, and pushes.
 
 ``qsr_rule: ddp`` means the paper's data-parallel baseline: plain DDP gradient averaging, NO callback. (It is not
 "local training with H = 1", which would keep per-worker AdamW moments.)
@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from qsr_hf.config import QSRConfig
 from qsr_hf.logging_utils import get_logger
-from qsr_hf.training import data, hub, models, transforms
+from qsr_hf.training import data, hub, models, report, transforms
 from qsr_hf.training.arguments import (
     DataArguments,
     ModelArguments,
@@ -34,7 +34,8 @@ from qsr_hf.training.arguments import (
     recipe_path,
 )
 from qsr_hf.training.batched_randaugment import DeviceAugmentation
-from qsr_hf.training.image_trainer import ImageClassificationTrainer, compute_metrics, top_k_indices
+from qsr_hf.training.image_trainer import ImageClassificationTrainer
+from qsr_hf.training.metrics import compute_metrics, top_k_indices
 
 
 logger = get_logger(__name__)
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         model_args.model_name_or_path, model_args.config_overrides,
     )  # fmt: skip
     callbacks = make_callbacks(qsr_config)
+    recorder = report.SyncRecorder(callbacks[0] if callbacks else None)  # the sync steps, for the run's figure
     trainer = ImageClassificationTrainer(
         model=model,
         args=args,
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=top_k_indices,
-        callbacks=callbacks,
+        callbacks=[*callbacks, recorder],
         mixup_alpha=data_args.mixup_alpha,
         label_smoothing=data_args.label_smoothing,
         weight_decay_all_params=model_args.weight_decay_all_params,
@@ -157,16 +159,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
     trainer.save_metrics("eval", eval_metrics)
     summary = qsr_summary(callbacks, trainer.state.global_step)
-    trainer.save_metrics("qsr", summary)
+    trainer.save_metrics("qsr", {**summary, report.SYNC_STEPS_KEY: recorder.steps})
     trainer.save_model()
     trainer.save_state()
 
     if trainer.is_world_process_zero():
         command = reproduce_command(recipe, argv, args)
         facts = hub.training_facts(args, trainer.state.global_step, trainer.state.max_steps)
+        figure = _draw_figure(args.output_dir)
         card = hub.build_model_card(
             Path(args.output_dir).name, data_args.dataset_name, qsr_config.to_dict(), facts, summary, eval_metrics,
-            command=command, base_model=model_args.model_name_or_path,
+            command=command, base_model=model_args.model_name_or_path, figure=figure,
         )  # fmt: skip
         hub.save_model_card(card, args.output_dir)
         if push:
@@ -182,6 +185,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
     trainer.accelerator.end_training()  # destroy the process group
     return eval_metrics
+
+
+def _draw_figure(output_dir: str) -> str | None:
+    """The run's figure (`qsr_hf.training.report`) next to the model; `None`, with a warning, without matplotlib."""
+    try:
+        return report.draw_run(output_dir).name
+    except ImportError as e:
+        logger.warning(f"no figure of the run: {e}")
+        return None
 
 
 def _cuda_available() -> bool:
