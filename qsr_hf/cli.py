@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qsr_hf.analysis.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
+from qsr_hf.analysis.planner import (
+    Plan,
+    alpha_for_comm_budget,
+    alpha_for_switch_fraction,
+    plan,
+    synced_state_bytes_per_param,
+)
 from qsr_hf.analysis.scaling import NodeLayout, predict_node_modes, predict_wall_clock
 from qsr_hf.config import QSRConfig
 
@@ -157,6 +163,8 @@ def _summary(config: QSRConfig, result: Plan, lrs: Sequence[float]) -> dict[str,
         "first_round_longer_than_h_base": result.first_step_above(config.qsr_h_base),
         "last_rounds": result.round_lengths[-5:],
         "profile": profile,
+        "synced_state_bytes_per_param": synced_state_bytes_per_param(config),
+        "synced_state_in_host_memory": config.qsr_outer_state_on_cpu,
     }
 
 
@@ -215,6 +223,9 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
             print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")
         print(f"last rounds: {summary['last_rounds']}")
         print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_volume_vs_ddp:.3f}%")
+        if summary["synced_state_bytes_per_param"]:
+            where = "host memory" if config.qsr_outer_state_on_cpu else "the device"
+            print(f"extra memory per parameter: {summary['synced_state_bytes_per_param']} B on {where} (synced state)")
         if wall is not None:
             print(
                 f"predicted wall clock: data-parallel {wall['ddp_h']:.2f} h, this plan {wall['local_h']:.2f} h "

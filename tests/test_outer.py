@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 from accelerate import Accelerator
-from testing_utils import BNMLP, flat_params, rank_batches, run_distributed
+from testing_utils import BNMLP, flat_params, nesterov_reference, rank_batches, record_averages, run_distributed
 from torch import nn
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -40,17 +40,8 @@ def _build(seed, config, accelerator):
     return model, LocalOptimizer(opt, model, config, num_training_steps=STEPS)
 
 
-def _record_averages(local, model, log):
-    """Record (kind, commit, params before, buffers before, params after) around every average."""
-    sync = local.synchronizer
-    original = sync.average
-
-    def recorded(kind, commit=True):
-        before = (_params(model.module).clone(), _buffers(model.module).clone())
-        original(kind, commit)
-        log.append((kind, commit, *before, _params(model.module).clone(), _buffers(model.module).clone()))
-
-    sync.average = recorded
+def _snapshot(model):
+    return _params(model.module), _buffers(model.module)
 
 
 def _train(config, accelerator, batches, seed=0, view=False, log=None, save=None, load=None):
@@ -58,7 +49,7 @@ def _train(config, accelerator, batches, seed=0, view=False, log=None, save=None
     if load is not None:
         local.load_local_state(load)
     if log is not None:
-        _record_averages(local, model, log)
+        record_averages(local, lambda: _snapshot(model), log)
     per_step, norms = [], []
     first = STEPS - len(batches) + 1
     for i, (x, y) in enumerate(batches, first):
@@ -105,17 +96,6 @@ def _outer_runs(rank, world_size, tmp):
     return out
 
 
-def _reference_outer(anchor, average, momentum, lr=0.7, mu=0.9):
-    """torch.optim.SGD(nesterov=True) on the anchor with gradient anchor - average; returns (new anchor, momentum)."""
-    p = anchor.clone().requires_grad_(True)
-    opt = torch.optim.SGD([p], lr=lr, momentum=mu, nesterov=True)
-    if momentum is not None:
-        opt.state[p]["momentum_buffer"] = momentum.clone()
-    p.grad = anchor - average
-    opt.step()
-    return p.detach(), opt.state[p]["momentum_buffer"]
-
-
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_outer_optimizer_local_optimizer(world_size, tmp_path):
     ranks = run_distributed(_outer_runs, world_size=world_size, tmp=str(tmp_path))
@@ -137,7 +117,7 @@ def test_outer_optimizer_local_optimizer(world_size, tmp_path):
     for i, (kind, commit, *_) in enumerate(r0["log"]):
         mean_params = torch.stack([r["log"][i][2] for r in ranks]).mean(0)
         mean_buffers = torch.stack([r["log"][i][3] for r in ranks]).mean(0)
-        expected, new_momentum = _reference_outer(anchor, mean_params, momentum)
+        expected, new_momentum = nesterov_reference(anchor, mean_params, momentum)
         for r in ranks:
             where = f"average {i} (kind {kind}) on a rank"
             torch.testing.assert_close(r["log"][i][4], expected, rtol=1e-5, atol=1e-6, msg=where)
@@ -152,7 +132,7 @@ def test_outer_optimizer_local_optimizer(world_size, tmp_path):
     # compression: the plain average is anchor + the bf16 mean change; the outer step is taken on it
     pre = [r["compress_log"][0][2] for r in ranks]
     average = compressed_average(r0["init"], pre, world_size)
-    expected, _ = _reference_outer(r0["init"], average, None)
+    expected, _ = nesterov_reference(r0["init"], average, None)
     for r in ranks:
         torch.testing.assert_close(r["compress_log"][0][4], expected, rtol=1e-5, atol=1e-6)
 
