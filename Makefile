@@ -1,5 +1,5 @@
 # Thin wrappers; the README shows the raw commands.
-.PHONY: install test test-slow quality style demo plan bench
+.PHONY: install test test-slow quality style demo plan bench docs
 
 install:
 	pip install torch==2.13.0
@@ -25,3 +25,6 @@ plan:
 
 bench:
 	python benchmarks/averaging.py
+
+docs:
+	mkdocs build --strict

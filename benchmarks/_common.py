@@ -54,7 +54,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``results/<name>.json`` with the machine, the date and the command line, plus ``payload``."""
+    """Write ``results/<name>.json`` with the machine, the date and the command line, plus ``payload``; then its
+    figure ``results/<name>.png`` (`plots.draw`)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     record = {
@@ -65,6 +66,9 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
         **payload,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
+    import plots  # benchmarks/plots.py: the figure of this JSON, if the docs' benchmarks page shows one
+
+    plots.draw(name, path)
     return path
 
 

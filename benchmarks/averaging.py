@@ -18,6 +18,8 @@ Methods, each averaging the same fp32 parameters of a model with ViT shapes:
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=1).step()` (barrier, then per parameter
   clone + all_reduce + div, re-binding ``p.data``).
 - ``per_param_inplace``: one in-place ``all_reduce`` per parameter (for reference: the per-call cost alone).
+- ``qsr_hf_outer``: the ``qsr_hf`` average plus DiLoCo's Nesterov outer step (`qsr_hf.synced_state.SyncedState`
+  with `qsr_hf.outer.OuterStep`: 8 bytes per parameter of state, the step streamed in 4M-value chunks).
 - ``finite_check``: what qsr_hf's Synchronizer checks before averaging, on the ``qsr_hf`` row's buffers:
   `qsr_hf.agreement.all_finite` (one fp32 sum per flat buffer), no communication.
 - ``sync_checks``: ``finite_check`` plus the agreement all-gather (`qsr_hf.agreement.exchange`, 14 int64 per rank):
@@ -55,6 +57,7 @@ METHODS = [
     "qsr_hf_copy",
     "qsr_hf_async",
     "qsr_hf_copy_async",
+    "qsr_hf_outer",
     "torch_periodic",
     "accelerate_localsgd",
     "per_param_inplace",
@@ -82,6 +85,8 @@ def _worker(rank, world_size, shapes, reps, methods):
 
     from qsr_hf import ParameterAverager
     from qsr_hf.agreement import COMMON, all_finite, exchange
+    from qsr_hf.outer import OuterStep
+    from qsr_hf.synced_state import SyncedState
 
     accelerator = Accelerator(cpu=True)
     zero = torch.zeros(1)
@@ -120,6 +125,10 @@ def _worker(rank, world_size, shapes, reps, methods):
             )
             build_s = build_s or time.perf_counter() - t0
             ops[method] = averagers[method].average
+        elif method == "qsr_hf_outer":
+            averager = ParameterAverager(list(model.parameters()))
+            state = SyncedState(averager.buckets, OuterStep(nesterov=True, lr=0.7, momentum=0.9))
+            ops[method] = lambda averager=averager, state=state: averager.average(transform=state.advance)
         elif method == "finite_check":
             ops[method] = lambda averager=averagers["qsr_hf"]: all_finite([b.flat for b in averager.buckets])
         elif method == "sync_checks":
@@ -201,6 +210,7 @@ def main(argv=None):
             "min_s": best,
             "min_ratio_to_floor": {m: best[m] / best["floor"] for m in METHODS},
             "checks_vs_average": med["sync_checks"] / med["qsr_hf"],
+            "outer_vs_average": med["qsr_hf_outer"] / med["qsr_hf"],
             "floor_gbit_per_s": numel * 4 * 8 / med["floor"] / 1e9,
             "qsr_hf_one_time_build_s": max(r["qsr_hf_build_s"] for r in results),
             "params_equal_across_ranks_after": all(r["equal_after"] for r in results),
@@ -226,7 +236,8 @@ def main(argv=None):
     print_table(["model", "params", "stat", *METHODS], rows)
     for record in records:
         print(
-            f"{record['model']}: finite + agreement checks = {record['checks_vs_average']:.1%} of the qsr_hf average"
+            f"{record['model']}: finite + agreement checks = {record['checks_vs_average']:.1%} of the qsr_hf average; "
+            f"average + Nesterov outer step = {record['outer_vs_average']:.2f}x the average"
         )
     print(f"wrote {path}")
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import plots
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -329,64 +330,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], runs: list[dict], path: Path, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    colors = dict(zip(RULES + VARIANTS[2:], plt.cm.tab10.colors, strict=False))
-    ax = axes[0]
-    for r in rows:
-        ax.errorbar(
-            100 * r["comm_vs_ddp"],
-            r["test_acc_mean"],
-            yerr=r["test_acc_std"],
-            fmt="o",
-            capsize=3,
-            color=colors[r["rule"]],
-            label=r["label"],
-        )
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xticks([5, 10, 25, 50, 100])
-    ax.set_xlabel("communication vs data-parallel (%, log scale)")
-    ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("accuracy vs communication (mean ± std over seeds)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for r in rows:
-        rs = [x for x in runs if x["rule"] == r["rule"]]
-        steps = [p["step"] for p in rs[0]["curve"]]
-        acc = np.mean([[100 * p["test_acc"] for p in x["curve"]] for x in rs], axis=0)
-        ax.plot(steps, acc, marker=".", color=colors[r["rule"]], label=r["label"])
-    ax.set_ylim(bottom=max(0, ax.get_ylim()[1] - 6))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("test accuracy (%) of the averaged model")
-    ax.set_title("test accuracy over training (mean over seeds)")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    ax2 = ax.twinx()
-    ax2.plot(meta["lrs"], color="grey", alpha=0.5)
-    ax2.set_ylabel("learning rate", color="grey")
-    for rule in ("constant4", "post_local", "linear", "qsr", "cubic"):
-        run = next((x for x in runs if x["rule"] == rule), None)
-        if run is None:
-            continue
-        changes = run["h_changes"] + [[run["steps"], run["h_changes"][-1][1]]]
-        ax.step([c[0] for c in changes], [c[1] for c in changes], where="post", color=colors[rule], label=LABELS[rule])
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("round length H (log scale; last round clipped to the end)")
-    ax.set_title("sync schedules")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 # ------------------------------------------------------------------------------------------------------------ main
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -430,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = json.loads(Path(args.replot).read_text())
         out = Path(args.replot).with_suffix("")
         out.with_suffix(".md").write_text(markdown(saved["summary"], saved["meta"]))
-        plot(saved["summary"], saved["runs"], out.with_suffix(".png"), saved["meta"])
+        plots.draw("generalization", args.replot)
         return
     if args.quick:
         args.seeds, args.epochs, args.train_subset, args.evals = 2, 2, 2048, 3
@@ -508,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, runs, out.with_suffix(".png"), meta)
+    plots.draw("generalization", out.with_suffix(".json"))  # the figure of benchmarks/plots.py
     print(markdown(rows, meta))
     print(f"wrote {out}.json/.md/.png in {wall / 60:.1f} min")
 

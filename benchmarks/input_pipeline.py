@@ -35,6 +35,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import plots
 import torch
 from _common import machine_info
 from PIL import Image
@@ -193,6 +194,7 @@ def main() -> None:
     }
     cli.results.parent.mkdir(parents=True, exist_ok=True)
     cli.results.write_text(json.dumps(result, indent=2) + "\n")
+    plots.draw("input_pipeline", cli.results)
     for name, value in stages.items():
         print(f"{name:<70} {value:8.0f} img/s per core")
     info = result["batched_randaugment_normalize"]

@@ -26,6 +26,10 @@ class SyncStats:
             hierarchical floor path, the BatchNorm statistics averaged inside the node); added by the engine.
         nonfinite_syncs (`int`): syncs at which some rank held NaN/inf and was left out
             (``qsr_on_nonfinite="skip_rank"``).
+        outer_lr (`float`, *optional*): the outer optimizer's learning rate (``qsr_outer_optimizer``), else `None`.
+        pseudo_grad_norm (`float`, *optional*): L2 norm of the last sync's averaged round change (the outer
+            optimizer's pseudo-gradient) over the values this rank holds (its node slice or shard where a node is one
+            worker), else `None`.
 
     Inter-node bytes are those averaged between QSR workers (``bytes_averaged``): with ``qsr_worker="node"`` that is
     the only traffic between nodes; with one worker per process on several nodes the averaging crosses nodes too.
@@ -44,6 +48,8 @@ class SyncStats:
     intra_node_bytes_per_step: int = 0
     intra_node_sync_bytes: int = 0
     nonfinite_syncs: int = 0
+    outer_lr: float | None = None
+    pseudo_grad_norm: float | None = None
 
     def record_sync(self, num_bytes: int, scheduled: bool) -> None:
         """Count one sync that all-reduced ``num_bytes``."""
@@ -75,6 +81,9 @@ class SyncStats:
 
     def to_logs(self) -> dict[str, float]:
         """Metrics for `Trainer.log` / trackers, grouped under the ``qsr/`` prefix."""
+        outer = {} if self.outer_lr is None else {"qsr/outer_lr": self.outer_lr}
+        if self.pseudo_grad_norm is not None:
+            outer["qsr/pseudo_grad_norm"] = self.pseudo_grad_norm
         return {
             "qsr/H": float(self.round_length),
             "qsr/syncs": float(self.syncs),
@@ -84,6 +93,7 @@ class SyncStats:
             "qsr/bytes_inter_node": float(self.bytes_inter_node),
             "qsr/bytes_intra_node": float(self.bytes_intra_node),
             "qsr/nonfinite_syncs": float(self.nonfinite_syncs),
+            **outer,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -95,3 +105,5 @@ class SyncStats:
         counters = ("steps", "syncs", "extra_syncs", "bytes_averaged", "round_length", "intra_node_sync_bytes")
         for key in (*counters, "nonfinite_syncs"):
             setattr(self, key, int(state.get(key, 0)))
+        if state.get("pseudo_grad_norm") is not None:
+            self.pseudo_grad_norm = float(state["pseudo_grad_norm"])

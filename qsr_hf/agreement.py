@@ -116,11 +116,14 @@ def _show(index: int, value: int) -> str:
     return KINDS[value] if index == 0 and 0 <= value < len(KINDS) else str(value)
 
 
-def require_identical_start(checksums: Sequence[int], groups: Sequence[int] | None = None) -> None:
-    """Refuse to train when the ranks' starting parameters differ (``checksums`` from [`tensors_checksum`], by rank).
+def require_identical_start(
+    checksums: Sequence[int], groups: Sequence[int] | None = None, what: str = "parameters"
+) -> None:
+    """Refuse to train when the ranks' starting ``what`` differ (``checksums`` from [`tensors_checksum`], by rank).
 
     ``groups`` (by rank: the first rank of that rank's averaging group) limits the comparison to ranks that average
-    the same tensors (FSDP2: the replicas of one shard); `None` compares all ranks.
+    the same tensors (FSDP2: the replicas of one shard); `None` compares all ranks. ``what`` names the values
+    (the parameters, or the synced state of an outer optimizer) in the message.
 
     qsr_hf refuses rather than broadcasting rank 0's parameters: a difference means a rank loaded other weights or
     another checkpoint, which a broadcast would hide.
@@ -131,7 +134,7 @@ def require_identical_start(checksums: Sequence[int], groups: Sequence[int] | No
     groups = list(groups) if groups is not None else [0] * len(checksums)
     if any(len({c for c, g in zip(checksums, groups, strict=True) if g == leader}) > 1 for leader in set(groups)):
         raise RuntimeError(
-            "qsr_hf: the ranks start from different parameters (checksums "
+            f"qsr_hf: the ranks start from different {what} (checksums "
             + ", ".join(f"rank {r} = {c}" for r, c in enumerate(checksums))
             + "): a rank loaded other weights or another checkpoint. qsr_hf refuses to train rather than broadcast "
             "rank 0's; start every rank from the same weights (resume every rank from the same checkpoint)"

@@ -13,7 +13,6 @@ from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
@@ -33,56 +32,7 @@ def reduce_dtype(dtype: torch.dtype, fp32_average: bool) -> torch.dtype:
 
 
 AveragerMode = Literal["inplace", "copy"]
-
-
-def averaged_tensors(module: nn.Module, average_buffers: bool) -> list[torch.Tensor]:
-    """Select what a sync averages: trainable parameters and, optionally, persistent floating-point buffers.
-
-    Frozen parameters and non-persistent buffers (constants such as position ids) are left out: they are equal on all
-    ranks already, and averaging equal values is not bit-exact for every world size.
-
-    Args:
-        module (`nn.Module`): the unwrapped model.
-        average_buffers (`bool`): include persistent floating-point buffers (BatchNorm running statistics).
-
-    Returns:
-        `list[torch.Tensor]`: the tensors, each once, in module order.
-    """
-    seen: set[int] = set()
-    tensors: list[torch.Tensor] = []
-    for p in module.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            tensors.append(p)
-    if average_buffers:
-        for sub in module.modules():
-            for name, buf in sub.named_buffers(recurse=False):
-                persistent = name not in getattr(sub, "_non_persistent_buffers_set", set())
-                if buf is not None and buf.is_floating_point() and persistent and id(buf) not in seen:
-                    seen.add(id(buf))
-                    tensors.append(buf)
-    return tensors
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's per-parameter floating-point state tensors (momentum, Adam moments), in parameter order.
-
-    Scalars (Adam's ``step``) are left out: they are equal on every rank. Parameters without state yet (before the
-    first step) contribute nothing, so the list grows once the optimizer has stepped.
-
-    Args:
-        optimizer (`torch.optim.Optimizer`): the (possibly wrapped) optimizer; its ``param_groups`` and ``state``.
-
-    Returns:
-        `list[torch.Tensor]`: the tensors, in the order of ``param_groups`` (the same on every rank).
-    """
-    tensors: list[torch.Tensor] = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for value in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
-                    tensors.append(value)
-    return tensors
+Transform = Callable[[int, torch.Tensor], None] | None  # (bucket index, its average) -> rewrites it in place
 
 
 class AverageHandle:
@@ -92,9 +42,17 @@ class AverageHandle:
     collective writes into the tensors' own storage while in flight, so they must not be used until :meth:`wait`.
     """
 
-    def __init__(self, averager: "ParameterAverager", divisor: int, async_op: bool, keep_local_change: bool) -> None:
+    def __init__(
+        self,
+        averager: "ParameterAverager",
+        divisor: int,
+        async_op: bool,
+        keep_local_change: bool,
+        transform: Transform,
+    ) -> None:
         self._averager = averager
         self._divisor = divisor
+        self._transform = transform
         self._pending: list[tuple[_Bucket, torch.Tensor, Any, torch.Tensor | None]] = []
         for bucket in averager.buckets:
             wide_dtype = averager._reduce_dtype(bucket.dtype)
@@ -123,10 +81,12 @@ class AverageHandle:
         Returns:
             `int`: bytes this rank contributed to the collectives.
         """
-        for bucket, wide, work, sent in self._pending:
+        for index, (bucket, wide, work, sent) in enumerate(self._pending):
             if work is not None:
                 work.wait()
             wide.div_(self._divisor)
+            if self._transform is not None:
+                self._transform(index, wide)  # e.g. the outer optimizer's step (`SyncedState.advance`)
             if sent is not None:
                 for t, view in bucket.views(sent.neg_()):
                     view.add_(_local(t))  # sent := current - sent, the local change since the send
@@ -240,17 +200,30 @@ class ParameterAverager:
 
     @overload
     def average(
-        self, divisor: int | None = None, async_op: Literal[False] = False, keep_local_change: bool = False
+        self,
+        divisor: int | None = None,
+        async_op: Literal[False] = False,
+        keep_local_change: bool = False,
+        transform: Transform = None,
     ) -> int: ...
 
     @overload
     def average(
-        self, divisor: int | None = None, *, async_op: Literal[True], keep_local_change: bool = False
+        self,
+        divisor: int | None = None,
+        *,
+        async_op: Literal[True],
+        keep_local_change: bool = False,
+        transform: Transform = None,
     ) -> AverageHandle: ...
 
     @torch.no_grad()
     def average(
-        self, divisor: int | None = None, async_op: bool = False, keep_local_change: bool = False
+        self,
+        divisor: int | None = None,
+        async_op: bool = False,
+        keep_local_change: bool = False,
+        transform: Transform = None,
     ) -> int | AverageHandle:
         """All-reduce every bucket and divide, writing the average into the tensors.
 
@@ -263,6 +236,9 @@ class ParameterAverager:
             keep_local_change (`bool`, defaults to `False`):
                 With ``async_op=True`` in copy mode only: at ``wait()`` each tensor becomes the average plus the change
                 made to it locally since the send (the one-step-delayed overlap).
+            transform (`Callable[[int, torch.Tensor], None]`, *optional*):
+                Called with each bucket's index and average (flat, reduce dtype) before it is written back and
+                before any local change is added; it may rewrite the average in place (the outer optimizer's step).
 
         Returns:
             `int` (bytes this rank contributed to the collectives), or an [`AverageHandle`] when ``async_op=True``.
@@ -273,7 +249,7 @@ class ParameterAverager:
             raise ValueError("keep_local_change=True needs async_op=True and ParameterAverager(mode='copy')")
         self.ensure_views()
         divisor = dist.get_world_size(self.process_group) if divisor is None else divisor
-        handle = AverageHandle(self, divisor, async_op, keep_local_change)
+        handle = AverageHandle(self, divisor, async_op, keep_local_change, transform)
         if not async_op:
             return handle.wait()
         self._in_flight = handle

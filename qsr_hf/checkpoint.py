@@ -199,6 +199,41 @@ def agree_to_resume(directory: str | os.PathLike, rows: list[list[int]], world_s
     return True
 
 
+def local_state(synchronizer: "Synchronizer", optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Everything this rank needs to resume exactly: its optimizer state, the averaged tensors, the position.
+
+    The tensors are saved too because checkpoints hold rank 0's model in a format that not every model class reloads
+    faithfully; with them, resume does not depend on it.
+    """
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "qsr": synchronizer.state_dict(),
+        "tensors": [t.detach().to("cpu", copy=True) for t in synchronizer.local_tensors()],
+    }
+    engine_state = synchronizer.engine.local_state_dict()
+    if engine_state:
+        state["engine"] = engine_state
+    return state
+
+
+def load_local_state(synchronizer: "Synchronizer", state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Restore what [`local_state`] returned on this rank."""
+    tensors = synchronizer.local_tensors()
+    if len(state["tensors"]) != len(tensors):
+        raise ValueError(
+            f"the saved QSR state holds {len(state['tensors'])} tensors but this model averages {len(tensors)}: "
+            "was it saved from another model or with another qsr_average_buffers?"
+        )
+    with torch.no_grad():
+        for target, saved in zip(tensors, state["tensors"], strict=True):
+            target.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    if "engine" in state:
+        synchronizer.engine.load_local_state_dict(state["engine"])
+    synchronizer.engine.after_average()
+    synchronizer.load_state_dict(state["qsr"])
+
+
 def save_local_state(synchronizer: "Synchronizer", directory: str | os.PathLike, optimizer: Any) -> str:
     """Write this rank's state file into ``directory``; once every rank has (one collective that also checks that the
     ranks agree), write the manifest that marks the checkpoint complete. Call on every rank.
@@ -212,7 +247,7 @@ def save_local_state(synchronizer: "Synchronizer", directory: str | os.PathLike,
         `str`: the path of this rank's file.
     """
     meta = synchronizer.meta()
-    path, file_digest = save_rank_state(directory, synchronizer.local_state_dict(optimizer), meta)
+    path, file_digest = save_rank_state(directory, local_state(synchronizer, optimizer), meta)
     digests = [file_digest]
     if synchronizer.distributed:
         digests = [row[0] for row in exchange(synchronizer.agreement_values(SAVE), [file_digest])]
@@ -249,6 +284,8 @@ def restore_local_state(
         rows = exchange(synchronizer.agreement_values(RESUME), rows[0])
     if not agree_to_resume(directory, rows, meta["world_size"]):
         synchronizer.clock.reset_to(step or 0)
+        if synchronizer.synced is not None:  # the checkpoint's (averaged) model, the same on every rank
+            synchronizer.synced.reset(synchronizer.averager.buckets)
         return False
-    synchronizer.load_local_state_dict(loaded.state, optimizer)
+    load_local_state(synchronizer, loaded.state, optimizer)
     return True

@@ -1,4 +1,4 @@
-"""`qsr-hf`: ``train`` a recipe, or ``plan`` a run's sync schedule. The only module that prints.
+"""`qsr-hf`: ``train`` a recipe, ``plan`` a run's sync schedule, ``report`` a finished run. The only module that prints.
 
 Nothing heavy is imported before the subcommand is known: ``qsr-hf --help`` and ``qsr-hf plan`` start without
 torch or transformers (a recipe or an lr replay loads transformers when it is needed).
@@ -14,12 +14,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qsr_hf.analysis.planner import Plan, alpha_for_comm_budget, alpha_for_switch_fraction, plan
+from qsr_hf.analysis.planner import (
+    Plan,
+    alpha_for_comm_budget,
+    alpha_for_switch_fraction,
+    plan,
+    synced_state_bytes_per_param,
+)
 from qsr_hf.analysis.scaling import NodeLayout, predict_node_modes, predict_wall_clock
 from qsr_hf.config import QSRConfig
 
 
 PLAN_HELP = "replay a sync rule over an lr schedule: round lengths, syncs, communication vs data-parallel"
+REPORT_HELP = "draw a finished run's figure (loss, syncs, H per round, communication) and embed it in its model card"
 TRAIN_HELP = "train a YAML recipe with Trainer + QSRCallback (run it under `accelerate launch` for several processes)"
 # QSRConfig fields that `plan` accepts as flags; type, choices and help come from the dataclass
 _PLAN_CONFIG_FIELDS = ("qsr_rule", "qsr_alpha", "qsr_h_base", "qsr_h_max", "qsr_switch_step")
@@ -156,17 +163,18 @@ def _summary(config: QSRConfig, result: Plan, lrs: Sequence[float]) -> dict[str,
         "first_round_longer_than_h_base": result.first_step_above(config.qsr_h_base),
         "last_rounds": result.round_lengths[-5:],
         "profile": profile,
+        "synced_state_bytes_per_param": synced_state_bytes_per_param(config),
+        "synced_state_in_host_memory": config.qsr_outer_state_on_cpu,
     }
 
 
 def _plot(path: str, result: Plan, lrs: Sequence[float]) -> str:
-    try:
-        import matplotlib
+    from qsr_hf.plotting import import_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plt = import_pyplot()
     except ImportError as e:
-        raise SystemExit("--plot needs matplotlib: pip install 'qsr_hf[plot]'") from e
+        raise SystemExit(f"--plot: {e}") from e
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(range(len(lrs)), lrs, color="tab:blue")
     ax.set_xlabel("optimizer step")
@@ -215,6 +223,9 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
             print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")
         print(f"last rounds: {summary['last_rounds']}")
         print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_volume_vs_ddp:.3f}%")
+        if summary["synced_state_bytes_per_param"]:
+            where = "host memory" if config.qsr_outer_state_on_cpu else "the device"
+            print(f"extra memory per parameter: {summary['synced_state_bytes_per_param']} B on {where} (synced state)")
         if wall is not None:
             print(
                 f"predicted wall clock: data-parallel {wall['ddp_h']:.2f} h, this plan {wall['local_h']:.2f} h "
@@ -240,25 +251,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"qsr-hf {__version__}")
     p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
-    sub = p.add_subparsers(dest="command", metavar="{train,plan}", required=True)
+    sub = p.add_subparsers(dest="command", metavar="{train,plan,report}", required=True)
     train = sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP, add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE.yaml [--key value ...] (`train --help`)")
     _plan_parser(sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP))
+    rep = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
+    rep.add_argument("run_dir", help="the run's output_dir (trainer_state.json, qsr_results.json)")
+    rep.add_argument("--output", help="write the PNG here instead (the model card is then left as it is)")
     return p
 
 
+def report_main(run_dir: str, output: str | None = None) -> str:
+    """Run ``qsr-hf report``: draw the figure; without ``output``, embed it in the run's model card. Returns its path."""
+    from qsr_hf.training import hub, report
+
+    path = report.draw_run(run_dir, output)
+    if output is None and hub.embed_figure(run_dir, path.name):
+        print(f"embedded in {Path(run_dir) / 'README.md'}")
+    print(f"figure: {path.resolve()}")
+    return str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``qsr-hf`` command: ``qsr-hf {train,plan} ...``; errors are one line unless ``--debug``."""
+    """Entry point of the ``qsr-hf`` command: ``qsr-hf {train,plan,report} ...``; errors are one line unless ``--debug``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
     try:
         if ns.command == "plan":
             plan_main(argv[argv.index("plan") + 1 :])
+        elif ns.command == "report":
+            report_main(ns.run_dir, ns.output)
         else:
             from qsr_hf.training.train import run
 
             run(ns.args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, NotImplementedError, RuntimeError) as e:
         if ns.debug:
             traceback.print_exc()
         raise SystemExit(f"qsr-hf {ns.command}: error: {e}") from None

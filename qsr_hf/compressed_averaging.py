@@ -7,7 +7,10 @@ tensors' value after the last average, the same on every rank. A sync over K ran
 2. ``all_to_all_single``: rank j receives chunk j (Np / K values) of every rank's delta;
 3. rank j sums the K chunks in fp32, in rank order, divides by the number of ranks that count, casts to bf16;
 4. ``all_gather_single``: every rank receives the K averaged bf16 chunks;
-5. anchor += averaged delta (in fp32); the tensors := anchor (cast to their dtype).
+5. anchor += averaged delta (in fp32); the tensors := anchor (cast to their dtype). With an outer optimizer
+   (``qsr_outer_optimizer``) the averaged delta is its pseudo-gradient: the anchor takes the outer step instead.
+
+The anchor is the run's `SyncedState` (the one copy of the last synced values, shared with the outer optimizer).
 
 Every rank adds the same bf16 values to the same anchor, so the tensors are bitwise identical after a sync.
 
@@ -31,8 +34,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from qsr_hf.averaging import ParameterAverager
+from qsr_hf.averaging import ParameterAverager, Transform
 from qsr_hf.flat_buckets import FlatBucket
+from qsr_hf.outer import OuterStep
+from qsr_hf.synced_state import SyncedState
 
 
 WIRE_DTYPE = torch.bfloat16
@@ -96,6 +101,8 @@ class CompressedAverager:
             What to average, all on one device (see [`ParameterAverager`]).
         process_group (`ProcessGroup`, *optional*):
             The data-parallel group; `None` means the default (WORLD) group.
+        outer ([`OuterStep`], *optional*): an outer optimizer applied to the averaged change (see `SyncedState`).
+        plain (`set[int]`, *optional*): ``id()`` of tensors that take the plain average under ``outer`` (buffers).
 
     Example:
 
@@ -112,6 +119,8 @@ class CompressedAverager:
         self,
         tensors: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
         process_group: ProcessGroup | None = None,
+        outer: OuterStep | None = None,
+        plain: set[int] | None = None,
     ) -> None:
         self._layout = ParameterAverager(tensors, process_group, fp32_average=True, mode="copy")
         self.process_group = process_group
@@ -126,18 +135,21 @@ class CompressedAverager:
         self.numel = sum(b.flat.numel() for b in self.buckets)
         size = padded_numel(self.numel, self.world_size)
         device = devices.pop()
-        self.anchor = torch.zeros(size, dtype=torch.float32, device=device)
+        self.synced = SyncedState(self.buckets, outer, plain, pad_to=size)  # the anchor, taken now
         self._send = torch.zeros(size, dtype=WIRE_DTYPE, device=device)  # the padding stays zero
         self._received = torch.empty(size, dtype=WIRE_DTYPE, device=device)
         self._gathered = torch.empty(size, dtype=WIRE_DTYPE, device=device)
         self._staged = False
-        self._signature = self._bucket_signature()
-        self.reset_anchor()
 
     @property
     def buckets(self) -> list[FlatBucket]:
         """The copy-mode buckets (one per tensor dtype); their ``flat`` buffers hold the staged fp32 deltas."""
         return self._layout.buckets
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """The fp32 anchor (the synced state's values, zero-padded to the all-to-all's size)."""
+        return self.synced.anchor
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -159,43 +171,15 @@ class CompressedAverager:
         """Bytes of the two collectives' buffers: the all-to-all's bf16 input plus the all-gather's bf16 output."""
         return 2 * self._send.numel() * WIRE_DTYPE.itemsize
 
-    def _bucket_signature(self) -> list[tuple[str, int]]:
-        return [(str(b.dtype), b.flat.numel()) for b in self.buckets]
-
-    def _slices(self) -> list[tuple[FlatBucket, torch.Tensor]]:
-        pairs, offset = [], 0
-        for bucket in self.buckets:
-            n = bucket.flat.numel()
-            pairs.append((bucket, self.anchor[offset : offset + n]))
-            offset += n
-        return pairs
-
     def ensure_views(self) -> None:
         """Rebuild the buckets if a tensor was replaced; refuse if the layout the anchor follows changed."""
         self._layout.ensure_views()
-        if self._bucket_signature() != self._signature:
-            raise RuntimeError(
-                "qsr_compress_delta: the averaged tensors changed dtype or number since the anchor was taken "
-                f"({self._signature} -> {self._bucket_signature()}, model.to?); cast the model before training starts"
-            )
+        self.synced.check_layout(self.buckets)
 
-    @torch.no_grad()
     def reset_anchor(self) -> None:
         """Set the anchor to the tensors' current values (call only where every rank holds the same ones)."""
         self.ensure_views()
-        for bucket, anchor in self._slices():
-            bucket.gather(anchor)
-        self._staged = False
-
-    @torch.no_grad()
-    def load_anchor(self, anchor: torch.Tensor) -> None:
-        """Restore an anchor saved from ``self.anchor`` (same layout)."""
-        if tuple(anchor.shape) != tuple(self.anchor.shape):
-            raise ValueError(
-                f"the saved qsr_compress_delta anchor has shape {tuple(anchor.shape)}, this model needs "
-                f"{tuple(self.anchor.shape)}: was it saved from another model or world size?"
-            )
-        self.anchor.copy_(anchor)
+        self.synced.reset(self.buckets)
         self._staged = False
 
     @torch.no_grad()
@@ -207,19 +191,21 @@ class CompressedAverager:
         """
         if not self._staged:
             self.ensure_views()
-            for bucket, anchor in self._slices():
+            for bucket, anchor in zip(self.buckets, self.synced.slices(), strict=True):
                 bucket.gather(bucket.flat).sub_(anchor)
             self._staged = True
         return [b.flat for b in self.buckets]
 
     @torch.no_grad()
-    def average(self, divisor: int | None = None) -> int:
+    def average(self, divisor: int | None = None, transform: Transform = None) -> int:
         """Average the staged (or current) deltas across the group and write anchor + mean delta into the tensors.
 
         Args:
             divisor (`int`, *optional*): what the fp32 sum is divided by; `None` means the world size. A rank that
                 must not count contributes a zero delta (zero its :meth:`stage` buffers) and the others pass the
                 number of ranks that do.
+            transform (`Callable[[int, torch.Tensor], None]`, *optional*): what turns each bucket's plain average
+                (anchor + mean change, fp32) into the new values; defaults to the synced state's committed step.
 
         Returns:
             `int`: bytes recorded for this sync (:attr:`bytes_per_sync`).
@@ -236,7 +222,11 @@ class CompressedAverager:
         mine = mean_delta(self._received.view(self.world_size, -1).unbind(0), divisor)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name before torch 2.10
         gather(self._gathered, mine, group=self.process_group)
-        self.anchor.add_(self._gathered)
-        for bucket, anchor in self._slices():
-            bucket.scatter(anchor)
+        transform = transform or self.synced.advance
+        for index, (bucket, anchor, mean) in enumerate(
+            zip(self.buckets, self.synced.slices(), self.synced.slices(self._gathered), strict=True)
+        ):
+            torch.add(anchor, mean, out=bucket.flat)  # the staged buffer is free again: the plain average
+            transform(index, bucket.flat)  # commits it as the new anchor (or the outer step's result)
+            bucket.scatter(bucket.flat)
         return self.bytes_per_sync

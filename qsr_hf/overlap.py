@@ -6,13 +6,14 @@ result is folded in, keeping the step's local change on top of the average:
 
     params = average(params sent at the round end) + (params now - params sent)
 
+With an outer optimizer the average is turned into its step's result before the local change is added back.
 This is not the exact QSR update (the step after a sync starts from local rather than averaged parameters): it is the
 delayed variant of overlapping communication with computation, as in delayed / overlapped local SGD. The change is one
 step of drift per round; with the last step of training the sync is blocking, so the final model is an exact average,
 and so is every sync before an evaluation or a checkpoint (``sync_now`` folds any average in flight first).
 """
 
-from qsr_hf.averaging import AverageHandle, ParameterAverager
+from qsr_hf.averaging import AverageHandle, ParameterAverager, Transform
 
 
 class OverlappedSync:
@@ -43,14 +44,18 @@ class OverlappedSync:
         """Whether an average is in flight."""
         return self._handle is not None
 
-    def start(self) -> int:
+    def start(self, transform: Transform = None) -> int:
         """Start averaging the current values (folding in any average still in flight first).
+
+        Args:
+            transform (`Callable[[int, torch.Tensor], None]`, *optional*): applied to each bucket's average when
+                it arrives, before the local change is added back (the outer optimizer's step).
 
         Returns:
             `int`: bytes this rank contributes to the collectives.
         """
         self.finish()
-        self._handle = self.averager.average(async_op=True, keep_local_change=True)
+        self._handle = self.averager.average(async_op=True, keep_local_change=True, transform=transform)
         return self.averager.bytes_per_sync
 
     def finish(self) -> bool:

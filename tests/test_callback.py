@@ -1,5 +1,6 @@
 """QSRCallback with the real Trainer on 2 gloo processes (tiny ViT, in-memory dataset)."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -348,3 +349,28 @@ def test_missing_lr_scheduler_is_an_error(tmp_path):
 
 def test_one_line_form_equals_config_form():
     assert QSRCallback(alpha=0.0175, h_base=4).config == QSRCallback(QSRConfig(qsr_alpha=0.0175, qsr_h_base=4)).config
+
+
+def test_trainer_outer_optimizer_resumes_bitwise_and_logs(tmp_path):
+    # QSR rounds + DiLoCo's Nesterov outer step; an evaluation (step 3) and a checkpoint (step 5) inside rounds
+    config = dataclasses.replace(QSR, qsr_outer_optimizer="nesterov")
+    full_dir = tmp_path / "full"
+    full = run_distributed(
+        _trainer_run, out_dir=str(full_dir), config=config, save_steps=5, eval_strategy="steps", eval_steps=3
+    )
+    resumed = run_distributed(
+        _trainer_run, out_dir=str(tmp_path / "resumed"), config=config, save_steps=5, eval_strategy="steps",
+        eval_steps=3, resume=str(full_dir / "checkpoint-5"),
+    )  # fmt: skip
+    r0, r1 = full
+    for i, synced in enumerate(r0["synced"]):
+        if r0["lrs"][i] > 0:  # the first warm-up step has lr 0 and changes nothing
+            assert torch.equal(r0["params"][i], r1["params"][i]) == synced, f"step {i + 1}: equal only after a sync"
+    for rank in (0, 1):
+        assert torch.equal(full[rank]["final"], resumed[rank]["final"]), f"rank {rank}: resume with outer state"
+        saved = read_state_file(full_dir / "checkpoint-5" / f"qsr_state_rank{rank}.pt")
+        assert set(saved["qsr"]["synced"]) == {"anchor", "momentum"}, "the outer state is in every rank's file"
+    logged = [h for h in r0["log_history"] if "qsr/H" in h]
+    for entry in logged:  # the Trainer's own metrics survive; the outer optimizer's ride along
+        assert {"loss", "learning_rate", "qsr/outer_lr"} <= set(entry), entry
+    assert logged[-1]["qsr/pseudo_grad_norm"] > 0

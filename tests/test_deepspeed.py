@@ -152,9 +152,9 @@ def _run(accelerator, engine, local, sched, batches, spy=None):
     averager = local.synchronizer.averager
     average = averager.average
 
-    def snapshot_then_average():
+    def snapshot_then_average(*args, **kwargs):
         out["pre_sync_masters"].append(_masters(engine))
-        return average()
+        return average(*args, **kwargs)
 
     averager.average = snapshot_then_average
     for x, y in batches:
@@ -174,17 +174,20 @@ def _run(accelerator, engine, local, sched, batches, spy=None):
     return out
 
 
-def _train(rank, world_size, precision, clip, steps, h, optimizer="torch"):
+def _train(rank, world_size, precision, clip, steps, h, optimizer="torch", outer="none"):
     spy = CollectiveSpy()
     try:
         accelerator, engine, opt, sched = _build(precision, clip, optimizer)
-        local = LocalOptimizer(opt, engine, QSRConfig(qsr_rule="constant", qsr_h_base=h), num_training_steps=steps)
+        config = QSRConfig(qsr_rule="constant", qsr_h_base=h, qsr_outer_optimizer=outer)
+        local = LocalOptimizer(opt, engine, config, num_training_steps=steps)
+        init = _masters(engine)
         spy.take()
         out = _run(accelerator, engine, local, sched, rank_batches(rank, steps), spy)
     finally:
         spy.close()
     out["buckets"] = local.synchronizer.averager.num_buckets
     out["optimizer"] = type(engine.optimizer).__name__
+    out["init_masters"] = init
     if precision == "fp32":  # one spawn less: check the refusal of ZeRO 1-3 in this process too
         out["zero_errors"] = _zero_stage_errors()
     return out
@@ -245,6 +248,24 @@ def test_zero0_local_steps_no_collectives_with_clipping(precision, optimizer, wr
             if i > 0 and r0["synced"][i - 1]:
                 # the step after a sync starts from the averaged masters: one AdamW step away from them
                 assert (m0 - r0["masters"][i - 1]).abs().max() < 0.05, "the sync was undone by the next step"
+
+
+def test_zero0_outer_optimizer_steps_the_fp32_masters():
+    # DiLoCo's Nesterov step on DeepSpeed's fp32 masters: the bf16 weights follow them, ranks equal after each sync
+    steps, h = 5, 2
+    r0, r1 = run_distributed(_train, precision="bf16", clip=0.0, steps=steps, h=h, outer="nesterov")
+    anchor, momentum = r0["init_masters"], torch.zeros_like(r0["init_masters"])
+    for i in range(steps):
+        m0, m1 = r0["masters"][i], r1["masters"][i]
+        assert torch.equal(r0["weights"][i], m0.to(torch.bfloat16).float()), f"model != bf16(masters), step {i}"
+        assert torch.equal(m0, m1) == r0["synced"][i], f"step {i}: masters equal exactly after the syncs"
+        if r0["synced"][i]:
+            k = sum(r0["synced"][: i + 1]) - 1
+            g = anchor - (r0["pre_sync_masters"][k] + r1["pre_sync_masters"][k]) / 2
+            momentum = 0.9 * momentum + g
+            anchor = anchor - 0.7 * (g + 0.9 * momentum)  # torch.optim.SGD(nesterov=True)'s update
+            torch.testing.assert_close(m0, anchor, rtol=1e-5, atol=1e-6, msg=f"step {i}: not the Nesterov step")
+            anchor = m0
 
 
 def _resume(rank, world_size, precision, steps, cut, tmp):

@@ -1,7 +1,18 @@
 """FSDP2 local steps: 4 gloo processes as 2 nodes x 2, parameters and Adam state sharded inside each node."""
 
+import os
+
 import torch
-from testing_utils import BNMLP, assert_node_groups, rank_batches, recorded_steps, run_distributed, view_round_trip
+from testing_utils import (
+    BNMLP,
+    assert_node_groups,
+    nesterov_reference,
+    rank_batches,
+    record_averages,
+    recorded_steps,
+    run_distributed,
+    view_round_trip,
+)
 from torch import nn
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -77,7 +88,21 @@ def _fsdp2(rank, world_size, tmp):
     model3, viewed = _build(mesh)
     recorded_steps(model3, viewed, LRS[:3], batches[:3], _shards)
     view = view_round_trip(model3, viewed, _shards)
-    return type(engine).__name__, engine.world_size, per_step, optimizer.stats.to_logs(), exact, refusals, view
+    stats = optimizer.stats.to_logs()
+    return type(engine).__name__, engine.world_size, per_step, stats, exact, refusals, view, _outer(mesh, batches, tmp)
+
+
+def _outer(mesh, batches, tmp):
+    """Nesterov outer steps per shard: the values around every average, and a bitwise mid-round resume."""
+    saved, log = os.path.join(tmp, "outer"), []
+    model, outer = _build(mesh, qsr_outer_optimizer="nesterov")
+    init = _shards(model)[0]
+    record_averages(outer, lambda: _shards(model), log)
+    steps = recorded_steps(model, outer, LRS, batches, _shards, save_at=3, tmp=saved)
+    model2, resumed = _build(mesh, qsr_outer_optimizer="nesterov")
+    resumed.load_local_state(saved)
+    last = recorded_steps(model2, resumed, LRS[4:], batches[4:], _shards)[-1]
+    return init, log, torch.equal(last[1], steps[-1][1]) and torch.equal(last[2], steps[-1][2])
 
 
 def test_fsdp2_sharded_inside_nodes():
@@ -121,3 +146,12 @@ def test_fsdp2_sharded_inside_nodes():
         assert "sharded across all 4 ranks" in messages[1] and "DDP" in messages[1]
         assert "qsr_overlap_sync=True is not supported with FSDP2" in messages[2]
         assert "Set qsr_overlap_sync=False" in messages[2]
+    for a, b in replicas:  # the outer optimizer per shard: Nesterov on the replicas' mean, the same on both
+        (init, log_a, exact_a), (_, log_b, exact_b) = results[a][7], results[b][7]
+        assert exact_a and exact_b and len(log_a) == 3, "3 syncs; a mid-round resume is bitwise"
+        anchor, momentum = init, None
+        for k, (entry_a, entry_b) in enumerate(zip(log_a, log_b, strict=True)):
+            expected, momentum = nesterov_reference(anchor, (entry_a[2] + entry_b[2]) / 2, momentum, mu=0.9)
+            torch.testing.assert_close(entry_a[4], expected, rtol=1e-5, atol=1e-6, msg=f"sync {k}, ranks {a}, {b}")
+            assert torch.equal(entry_a[4], entry_b[4]), f"sync {k}: the replicas of a shard differ"
+            anchor = entry_a[4]

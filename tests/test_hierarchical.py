@@ -1,10 +1,12 @@
 """Hierarchical QSR (``qsr_worker="node"``): gloo processes as 2 nodes x 2 and 3 nodes x 2, DDP over all ranks with
 the node hook."""
 
+import os
 from collections import Counter
 
 import pytest
 import torch
+import torch.distributed as dist
 from testing_utils import BNMLP, assert_node_groups, rank_batches, recorded_steps, run_distributed, view_round_trip
 from torch.nn.parallel import DistributedDataParallel
 
@@ -82,7 +84,24 @@ def _hierarchical(rank, world_size, tmp):
     ddp4, viewed = _build()
     recorded_steps(ddp4, viewed, LRS[:3], batches[:3], _vectors)
     view = view_round_trip(ddp4, viewed, _vectors)
-    return type(engine).__name__, engine.world_size, per_step, logs, exact, refusals, same, split, view
+    return type(engine).__name__, engine.world_size, per_step, logs, exact, refusals, same, split, view, _outer(tmp)
+
+
+def _outer(tmp):
+    """Nesterov outer steps on node slices: each local rank keeps its slice's outer state; bitwise the whole-model
+    outer step (2 nodes); a mid-round resume is bitwise."""
+    batches, saved = rank_batches(dist.get_rank(), len(LRS)), os.path.join(tmp, "outer")
+    ddp, sliced = _build(qsr_outer_optimizer="nesterov")
+    steps = recorded_steps(ddp, sliced, LRS, batches, _vectors, save_at=3, tmp=saved)
+    ddp2, whole = _build(split=False, qsr_outer_optimizer="nesterov")
+    reference = recorded_steps(ddp2, whole, LRS, batches, _vectors)
+    ddp3, resumed = _build(qsr_outer_optimizer="nesterov")
+    resumed.load_local_state(saved)
+    last = recorded_steps(ddp3, resumed, LRS[4:], batches[4:], _vectors)[-1]
+    same = [torch.equal(a[1], r[1]) and torch.equal(a[2], r[2]) for a, r in zip(steps, reference, strict=True)]
+    exact = torch.equal(last[1], steps[-1][1]) and torch.equal(last[2], steps[-1][2])
+    sizes = (sliced.synchronizer.synced.numel, whole.synchronizer.synced.numel)
+    return [s[:3] for s in steps], same, exact, sizes
 
 
 def test_hierarchical_two_nodes_of_two(tmp_path):
@@ -123,6 +142,13 @@ def test_hierarchical_two_nodes_of_two(tmp_path):
     # leaving the evaluation view restores every rank bitwise (its own BatchNorm statistics, not the node's mean);
     # entering is an extra sync: the all-gather (488) and the buffers (128) inside the node; leaving re-gathers (488)
     assert all(r[8] == (True, 488 + 128 + 488) for r in results), [r[8] for r in results]
+    for step, synced in enumerate(s[0] for s in results[0][9][0]):  # the outer optimizer (Nesterov) on node slices
+        params = [r[9][0][step][1] for r in results]
+        assert all(torch.equal(params[0], p) for p in params) == synced, step
+        assert torch.equal(params[0], params[1]) and torch.equal(params[2], params[3]), step
+    for _, same, exact, sizes in (r[9] for r in results):
+        assert all(same) and exact, "the sliced outer step must be bitwise the whole-model one, and resume exactly"
+        assert sizes == (244 // 2 + 32, 244 + 32), "a local rank keeps only its slice's outer state (+ buffers)"
     for result in results:  # clear errors before training, on every rank
         (layout_error, layout), (overlap_error, overlap) = result[5]
         assert layout_error == "ValueError" and "qsr_node_size" in layout and "divide the world size 4" in layout

@@ -55,6 +55,9 @@ def test_model_card_records_qsr_settings_schedule_comm_and_accuracy(tmp_path):
     assert "| peak learning rate | 0.008 |" in text and "| warm-up steps | 10000 |" in text
     assert "| top1 | 0.8098 |" in text and "runtime" not in text
     assert "accelerate launch -m qsr_hf.training.train x" in text and "gu2024quadratic" in text
+    assert "Training curves" not in text  # no figure given
+    with_figure = hub.build_model_card("m", "d", QSR, FACTS, SUMMARY, EVAL, figure="qsr_run.png").content
+    assert "## Training curves" in with_figure and "](qsr_run.png)" in with_figure
     path = hub.save_model_card(card, tmp_path / "out")
     loaded = ModelCard.load(path)
     assert loaded.data.library_name == "transformers" and "qsr_hf" in loaded.data.tags
@@ -94,6 +97,7 @@ def test_train_pushes_once_at_the_end_with_the_qsr_card(tmp_path, fake_api, monk
     assert 0 <= metrics["eval_top1"] <= metrics["eval_top5"] <= 1
     card = (out / "README.md").read_text()
     assert "sync-rule-qsr" in card and "| qsr_alpha | 0.022 |" in card and "| optimizer steps | 3 |" in card
+    assert "](qsr_run.png)" in card and (out / "qsr_run.png").is_file()  # the run's figure, pushed with the card
     results = json.loads((out / "all_results.json").read_text())
     assert {"eval_top1", "eval_top5", "qsr/syncs", "train_loss"} <= set(results)
     assert [c[0] for c in fake_api.calls] == ["create_repo", "upload_folder"], "one push, at the end"

@@ -4,7 +4,7 @@ import pytest
 
 from qsr_hf import QSRConfig, plan
 from qsr_hf.analysis.lr_schedule import lr_sequence
-from qsr_hf.analysis.planner import alpha_for_comm_budget, alpha_for_switch_fraction
+from qsr_hf.analysis.planner import alpha_for_comm_budget, alpha_for_switch_fraction, synced_state_bytes_per_param
 from qsr_hf.analysis.scaling import predict_wall_clock
 from qsr_hf.cli import plan_main
 
@@ -98,3 +98,16 @@ def test_plan_cli_predicts_wall_clock(capsys):
     assert "predicted wall clock: data-parallel" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--compute-s-per-step"):
         plan_main([*flags, "--workers", "16"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, 0),
+        ({"qsr_compress_delta": True}, 4),
+        ({"qsr_outer_optimizer": "nesterov"}, 8),
+        ({"qsr_outer_optimizer": "sgd", "qsr_outer_momentum": 0.0}, 4),
+    ],
+)
+def test_synced_state_memory(fields, expected):
+    assert synced_state_bytes_per_param(QSRConfig(qsr_rule="constant", **fields)) == expected

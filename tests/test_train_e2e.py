@@ -4,10 +4,14 @@ processes; assertions on the files the run writes (metrics, model card, per-rank
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
-from _train_utils import launch_train
+from _train_utils import REPO, launch_train
+from PIL import Image
 
+from qsr_hf.cli import report_main
 from qsr_hf.training.corpus import corpus_version
 from qsr_hf.training.train import _check_world_size, parse_recipe
 
@@ -42,7 +46,18 @@ def check_two_process_run(out, steps, metrics=IMAGE_METRICS, processor_file="pre
 def test_short_qsr_run_on_two_processes(tmp_path):
     out = tmp_path / "qsr"
     proc = launch_train(
-        ["recipes/demo/qsr.yaml", "--output_dir", str(out), "--max_steps", "6", "--save_steps", "6"] + SHORT
+        [
+            "recipes/demo/qsr.yaml",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "6",
+            "--logging_steps",
+            "2",
+        ]
+        + SHORT
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results, card, checkpoint = check_two_process_run(out, 6)
@@ -61,6 +76,30 @@ def test_short_qsr_run_on_two_processes(tmp_path):
     # a second run into the same folder is refused on every rank, with the fix in the message
     again = launch_train(["recipes/demo/qsr.yaml", "--output_dir", str(out), "--max_steps", "2"] + SHORT)
     assert again.returncode != 0 and again.stderr.count("--overwrite_output_dir true") >= 2, again.stderr[-3000:]
+    check_run_figure(out, card, sync_steps=[4, 6])
+
+
+def check_run_figure(out, card, sync_steps):
+    """The figure drawn at the end of the run (qsr_hf.training.report), embedded in the card; then `qsr-hf report`."""
+    qsr = json.loads((out / "qsr_results.json").read_text())
+    assert qsr["qsr/sync_steps"] == sync_steps, qsr  # recorded while training, one entry per scheduled sync
+    figure = out / "qsr_run.png"
+    assert "](qsr_run.png)" in card and figure.is_file()  # next to the model: push_to_hub uploads it with the card
+    with Image.open(figure) as image:
+        assert image.size[0] > 600 and image.size[1] > 600
+    # the command on the same run folder: redraws the figure, leaves the card (which embeds it already) unchanged
+    figure.unlink()
+    cli = [sys.executable, "-m", "qsr_hf.cli", "report", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0 and figure.is_file() and str(figure.resolve()) in proc.stdout, proc.stderr[-2000:]
+    assert (out / "README.md").read_text() == card
+    # a card without the figure (a run from before `report` existed) gets it embedded (in-process: same code path)
+    (out / "README.md").write_text(
+        card.replace("![loss with the syncs marked, H per round, communication](qsr_run.png)", "")
+    )
+    report_main(str(out))
+    assert "](qsr_run.png)" in (out / "README.md").read_text()
 
 
 def test_short_parallel_run_is_plain_ddp(tmp_path):
@@ -72,6 +111,8 @@ def test_short_parallel_run_is_plain_ddp(tmp_path):
     assert not list(checkpoint.glob("qsr_state_rank*.pt")), "qsr_rule: ddp must not install the QSR callback"
     assert results["qsr/comm_volume_vs_ddp"] == 1.0 and results["qsr/syncs"] == 4
     assert "gradients all-reduced every step" in card
+    assert json.loads((out / "qsr_results.json").read_text())["qsr/sync_steps"] == [1, 2, 3, 4]  # H = 1
+    assert "](qsr_run.png)" in card and (out / "qsr_run.png").is_file()
 
 
 def test_short_lm_run_on_two_processes(tmp_path):
@@ -80,14 +121,15 @@ def test_short_lm_run_on_two_processes(tmp_path):
     proc = launch_train(argv + LM_SHORT + ["--disable_tqdm", "true"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     results, card, checkpoint = check_two_process_run(out, 6, LM_METRICS, processor_file="tokenizer.json")
-    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))  # metrics.add_perplexity
     assert sorted(p.name for p in checkpoint.glob("qsr_state_rank*.pt")) == [
         "qsr_state_rank0.pt",
         "qsr_state_rank1.pt",
     ]
     assert results["qsr/syncs"] == 2 and 0 < results["qsr/comm_volume_vs_ddp"] < 1  # H_base 4: rounds of 4 and 2
     assert "pipeline_tag: text-generation" in card and f"python_stdlib_local ({corpus_version()})" in card
-    assert "sync-rule-qsr" in card and "perplexity" in card
+    assert "sync-rule-qsr" in card and "perplexity" in card and "](qsr_run.png)" in card
+    assert json.loads((out / "qsr_results.json").read_text())["qsr/sync_steps"] == [4, 6]
     assert proc.stdout.count("[qsr_hf] perplexity") == 1 and str(out.resolve()) in proc.stdout, proc.stdout[-2000:]
     assert "longer than the specified maximum sequence length" not in proc.stderr
     # what was saved is a causal LM with its tokenizer; trained with use_cache off
@@ -124,5 +166,6 @@ def test_full_demo(tmp_path, recipe):
         assert results["eval_top1"] > 0.84, results  # measured 0.86-0.87 (recipes/README.md)
     if recipe.endswith("qsr"):  # planner: 43 syncs in 400 steps = 10.75%; LM: 33 syncs in 300 steps = 11.00%
         assert 0.09 < results["qsr/comm_volume_vs_ddp"] < 0.13
+    assert len(results["qsr/sync_steps"]) == results["qsr/syncs"] and (out / "qsr_run.png").is_file()
     if os.environ.get("QSR_DEMO_RESULTS"):
         print(recipe, json.dumps(results))

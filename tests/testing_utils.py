@@ -206,3 +206,34 @@ def view_round_trip(model: nn.Module, optimizer: Any, snapshot: Callable) -> tup
     optimizer.synchronizer.leave_averaged_view()
     same = all(torch.equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
     return same, optimizer.stats.intra_node_sync_bytes - counted
+
+
+def record_averages(optimizer: Any, snapshot: Callable, log: list) -> None:
+    """Append ``(kind, commit, *snapshot() before, *snapshot() after)`` to ``log`` around every average of a qsr_hf
+    optimizer's synchronizer (scheduled, extra and evaluation-view averages)."""
+    sync = optimizer.synchronizer
+    original = sync.average
+
+    def recorded(kind: int, commit: bool = True) -> None:
+        before = [t.clone() for t in snapshot()]
+        original(kind, commit)
+        log.append((kind, commit, *before, *[t.clone() for t in snapshot()]))
+
+    sync.average = recorded
+
+
+def nesterov_reference(
+    anchor: torch.Tensor, average: torch.Tensor, momentum: torch.Tensor | None, lr: float = 0.7, mu: float = 0.9
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.optim.SGD(nesterov=True)`` on ``anchor`` with gradient ``anchor - average`` (DiLoCo's outer step).
+
+    Returns:
+        the new anchor and the momentum buffer.
+    """
+    p = anchor.clone().requires_grad_(True)
+    opt = torch.optim.SGD([p], lr=lr, momentum=mu, nesterov=True)
+    if momentum is not None:
+        opt.state[p]["momentum_buffer"] = momentum.clone()
+    p.grad = anchor - average
+    opt.step()
+    return p.detach(), opt.state[p]["momentum_buffer"]

@@ -20,10 +20,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from qsr_hf.accounting import SyncStats
-from qsr_hf.averaging import averaged_tensors, reduce_dtype
+from qsr_hf.averaging import reduce_dtype
 from qsr_hf.clock import SyncClock
 from qsr_hf.compressed_averaging import compressed_average, compressed_sync_bytes
 from qsr_hf.config import QSRConfig
+from qsr_hf.tensor_selection import averaged_tensors
 
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]

@@ -13,9 +13,9 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from qsr_hf.accounting import SyncStats
-from qsr_hf.averaging import averaged_tensors
 from qsr_hf.config import QSRConfig
 from qsr_hf.scheduler_checks import catch_up_scheduler
+from qsr_hf.tensor_selection import averaged_tensors
 
 
 class Engine:

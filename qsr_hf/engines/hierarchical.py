@@ -30,11 +30,12 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from qsr_hf.averaging import ParameterAverager, averaged_tensors
+from qsr_hf.averaging import ParameterAverager
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines.base import Engine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.node_slices import NodeSlices
+from qsr_hf.tensor_selection import averaged_tensors
 
 
 logger = get_logger(__name__)

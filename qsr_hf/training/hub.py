@@ -75,6 +75,7 @@ def build_model_card(
     eval_metrics: Mapping[str, float],
     command: str | None = None,
     base_model: str | None = None,
+    figure: str | None = None,
     task: str = "image-classification",
 ) -> ModelCard:
     """Build the model card of a qsr_hf run.
@@ -90,6 +91,7 @@ def build_model_card(
         eval_metrics (`Mapping[str, float]`): final evaluation (``eval_top1``, ``eval_top5``, ``eval_loss``), fractions.
         command (`str`, *optional*): the command that reproduces the run.
         base_model (`str`, *optional*): hub checkpoint the run started from; `None` for training from scratch.
+        figure (`str`, *optional*): file name, next to the card, of the run's figure (`qsr_hf.training.report`).
         task (`str`, defaults to ``"image-classification"``): or ``"causal-lm"`` (card metric: perplexity).
 
     Returns:
@@ -167,10 +169,32 @@ data-parallel run of the same length all-reduces for gradients (one all-reduce p
 
 {_table(results)}
 """
+    if figure:
+        body += figure_section(figure)
     if command:
         body += f"\n## Reproduce\n\n```bash\n{command}\n```\n"
     body += f"\n## Citation\n\n```bibtex\n{_CITATION}\n```\n"
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def figure_section(figure: str) -> str:
+    """The card's "Training curves" section, embedding the PNG ``figure`` (a path relative to the card)."""
+    return f"\n## Training curves\n\n![loss with the syncs marked, H per round, communication]({figure})\n"
+
+
+def embed_figure(output_dir: str | Path, figure: str) -> bool:
+    """Add :func:`figure_section` to an existing card in ``output_dir`` unless it embeds ``figure`` already.
+
+    Returns:
+        `bool`: whether the card was changed (`False` also when there is no card).
+    """
+    path = Path(output_dir) / "README.md"
+    if not path.is_file() or f"]({figure})" in path.read_text():
+        return False
+    card = ModelCard.load(path)
+    card.text += figure_section(figure)
+    card.save(path)
+    return True
 
 
 def save_model_card(card: ModelCard, output_dir: str | Path) -> Path:

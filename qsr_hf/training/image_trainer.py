@@ -1,18 +1,18 @@
-"""`ImageClassificationTrainer` (soft-target cross-entropy for mixup and label smoothing), top-1/top-5 metrics, and
-the image-classification branch of the recipe runner ([`build_image_trainer`]).
+"""`ImageClassificationTrainer`: soft-target cross-entropy for mixup and label smoothing (metrics: `qsr_hf.training.metrics`),
+and the image-classification branch of the recipe runner ([`build_image_trainer`]).
 
 Used by the recipe runner (`qsr_hf.training.train`); nothing here knows about QSR.
 """
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qsr_hf.training import data, models, transforms
 from qsr_hf.training.batched_randaugment import DeviceAugmentation
+from qsr_hf.training.metrics import compute_metrics, top_k_indices
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -98,18 +98,6 @@ class ImageClassificationTrainer(Trainer):
         if self.weight_decay_all_params:
             return [name for name, _ in model.named_parameters()]
         return super().get_decay_parameter_names(model)
-
-
-def top_k_indices(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Keep the 5 best class ids per example (``preprocess_logits_for_metrics``: no gathering of full logits)."""
-    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-
-
-def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions) from the indices of [`top_k_indices`]."""
-    top, labels = prediction.predictions, prediction.label_ids
-    hits = np.asarray(top[0] if isinstance(top, tuple) else top) == np.asarray(labels)[:, None]
-    return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
 
 
 def build_datasets(data_args: Any, seed: int) -> tuple[Any, Any, list[str]]:

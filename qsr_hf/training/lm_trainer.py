@@ -7,21 +7,12 @@ recipe keeps that (the global token mean, as DDP). `QSRCallback` switches it off
 token mean over its window, with no collective (tested in ``tests/test_lm.py``).
 """
 
-import math
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from qsr_hf.training.lm_data import build_lm_datasets
 from qsr_hf.training.lm_models import build_causal_lm
-
-
-def perplexity(eval_loss: float) -> float:
-    """``exp(eval_loss)``: perplexity from the mean token cross-entropy in nats (``inf`` past overflow)."""
-    try:
-        return math.exp(eval_loss)
-    except OverflowError:
-        return math.inf
 
 
 def build_lm_trainer(

@@ -2,8 +2,8 @@
 
 One YAML recipe fills four dataclasses (`qsr_hf.training.arguments`); ``--key value`` on the command line overrides
 its values. The run trains an image classifier or, with ``task: causal-lm``, a causal LM
-(`qsr_hf.training.lm_trainer`) with `Trainer` + `QSRCallback`, evaluates (top-1/top-5, or perplexity), saves the
-(averaged) model, writes a model card, and pushes.
+(`qsr_hf.training.lm_trainer`) with `Trainer` + `QSRCallback`, evaluates (top-1/top-5, or perplexity, through the
+`evaluate` modules of `qsr_hf.training.metrics`), saves the (averaged) model, writes a model card, and pushes.
 
 ``qsr_rule: ddp`` means the paper's data-parallel baseline: plain DDP gradient averaging, NO callback. (It is not
 "local training with H = 1", which would keep per-worker AdamW moments.)
@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from qsr_hf.config import QSRConfig
 from qsr_hf.logging_utils import get_logger
-from qsr_hf.training import hub
+from qsr_hf.training import hub, report
 from qsr_hf.training.arguments import (
     DataArguments,
     ModelArguments,
@@ -36,7 +36,8 @@ from qsr_hf.training.arguments import (
 )
 from qsr_hf.training.corpus import corpus_version
 from qsr_hf.training.image_trainer import build_datasets, build_image_trainer
-from qsr_hf.training.lm_trainer import build_lm_trainer, perplexity
+from qsr_hf.training.lm_trainer import build_lm_trainer
+from qsr_hf.training.metrics import add_perplexity
 
 
 logger = get_logger(__name__)
@@ -134,33 +135,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     prepare_training_args(args)
     set_seed(args.seed)
     callbacks = make_callbacks(qsr_config)
-    if model_args.task == "causal-lm":
-        trainer = build_lm_trainer(model_args, data_args, args, callbacks)
-    else:
-        trainer = build_image_trainer(model_args, data_args, args, callbacks)
+    recorder = report.SyncRecorder(callbacks[0] if callbacks else None)  # the sync steps, for the run's figure
+    build = build_lm_trainer if model_args.task == "causal-lm" else build_image_trainer
+    trainer = build(model_args, data_args, args, [*callbacks, recorder])
     resume = args.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         resume = get_last_checkpoint(args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", train_result.metrics)
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    if "eval_loss" in eval_metrics and model_args.task == "causal-lm":
-        eval_metrics["eval_perplexity"] = perplexity(eval_metrics["eval_loss"])
+    if model_args.task == "causal-lm":
+        add_perplexity(eval_metrics)  # exp(eval_loss), through the evaluate module
     trainer.save_metrics("eval", eval_metrics)
     summary = qsr_summary(callbacks, trainer.state.global_step)
-    trainer.save_metrics("qsr", summary)
+    trainer.save_metrics("qsr", {**summary, report.SYNC_STEPS_KEY: recorder.steps})
     trainer.save_model()
     trainer.save_state()
 
     if trainer.is_world_process_zero():
         command = reproduce_command(recipe, argv, args)
         facts = hub.training_facts(args, trainer.state.global_step, trainer.state.max_steps)
+        figure = _draw_figure(args.output_dir)
         dataset = data_args.dataset_name
         if dataset == "python_stdlib_local":
             dataset = f"{dataset} ({corpus_version()})"
         card = hub.build_model_card(
             Path(args.output_dir).name, dataset, qsr_config.to_dict(), facts, summary, eval_metrics,
-            command=command, base_model=model_args.model_name_or_path, task=model_args.task,
+            command=command, base_model=model_args.model_name_or_path, figure=figure, task=model_args.task,
         )  # fmt: skip
         hub.save_model_card(card, args.output_dir)
         if push:
@@ -169,6 +170,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         logger.info(result_line(model_args.task, eval_metrics, data_args.eval_split, summary, args.output_dir))
     trainer.accelerator.end_training()  # destroy the process group
     return eval_metrics
+
+
+def _draw_figure(output_dir: str) -> str | None:
+    """The run's figure (`qsr_hf.training.report`) next to the model; `None`, with a warning, without matplotlib."""
+    try:
+        return report.draw_run(output_dir).name
+    except ImportError as e:
+        logger.warning(f"no figure of the run: {e}")
+        return None
 
 
 def _cuda_available() -> bool:
