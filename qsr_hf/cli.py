@@ -217,7 +217,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
     if ns.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"rule={config.qsr_rule} alpha={config.qsr_alpha:.6g} H_base={config.qsr_h_base} steps={len(lrs)}")
+        alpha = "-" if config.qsr_alpha is None else f"{config.qsr_alpha:.6g}"
+        print(f"rule={config.qsr_rule} alpha={alpha} H_base={config.qsr_h_base} steps={len(lrs)}")
         print(f"{'step':>10} {'lr':>12} {'H':>8}")
         for row in summary["profile"]:
             print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")

@@ -111,3 +111,11 @@ def test_plan_cli_predicts_wall_clock(capsys):
 )
 def test_synced_state_memory(fields, expected):
     assert synced_state_bytes_per_param(QSRConfig(qsr_rule="constant", **fields)) == expected
+
+
+def test_plan_cli_constant_recipe_prints_memory(capsys):
+    # the constant rule has no alpha; an outer optimizer's synced state is 8 B/param
+    summary = plan_main(["recipes/llama150m_c4/diloco.yaml"])
+    out = capsys.readouterr().out
+    assert summary["syncs"] == 176 and "alpha=- " in out
+    assert "extra memory per parameter: 8 B on the device" in out
