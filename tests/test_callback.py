@@ -302,7 +302,7 @@ def test_trainer_optimizer_state_averaging_option(tmp_path):
     assert r0["stats"]["bytes_averaged"] == 2 * 3 * param_bytes, "a sync sends parameters and both AdamW moments"
 
 
-def _bn_trainer_run(rank, world_size, out_dir, reestimate):
+def _bn_trainer_run(out_dir, reestimate, evaluate):
     from qsr_hf.training.models import build_model
 
     torch.manual_seed(0)
@@ -316,26 +316,42 @@ def _bn_trainer_run(rank, world_size, out_dir, reestimate):
     )
     args = TrainingArguments(
         output_dir=out_dir, use_cpu=True, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-        lr_scheduler_type="constant", eval_strategy="steps", eval_steps=2, report_to=[], save_strategy="no",
-        disable_tqdm=True, seed=0,
+        lr_scheduler_type="constant", eval_strategy="steps" if evaluate else "no", eval_steps=2, report_to=[],
+        save_strategy="no", disable_tqdm=True, seed=0,
     )  # fmt: skip
     qsr = QSRCallback(config)
     recorder = Recorder(qsr)
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[qsr, recorder])
     trainer.train()
-    return {"at_eval": recorder.at_eval, "extra_syncs": qsr.synchronizer.stats.extra_syncs}
+    return {
+        "at_eval": recorder.at_eval,
+        "extra_syncs": qsr.synchronizer.stats.extra_syncs,
+        "params": recorder.params,
+        "final": flat_params(trainer.model),
+    }
+
+
+def _bn_trainer_runs(rank, world_size, out_dir, variants):
+    # several trainings on one process group: one spawn
+    return {(n, evaluate): _bn_trainer_run(f"{out_dir}/{n}_{evaluate}", n, evaluate) for n, evaluate in variants}
 
 
 def test_trainer_batchnorm_reestimated_before_eval(tmp_path):
     # buffers stay local between syncs; before the mid-round eval at step 2 the statistics are recomputed and averaged
-    r0, r1 = run_distributed(_bn_trainer_run, out_dir=str(tmp_path), reestimate=2)
-    assert len(r0["at_eval"]) == 2
-    for a, b in zip(r0["at_eval"], r1["at_eval"], strict=True):
+    variants = [(2, True), (2, False), (0, True)]
+    r0, r1 = run_distributed(_bn_trainer_runs, out_dir=str(tmp_path), variants=variants)
+    assert len(r0[2, True]["at_eval"]) == 2
+    for a, b in zip(r0[2, True]["at_eval"], r1[2, True]["at_eval"], strict=True):
         assert torch.equal(a, b), "parameters or BatchNorm statistics differ across ranks at evaluation"
     # extra syncs: parameters before the step-2 eval, statistics before both evals and at the end of training
-    assert r0["extra_syncs"] == 4
-    local = run_distributed(_bn_trainer_run, out_dir=str(tmp_path / "local"), reestimate=0)
-    assert not torch.equal(local[0]["at_eval"][0], local[1]["at_eval"][0]), "without it, statistics stay local"
+    assert r0[2, True]["extra_syncs"] == 4
+    # the re-estimated statistics belong to the evaluation's copy: training (buffers included) is that of no eval
+    for rank, run in enumerate((r0, r1)):
+        evaluated, plain = run[2, True], run[2, False]
+        for step, (a, b) in enumerate(zip(evaluated["params"], plain["params"], strict=True), 1):
+            assert torch.equal(a, b), f"rank {rank}, step {step}: the evaluation's BatchNorm re-estimation leaked"
+        assert torch.equal(evaluated["final"], plain["final"]), f"rank {rank}: the runs end differently"
+    assert not torch.equal(r0[0, True]["at_eval"][0], r1[0, True]["at_eval"][0]), "without it, statistics stay local"
 
 
 def test_missing_lr_scheduler_is_an_error(tmp_path):
