@@ -25,14 +25,47 @@ def make_dataset(n=64, seed=0):
     return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
 
 
+def _sequence_number():
+    # every collective of the default group advances it: Python calls and C++ ones (DDP's reducer and buffer broadcast)
+    return dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
+
+
 class Recorder(TrainerCallback):
-    """Runs after QSRCallback: records parameters, lr and sync flag after every optimizer step."""
+    """Runs after QSRCallback: records parameters, lr and sync flag after every optimizer step.
+
+    In a multi-process run it also counts every collective of the default group, by phase: ``step_collectives[s]``
+    from the end of step s-1's log/eval/save phase to the start of step s's (data loading, forward, backward,
+    optimizer step, QSR's sync), ``log_collectives[s]`` in the Trainer's log/eval/save phase after step s, and
+    ``log_gathers[s]`` the sizes of the tensors all-gathered there.
+    """
 
     def __init__(self, qsr):
         self.qsr = qsr
         self.params, self.lrs, self.synced, self.at_eval = [], [], [], []
         self.grad_allreduces = 0
         self.param_allreduces = 0
+        self.step_collectives, self.log_collectives, self.log_gathers = {}, {}, {}
+        self._log_phase = None
+
+    def _count_collectives_by_phase(self, trainer):
+        original_phase, original_gather, self._mark = trainer._maybe_log_save_evaluate, dist.all_gather, None
+
+        def phase(*a, **k):
+            step, start = trainer.state.global_step, _sequence_number()
+            self.step_collectives[step] = self.step_collectives.get(step, 0) + start - (self._mark or start)
+            self._log_phase = step
+            original_phase(*a, **k)
+            self._log_phase, self._mark = None, _sequence_number()
+            self.log_collectives[step] = self.log_collectives.get(step, 0) + self._mark - start
+
+        def gather(tensor_list, tensor, *a, **k):
+            if self._log_phase is not None:
+                self.log_gathers.setdefault(self._log_phase, []).append(tensor.numel())
+            return original_gather(tensor_list, tensor, *a, **k)
+
+        trainer._maybe_log_save_evaluate, dist.all_gather = phase, gather
+        self._restore_gather = lambda: setattr(dist, "all_gather", original_gather)
+        self._mark = _sequence_number()
 
     def on_train_begin(self, args, state, control, **kw):
         ddp = self.qsr.trainer.model_wrapped
@@ -50,6 +83,8 @@ class Recorder(TrainerCallback):
             return self._orig(*a, **k)
 
         dist.all_reduce = spy
+        if dist.is_initialized():
+            self._count_collectives_by_phase(self.qsr.trainer)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kw):
         self.lrs.append(optimizer.param_groups[0]["lr"])
@@ -64,9 +99,23 @@ class Recorder(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kw):
         dist.all_reduce = self._orig
+        if dist.is_initialized():
+            self._restore_gather()
 
 
-def _trainer_run(rank, world_size, out_dir, config, max_steps=12, accumulation=1, resume=None, sgd=False, **extra):
+class _StopAt(TrainerCallback):
+    """Stops training after optimizer step ``step``, as an early-stopping callback does."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        control.should_training_stop |= state.global_step == self.step
+
+
+def _trainer_run(
+    rank, world_size, out_dir, config, max_steps=12, accumulation=1, resume=None, sgd=False, stop_at=None, **extra
+):
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_vit_config())
     settings = {
@@ -95,10 +144,12 @@ def _trainer_run(rank, world_size, out_dir, config, max_steps=12, accumulation=1
         args=args,
         train_dataset=make_dataset(),
         eval_dataset=make_dataset(16, seed=1),
-        callbacks=[qsr, recorder],
+        callbacks=[qsr, recorder] + ([_StopAt(stop_at)] if stop_at else []),
         optimizers=optimizers,
     )
     trainer.train(resume_from_checkpoint=resume)
+    if stop_at:
+        trainer.save_model()  # what qsr_hf.training.train saves and pushes
     return {
         "params": recorder.params,
         "lrs": recorder.lrs,
@@ -111,10 +162,27 @@ def _trainer_run(rank, world_size, out_dir, config, max_steps=12, accumulation=1
         "warmup": args.get_warmup_steps(max_steps),
         "log_history": trainer.state.log_history,
         "final": flat_params(trainer.model),
+        "step_collectives": recorder.step_collectives,
+        "log_collectives": recorder.log_collectives,
+        "log_gathers": recorder.log_gathers,
     }
 
 
 QSR = QSRConfig(qsr_rule="qsr", qsr_alpha=2e-3, qsr_h_base=2)
+
+
+def _assert_collectives_only_at_syncs_and_logs(run, logging_steps, where):
+    # every collective of the default group, counted by its sequence number. Between syncs a step communicates
+    # nothing (no gradient all-reduce, no token-count all-gather from average_tokens_across_devices); a sync step
+    # adds the agreement check and one all-reduce per bucket; the Trainer's log phase all-gathers one-value tensors
+    # (the loss and the flos count) at its logging steps and communicates nothing at the other steps
+    assert sorted(run["step_collectives"]) == list(range(1, len(run["synced"]) + 1)), where
+    for step, synced in enumerate(run["synced"], 1):
+        count, expected = run["step_collectives"][step], 1 + run["buckets"] if synced else 0
+        assert count == expected, f"{where}, step {step}: {count} collectives, expected {expected} (synced={synced})"
+        gathers = run["log_gathers"].get(step, [])
+        assert run["log_collectives"][step] == len(gathers), f"{where}, step {step}: a log-phase collective"
+        assert set(gathers) <= {1} and (not gathers or step % logging_steps == 0), f"{where}, step {step}: {gathers}"
 
 
 def test_trainer_local_steps_follow_the_schedule(tmp_path):
@@ -125,6 +193,8 @@ def test_trainer_local_steps_follow_the_schedule(tmp_path):
     assert len(expected.round_lengths) > 2 and max(expected.round_lengths) > 2, "the test schedule must grow H"
     assert r0["grad_allreduces"] == 0 and r1["grad_allreduces"] == 0, "DDP reduced gradients"
     assert r0["param_allreduces"] == expected.syncs * r0["buckets"]
+    for rank, run in enumerate((r0, r1)):
+        _assert_collectives_only_at_syncs_and_logs(run, 4, f"rank {rank}")
     for i, synced in enumerate(r0["synced"]):
         same = torch.equal(r0["params"][i], r1["params"][i])
         if synced:
@@ -181,6 +251,23 @@ def test_eval_and_checkpoints_see_an_averaged_copy_and_leave_training_alone(tmp_
         assert saved["optimizer"]["state"], f"rank {rank}'s local optimizer state is saved"
         local = torch.cat([t.reshape(-1) for t in saved["tensors"]])
         assert torch.equal(local, run["params"][4][: local.numel()]), f"rank {rank}'s file holds the averaged copy"
+
+
+def test_training_stopped_inside_a_round_ends_on_the_average(tmp_path):
+    # an early stop after step 6, inside the round [4, 8): the ranks end on their average, which is what is saved
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=4)
+    r0, r1 = run_distributed(
+        _trainer_run, out_dir=str(tmp_path), config=config, max_steps=8, stop_at=6, logging_steps=3
+    )
+    assert r0["synced"] == [False, False, False, True, False, False]
+    assert not torch.equal(r0["params"][5], r1["params"][5]), "the ranks should differ at the stop"
+    assert torch.equal(r0["final"], r1["final"]), "the ranks end on different models"
+    mean = (r0["params"][5] + r1["params"][5]) / 2
+    torch.testing.assert_close(r0["final"], mean, rtol=0, atol=1e-7, msg="the final model is not the average")
+    assert torch.equal(_saved_model(tmp_path), r0["final"]), "the saved model is not the final average"
+    assert r0["stats"]["extra_syncs"] == 1 and r0["stats"]["syncs"] == 1
+    for rank, run in enumerate((r0, r1)):
+        _assert_collectives_only_at_syncs_and_logs(run, 3, f"rank {rank}")
 
 
 def test_eval_with_extra_sync_option(tmp_path):
@@ -303,7 +390,7 @@ def test_trainer_optimizer_state_averaging_option(tmp_path):
     assert r0["stats"]["bytes_averaged"] == 2 * 3 * param_bytes, "a sync sends parameters and both AdamW moments"
 
 
-def _bn_trainer_run(rank, world_size, out_dir, reestimate):
+def _bn_trainer_run(out_dir, reestimate, evaluate):
     from qsr_hf.training.models import build_model
 
     torch.manual_seed(0)
@@ -317,26 +404,42 @@ def _bn_trainer_run(rank, world_size, out_dir, reestimate):
     )
     args = TrainingArguments(
         output_dir=out_dir, use_cpu=True, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-        lr_scheduler_type="constant", eval_strategy="steps", eval_steps=2, report_to=[], save_strategy="no",
-        disable_tqdm=True, seed=0,
+        lr_scheduler_type="constant", eval_strategy="steps" if evaluate else "no", eval_steps=2, report_to=[],
+        save_strategy="no", disable_tqdm=True, seed=0,
     )  # fmt: skip
     qsr = QSRCallback(config)
     recorder = Recorder(qsr)
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[qsr, recorder])
     trainer.train()
-    return {"at_eval": recorder.at_eval, "extra_syncs": qsr.synchronizer.stats.extra_syncs}
+    return {
+        "at_eval": recorder.at_eval,
+        "extra_syncs": qsr.synchronizer.stats.extra_syncs,
+        "params": recorder.params,
+        "final": flat_params(trainer.model),
+    }
+
+
+def _bn_trainer_runs(rank, world_size, out_dir, variants):
+    # several trainings on one process group: one spawn
+    return {(n, evaluate): _bn_trainer_run(f"{out_dir}/{n}_{evaluate}", n, evaluate) for n, evaluate in variants}
 
 
 def test_trainer_batchnorm_reestimated_before_eval(tmp_path):
     # buffers stay local between syncs; before the mid-round eval at step 2 the statistics are recomputed and averaged
-    r0, r1 = run_distributed(_bn_trainer_run, out_dir=str(tmp_path), reestimate=2)
-    assert len(r0["at_eval"]) == 2
-    for a, b in zip(r0["at_eval"], r1["at_eval"], strict=True):
+    variants = [(2, True), (2, False), (0, True)]
+    r0, r1 = run_distributed(_bn_trainer_runs, out_dir=str(tmp_path), variants=variants)
+    assert len(r0[2, True]["at_eval"]) == 2
+    for a, b in zip(r0[2, True]["at_eval"], r1[2, True]["at_eval"], strict=True):
         assert torch.equal(a, b), "parameters or BatchNorm statistics differ across ranks at evaluation"
     # extra syncs: parameters before the step-2 eval, statistics before both evals and at the end of training
-    assert r0["extra_syncs"] == 4
-    local = run_distributed(_bn_trainer_run, out_dir=str(tmp_path / "local"), reestimate=0)
-    assert not torch.equal(local[0]["at_eval"][0], local[1]["at_eval"][0]), "without it, statistics stay local"
+    assert r0[2, True]["extra_syncs"] == 4
+    # the re-estimated statistics belong to the evaluation's copy: training (buffers included) is that of no eval
+    for rank, run in enumerate((r0, r1)):
+        evaluated, plain = run[2, True], run[2, False]
+        for step, (a, b) in enumerate(zip(evaluated["params"], plain["params"], strict=True), 1):
+            assert torch.equal(a, b), f"rank {rank}, step {step}: the evaluation's BatchNorm re-estimation leaked"
+        assert torch.equal(evaluated["final"], plain["final"]), f"rank {rank}: the runs end differently"
+    assert not torch.equal(r0[0, True]["at_eval"][0], r1[0, True]["at_eval"][0]), "without it, statistics stay local"
 
 
 def test_missing_lr_scheduler_is_an_error(tmp_path):

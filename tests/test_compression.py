@@ -33,9 +33,10 @@ def _one_sync(rank, world_size):
     averager = CompressedAverager(tensors)
     anchor = averager.anchor.clone()
     g = torch.Generator().manual_seed(100 + rank)
+    scale = 0.01 if rank == 0 else 0.01 * 2**-8  # dynamic range: summed in bf16, the small changes would be lost
     with torch.no_grad():
         for t in tensors:  # a round of local change, different on every rank
-            t.add_(0.01 * torch.randn(t.shape, generator=g).to(t.dtype))
+            t.add_(scale * torch.randn(t.shape, generator=g).to(t.dtype))
     before = [t.clone() for t in tensors]
     log = []
     with count_collectives(log):
@@ -49,6 +50,23 @@ def _one_sync(rank, world_size):
         "collective_bytes": averager.collective_bytes,
         "collectives": [name for name, _ in log],
     }
+
+
+def _spec_average(anchor, xs, divisor, sum_dtype=torch.float32):
+    """The documented arithmetic, written out independently of `mean_delta`: each change rounded to bf16, summed in
+    ``sum_dtype`` in rank order, divided by ``divisor``, rounded to bf16, added to the fp32 anchor."""
+    total = torch.zeros_like(anchor, dtype=sum_dtype)
+    for x in xs:
+        total += (x - anchor).to(torch.bfloat16).to(sum_dtype)
+    return anchor + (total / divisor).to(torch.bfloat16).float()
+
+
+def test_mean_delta_sums_in_fp32_and_divides_by_the_ranks_that_count():
+    one, small = torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([2.0**-8], dtype=torch.bfloat16)
+    # in bf16, 1 + 2^-8 rounds back to 1 (a tie, to even): a bf16 sum would give bf16(1/3) = 0.333984375
+    assert mean_delta([one, small, small], 3).item() == (1 + 2**-7) / 3 == 0.3359375
+    # a rank that does not count sends zeros and is left out of the divisor
+    assert mean_delta([one, torch.zeros(1, dtype=torch.bfloat16), one / 2], 2).item() == 0.75
 
 
 def _flat32(tensors, size):
@@ -73,6 +91,9 @@ def test_one_sync_is_anchor_plus_rounded_mean_change(world_size):
     result = results[0]["new_anchor"]
     # bitwise: each rank's fp32 change rounded to bf16, summed in fp32 in rank order, the mean rounded to bf16
     assert torch.equal(result, compressed_average(anchor, xs, world_size))
+    assert torch.equal(result, _spec_average(anchor, xs, world_size)), "not summed in fp32 in rank order"
+    if world_size > 2:  # with 2 ranks a bf16 sum gives the same: round(a + b) / 2 = round((a + b) / 2)
+        assert not torch.equal(result, _spec_average(anchor, xs, world_size, torch.bfloat16)), "bf16 sum: same"
     for t, view in zip(results[0]["after"], torch.split(result[:25], [12, 8, 5]), strict=True):
         assert torch.equal(t.reshape(-1), view.to(t.dtype)), "the tensors are the anchor cast to their dtype"
     # within the documented bound of the exact mean change, and of the plain fp32 average
@@ -187,6 +208,7 @@ def test_local_optimizer_resume_view_and_skip_rank(tmp_path):
     assert (r1["nan_deltas"] == 0).all() and (r0["nan_deltas"] != 0).any()
     wire = [r["nan_deltas"].to(torch.bfloat16) for r in (r0, r1)]
     expected = r0["nan_start"] + mean_delta(wire, 1)
+    assert torch.equal(expected, r0["nan_start"] + wire[0]), "the mean is over rank 0 alone, not over both ranks"
     assert torch.equal(r0["nan_after"], expected) and torch.equal(r1["nan_after"], expected)
     assert torch.equal(r0["nan_anchor"], expected)
 

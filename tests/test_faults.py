@@ -104,6 +104,10 @@ def _two_ranks(rank, world_size, tmp):
     # a rank that runs fewer steps: its end-of-training check meets the other's last sync
     ddp, _, local = _setup(CONSTANT, 8)
     out["fewer_steps"] = _error(lambda: (_steps(ddp, local, rank_batches(rank, 8 - rank)), local.close()))
+    # a rank whose data runs out right after the sync at step 4: it has nothing left to average, so only its
+    # end-of-training check meets the other rank's next sync
+    ddp, _, local = _setup(CONSTANT, 8)
+    out["ends_early"] = _error(lambda: (_steps(ddp, local, rank_batches(rank, 8 - 4 * rank)), local.close()))
     # NaN on rank 1 after step 1: the sync at step 4 stops every rank
     ddp, _, local = _setup(CONSTANT, 8)
     out["nan"] = _error(_steps, ddp, local, rank_batches(rank, 4), nan_after=1 if rank == 1 else None)
@@ -153,6 +157,13 @@ def test_different_settings_stop_every_rank_at_the_start(two):
 def test_a_rank_with_fewer_steps_stops_every_rank(two):
     results, _ = two
     _same_on_every_rank(results, "fewer_steps", "optimizer step: rank 0 = 8, rank 1 = 7", "rank 1 = extra sync")
+
+
+def test_a_rank_that_ends_early_on_a_sync_stops_every_rank(two):
+    results, _ = two
+    _same_on_every_rank(
+        results, "ends_early", "rank 0 = round end, rank 1 = end of training", "optimizer step: rank 0 = 8, rank 1 = 4"
+    )
 
 
 def test_nan_on_one_rank_stops_every_rank(two):
