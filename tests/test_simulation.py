@@ -28,6 +28,11 @@ CONFIGS = {
     "qsr_overlap": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_overlap_sync=True),
     # the QSR schedule averaging bf16 changes from an fp32 anchor
     "qsr_compress": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_compress_delta=True),
+    # the QSR schedule with DiLoCo's Nesterov outer step; and post-local, whose outer state starts at the switch
+    "qsr_nesterov": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_outer_optimizer="nesterov"),
+    "post_local_nesterov": QSRConfig(
+        qsr_rule="post_local", qsr_switch_step=10, qsr_h_base=3, qsr_outer_optimizer="nesterov"
+    ),
 }
 
 
@@ -116,7 +121,7 @@ def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
     assert torch.equal(flat_params(sim.replicas[0]), flat_params(sim.replicas[1]))
     first_local = CONFIGS[rule].qsr_switch_step or 0
     assert not torch.equal(real[0]["params"][first_local], real[1]["params"][first_local])
-    if config.qsr_overlap_sync or config.qsr_compress_delta:  # the variant must change the trajectory
+    if rule.startswith("qsr_"):  # the variant must change the trajectory
         plain = LocalTrainingSimulation(_model(), _optimizer, CONFIGS["qsr"], WORKERS, STEPS, WARMUP, _scheduler)
         for batch in _global_batches()[:3]:  # rounds of 2: the first sync after step 2
             plain.step(shard_batch(batch, WORKERS), _loss)

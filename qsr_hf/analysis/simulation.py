@@ -7,7 +7,8 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 [`LocalOptimizer`] computes (``tests/test_simulation.py``). The data-parallel baseline is true data-parallel
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
 AdamW moments. ``qsr_overlap_sync`` (folded one step late, as `qsr_hf.overlap`) and ``qsr_compress_delta`` (with
-`qsr_hf.compressed_averaging.compressed_average`) are simulated too, also checked bitwise. Evaluations here never
+`qsr_hf.compressed_averaging.compressed_average`) are simulated too, also checked bitwise, and so is the outer
+optimizer (``qsr_outer_optimizer``: the same `qsr_hf.outer.OuterStep` on each parameter tensor's average). Evaluations here never
 change the trajectory (the real library folds an overlapped average in flight before an evaluation).
 
 This module holds the local-training simulation; the data-parallel baseline is in `data_parallel.py` and the
@@ -28,6 +29,7 @@ from qsr_hf.averaging import reduce_dtype
 from qsr_hf.clock import SyncClock
 from qsr_hf.compressed_averaging import compressed_average, compressed_sync_bytes
 from qsr_hf.config import QSRConfig
+from qsr_hf.outer import OuterStep
 from qsr_hf.tensor_selection import averaged_tensors
 
 
@@ -90,11 +92,23 @@ class LocalTrainingSimulation:
         self.bytes_per_sync = sum(
             t.numel() * reduce_dtype(t.dtype, config.qsr_fp32_average).itemsize for t in self._tensors[0]
         )
-        self._anchor: list[torch.Tensor] = []  # qsr_compress_delta: the tensors after the last average, in fp32
+        self._outer = OuterStep.from_config(config)
+        plain = {id(b) for b in self.replicas[0].buffers()}  # buffers take the plain average under an outer step
+        self._outer_tensor = [self._outer is not None and id(t) not in plain for t in self._tensors[0]]
+        # the tensors after the last sync in fp32 (SyncedState's values), and the outer momentum per tensor
+        self._anchor: list[torch.Tensor] = []
+        self._momentum: list[torch.Tensor | None] = [None] * len(self._tensors[0])
+        if config.qsr_compress_delta or self._outer is not None:
+            self._reset_anchor()
+        if self._outer is not None and self._outer.state_tensors:
+            pairs = zip(self._anchor, self._outer_tensor, strict=True)
+            self._momentum = [torch.zeros_like(a).view(-1) if o else None for a, o in pairs]
         if config.qsr_compress_delta:
-            self._anchor = [t.detach().to(torch.float32, copy=True) for t in self._tensors[0]]
             self.bytes_per_sync = compressed_sync_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # overlap: the average in flight
+
+    def _reset_anchor(self) -> None:
+        self._anchor = [t.detach().to(torch.float32, copy=True) for t in self._tensors[0]]
 
     @property
     def lr(self) -> float:
@@ -132,9 +146,11 @@ class LocalTrainingSimulation:
         if due and data_parallel:  # one gradient all-reduce; the replicas agree already: no average (as Synchronizer)
             self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)
             due = False
+            if self._anchor and self.clock.step >= self.config.qsr_switch_step:
+                self._reset_anchor()  # local rounds start here (Synchronizer.end_step's reset)
         elif due:
             if self.config.qsr_overlap_sync and not last:  # (tensor, value sent in the summing dtype, average)
-                means = self._averages()
+                means = self._averages(commit=True)
                 self._pending = [
                     (t, t.to(m.dtype, copy=True), m) for ts in self._tensors for t, m in zip(ts, means, strict=True)
                 ]
@@ -165,26 +181,34 @@ class LocalTrainingSimulation:
                     p.grad.copy_(total)
 
     @torch.no_grad()
-    def _averages(self) -> list[torch.Tensor]:
-        # ParameterAverager's arithmetic: sum over ranks (rank order) in fp32 when low precision, then divide by K
-        if self._anchor:
+    def _averages(self, commit: bool = False) -> list[torch.Tensor]:
+        # ParameterAverager's arithmetic: sum over ranks (rank order) in fp32 when low precision, then divide by K;
+        # then SyncedState.advance's: the outer step on parameter tensors, remembered when ``commit``
+        if self.config.qsr_compress_delta:
             groups = zip(*self._tensors, strict=True)
-            return [compressed_average(a, g, len(g)) for a, g in zip(self._anchor, groups, strict=True)]
-        out = []
-        for group in zip(*self._tensors, strict=True):
-            dtype = reduce_dtype(group[0].dtype, self.config.qsr_fp32_average)
-            total = group[0].detach().to(dtype, copy=True)
-            for t in group[1:]:
-                total.add_(t.detach().to(dtype))
-            out.append(total.div_(self.num_workers))
+            out = [compressed_average(a, g, len(g)) for a, g in zip(self._anchor, groups, strict=True)]
+        else:
+            out = []
+            for group in zip(*self._tensors, strict=True):
+                dtype = reduce_dtype(group[0].dtype, self.config.qsr_fp32_average)
+                total = group[0].detach().to(dtype, copy=True)
+                for t in group[1:]:
+                    total.add_(t.detach().to(dtype))
+                out.append(total.div_(self.num_workers))
+        for i, mean in enumerate(out):
+            if self._outer_tensor[i]:
+                wide = mean.float().view(-1)
+                scratch = (torch.empty_like(wide), torch.empty_like(wide))
+                self._outer.apply(wide, self._anchor[i].view(-1), self._momentum[i], scratch, commit)
+                mean.copy_(wide.view_as(mean))
+            elif commit and self._anchor:
+                self._anchor[i] = mean.to(torch.float32, copy=True)
         return out
 
     @torch.no_grad()
     def average(self) -> None:
         """Average the selected tensors across workers and copy the result into every replica (one sync)."""
-        means = self._averages()
-        if self._anchor:
-            self._anchor = [m.clone() for m in means]
+        means = self._averages(commit=True)
         for mean, group in zip(means, zip(*self._tensors, strict=True), strict=True):
             for t in group:
                 t.copy_(mean)
