@@ -91,7 +91,15 @@ def exchange(common: Sequence[int], local: Sequence[int] = ()) -> list[list[int]
     row = [*common, *local] + [0] * (_SLOTS - len(common) - len(local))
     mine = torch.tensor(row, dtype=torch.int64, device=_device())
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, mine)
+    try:
+        dist.all_gather(rows, mine)
+    except RuntimeError as error:  # another rank is in another collective (gloo: "collective mismatch")
+        raise RuntimeError(
+            f"qsr_hf: the agreement check at the {_show(0, common[0])} (optimizer step {common[1]}) met another "
+            "collective on some rank: the ranks are not at the same point of training (a rank stopped early, e.g. "
+            "should_training_stop set on one rank only, or skipped or added optimizer steps). Every rank must run "
+            f"the same number of optimizer steps. Backend error: {error}"
+        ) from error
     table = [r.tolist() for r in rows]
     differences = [
         f"{name}: " + ", ".join(f"rank {r} = {_show(i, t[i])}" for r, t in enumerate(table))

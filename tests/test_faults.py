@@ -395,3 +395,28 @@ def test_a_rank_that_crashes_inside_a_round_stops_the_run(tmp_path):
     assert out.returncode != 0
     assert time.monotonic() - start < 90, "the surviving rank waited instead of being stopped"
     assert "injected failure on rank 1 inside a round" in out.stderr
+
+
+def _agreement_meets_another_collective(rank, world_size, tmp):
+    from qsr_hf.agreement import COMMON, ROUND_END, exchange
+
+    if rank == 0:  # at a sync
+        try:
+            exchange([ROUND_END, 8] + [0] * (len(COMMON) - 2))
+        except RuntimeError as error:
+            Path(tmp, "rank0.txt").write_text(str(error))
+    else:  # stopped early: the Trainer's own end-of-training gather (store_flos), which gloo aborts on
+        dist.all_gather([torch.zeros(1, dtype=torch.float64) for _ in range(2)], torch.zeros(1, dtype=torch.float64))
+
+
+def test_agreement_check_names_a_collective_mismatch(tmp_path):
+    # a Trainer rank that stops early (should_training_stop on one rank only) meets the other rank's agreement check
+    # inside another collective: gloo aborts (or blocks) that rank in C++ with its own message; the rank at the sync
+    # says why, whichever way gloo pairs the two collectives (an error, or rows that disagree)
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] did not report"):
+        run_distributed(_agreement_meets_another_collective, tmp=str(tmp_path), timeout=20)
+    message = (tmp_path / "rank0.txt").read_text()
+    assert (
+        "the agreement check at the round end (optimizer step 8) met another collective" in message
+        and "should_training_stop set on one rank only" in message
+    ) or "the ranks disagree at different synchronization points" in message, message

@@ -4,7 +4,9 @@ import contextlib
 import importlib.util
 import os
 import pickle
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -64,9 +66,21 @@ def run_distributed(fn: Callable, world_size: int = 2, timeout: float = 300, **k
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
+        while len(results) < world_size:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # a rank that died without reporting (killed, aborted in C++) fails the run now, not at the timeout
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead or time.monotonic() > deadline:
+                    codes = {r: procs[r].exitcode for r in range(world_size) if r not in results}
+                    raise RuntimeError(
+                        f"ranks {sorted(codes)} did not report (exit codes {codes}; None = still running after "
+                        f"{timeout} s)"
+                    ) from None
+                continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
             results[rank] = pickle.loads(payload)
