@@ -27,6 +27,8 @@ class SyncStats:
         nonfinite_syncs (`int`): syncs at which some rank held NaN/inf and was left out
             (``qsr_on_nonfinite="skip_rank"``).
         outer_lr (`float`, *optional*): the outer optimizer's learning rate (``qsr_outer_optimizer``), else `None`.
+        replicas (`int`, *optional*): fault-tolerant runs (`qsr_hf.ft`): replica groups whose values the last sync
+            averaged (a replica that joined at that sync receives the average without contributing), else `None`.
         pseudo_grad_norm (`float`, *optional*): L2 norm of the last sync's averaged round change (the outer
             optimizer's pseudo-gradient) over the values this rank holds (its node slice or shard where a node is one
             worker), else `None`.
@@ -50,6 +52,7 @@ class SyncStats:
     nonfinite_syncs: int = 0
     outer_lr: float | None = None
     pseudo_grad_norm: float | None = None
+    replicas: int | None = None
 
     def record_sync(self, num_bytes: int, scheduled: bool) -> None:
         """Count one sync that all-reduced ``num_bytes``."""
@@ -84,6 +87,8 @@ class SyncStats:
         outer = {} if self.outer_lr is None else {"qsr/outer_lr": self.outer_lr}
         if self.pseudo_grad_norm is not None:
             outer["qsr/pseudo_grad_norm"] = self.pseudo_grad_norm
+        if self.replicas is not None:
+            outer["qsr/replicas"] = float(self.replicas)
         return {
             "qsr/H": float(self.round_length),
             "qsr/syncs": float(self.syncs),

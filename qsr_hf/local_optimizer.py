@@ -12,7 +12,7 @@ from torch.distributed import ProcessGroup
 from qsr_hf.batchnorm import ForwardFn
 from qsr_hf.checkpoint import restore_local_state, save_local_state
 from qsr_hf.config import QSRConfig, make_config
-from qsr_hf.engines import Topology, detect_engine
+from qsr_hf.engines import Engine, Topology, detect_engine
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.synchronizer import Synchronizer
 
@@ -98,6 +98,8 @@ class LocalOptimizer(torch.optim.Optimizer):
             Optimizer steps of lr warm-up (the rule uses H_base during them); 0 if neither given nor declared.
         process_group (`ProcessGroup`, *optional*):
             Data-parallel group for an unwrapped model (defaults to the wrapper's group).
+        engine ([`Engine`], *optional*):
+            A backend adapter built by the caller (`qsr_hf.ft`: replica groups through torchft); detected if `None`.
 
     Example:
 
@@ -113,6 +115,8 @@ class LocalOptimizer(torch.optim.Optimizer):
     ```
     """
 
+    synchronizer_class: type[Synchronizer] = Synchronizer
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -123,6 +127,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         num_training_steps: int | None = None,
         num_warmup_steps: int | None = None,
         process_group: ProcessGroup | None = None,
+        engine: Engine | None = None,
         **qsr_kwargs: Any,
     ) -> None:
         # like torch's PostLocalSGDOptimizer: share the inner optimizer's groups and state, no Optimizer.__init__
@@ -140,8 +145,8 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.num_warmup_steps = num_warmup_steps or 0
         self._lr_before: float | None = None  # lr of the previous optimizer step, to check the declared warm-up
         topology = Topology(self.config.qsr_worker, self.config.qsr_node_size)
-        self.synchronizer = Synchronizer(
-            detect_engine(model, process_group, topology),
+        self.synchronizer = self.synchronizer_class(
+            detect_engine(model, process_group, topology) if engine is None else engine,
             self.config,
             self.num_warmup_steps,
             num_training_steps,

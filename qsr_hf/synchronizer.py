@@ -95,7 +95,7 @@ class Synchronizer:
                 self.synced = self.averager.synced
             else:
                 mode = "copy" if overlapped else "inplace"
-                self.averager = ParameterAverager(tensors, engine.process_group, config.qsr_fp32_average, mode=mode)
+                self.averager = engine.make_averager(tensors, config.qsr_fp32_average, mode)
                 if outer is not None:
                     self.synced = SyncedState(self.averager.buckets, outer, plain, config.qsr_outer_state_on_cpu)
             self.overlap = OverlappedSync(self.averager) if overlapped else None

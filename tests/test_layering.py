@@ -7,7 +7,8 @@
 - ``qsr_hf/analysis/`` imports neither the recipe app nor the front ends;
 - only ``qsr_hf/averaging.py``, ``qsr_hf/agreement.py`` (the agreement and finiteness checks),
   ``qsr_hf/node_slices.py`` (the node all-gather) and ``qsr_hf/compressed_averaging.py`` (``qsr_compress_delta``: an
-  all-to-all and an all-gather of bf16 deltas) call collectives;
+  all-to-all and an all-gather of bf16 deltas) call collectives, and only ``qsr_hf/ft/averaging.py`` calls torchft's
+  ``Manager.allreduce``;
 - ``qsr-hf --help`` and ``import qsr_hf.analysis.planner`` load neither torch nor transformers.
 """
 
@@ -81,6 +82,17 @@ def test_only_averaging_runs_collectives():
             is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
             if is_call and node.func.attr in COLLECTIVES and getattr(node.func.value, "id", "") == "dist":
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} dist.{node.func.attr}")
+    assert not offenders, offenders
+
+
+def test_only_ft_averaging_runs_manager_collectives():
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for path in PACKAGE.rglob("*.py")
+        if path.relative_to(PACKAGE).as_posix() != "ft/averaging.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "allreduce"
+    ]
     assert not offenders, offenders
 
 

@@ -6,6 +6,7 @@ off (and back on), which tensors a sync averages and over which process group, w
 a checkpoint must hold.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from qsr_hf.accounting import SyncStats
+from qsr_hf.averaging import AveragerMode, ParameterAverager
 from qsr_hf.config import QSRConfig
 from qsr_hf.scheduler_checks import catch_up_scheduler
 from qsr_hf.tensor_selection import averaged_tensors
@@ -70,6 +72,12 @@ class Engine:
     def averaged_tensors(self, average_buffers: bool) -> list[torch.Tensor]:
         """The tensors a sync averages: trainable parameters and, optionally, persistent floating-point buffers."""
         return averaged_tensors(self.module, average_buffers)
+
+    def make_averager(
+        self, tensors: Callable[[], list[torch.Tensor]], fp32_average: bool, mode: AveragerMode
+    ) -> ParameterAverager:
+        """The averager a sync runs (a [`ParameterAverager`] over :attr:`process_group`; torchft: over the Manager)."""
+        return ParameterAverager(tensors, self.process_group, fp32_average, mode=mode)
 
     def after_average(self) -> None:
         """Propagate averaged tensors to where the backend reads them (nothing for plain parameters)."""

@@ -1,0 +1,99 @@
+"""QSR across torchft replica groups in a plain torch loop: one process per replica group, a lighthouse for quorums.
+
+Launch (docs/fault-tolerance.md; `pip install "qsr_hf[ft]"`):
+
+    torchft_lighthouse --min_replicas 2 --join_timeout_ms 10000 &
+    for i in 0 1 2; do
+      TORCHFT_LIGHTHOUSE=http://localhost:29510 torchrun --nproc_per_node 1 --master_port $((29600 + i)) \
+        examples/torchft_local_sgd.py --replica-id $i &
+    done
+
+Kill one replica group (``kill -9``) mid-round: the others go on and average between themselves from the next sync.
+Start it again with the same command: it joins at the others' next sync with their state and ends equal to them.
+``--kill-after`` and ``--sleep-after`` inject those faults (used by tests/test_torchft.py).
+"""
+
+import argparse
+import json
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qsr_hf import QSRConfig
+from qsr_hf.agreement import tensors_checksum
+from qsr_hf.ft import FTLocalOptimizer, make_manager
+
+
+def batch(index: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``index``-th batch of one global stream (the same on every replica group)."""
+    g = torch.Generator().manual_seed(index)
+    x = torch.randn(size, 8, generator=g)
+    return x, (x[:, :4].sum(1) > x[:, 4:].sum(1)).long()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replica-id", type=int, required=True)
+    parser.add_argument("--lighthouse", default=None, help="defaults to $TORCHFT_LIGHTHOUSE")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--min-replicas", type=int, default=2)
+    parser.add_argument("--quorum-timeout", type=float, default=600.0)
+    parser.add_argument("--step-time", type=float, default=0.0, help="seconds slept per step (a slower model)")
+    parser.add_argument("--kill-after", type=int, default=-1, help="SIGKILL this process after that many steps")
+    parser.add_argument("--sleep-after", type=int, default=-1, help="sleep --sleep seconds after that many steps")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--out", default=None, help="write the per-sync record here (JSON)")
+    args = parser.parse_args(argv)
+    if not dist.is_initialized():  # torchrun sets these; a plain `python` start gets a one-process replica group
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29600 + args.replica_id))
+        dist.init_process_group(
+            "gloo", rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1"))
+        )
+
+    torch.manual_seed(0)  # the same initial weights in every replica group
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+    # lr 0.01 -> 0.003: with alpha = 0.01 QSR's H = max(4, (alpha / lr)^2) grows from 4 to 11
+    scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1 - 0.7 * s / args.steps)
+    manager = make_manager(args.replica_id, args.lighthouse, args.min_replicas, quorum_timeout=args.quorum_timeout)
+    config = QSRConfig(qsr_alpha=0.01, qsr_h_base=4)
+    optimizer = FTLocalOptimizer(  # QSR: joins the replica groups (waits for a quorum)
+        inner, model, config, manager=manager, lr_scheduler=scheduler, num_training_steps=args.steps
+    )
+    params = list(model.parameters())
+    # a joining replica holds a live peer's AdamW state (its step count is the peer's): record it
+    adam_steps = [int(state["step"]) for state in inner.state.values()]
+    record = {"joined_at": optimizer.global_step, "adam_steps_at_join": adam_steps, "syncs": []}
+    taken = 0  # steps taken by this process
+    while optimizer.global_step < args.steps:  # QSR: a joining replica continues from the others' step
+        if taken == args.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if taken == args.sleep_after:
+            time.sleep(args.sleep)
+        taken += 1
+        x, y = batch(optimizer.batch_index())  # QSR: this replica's shard of the step's global batch
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if optimizer.last_step_synced:
+            logs = optimizer.stats.to_logs()
+            record["syncs"].append([optimizer.global_step, int(logs["qsr/replicas"]), tensors_checksum(params)])
+        time.sleep(args.step_time)
+    optimizer.close()
+    record.update(final=tensors_checksum(params), stats=optimizer.stats.to_logs())
+    print(f"replica {args.replica_id}: step {optimizer.global_step}; {record['stats']}", flush=True)
+    manager.shutdown(wait=False)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""`ReplicaAverager`: a sync across the live replica groups through torchft's `Manager`.
+
+One sync is one torchft step: ``start_quorum`` (the lighthouse's view of who is alive; a replica behind the others
+receives a live peer's state here), three collectives on the Manager's reconfigurable process group, then
+``should_commit``. The collectives are a tiny int64 MAX all-reduce of ``[values, -values]`` (the agreement check among
+the live replicas: they agree where max == min), a float64 SUM of ``[contributes, non-finite]`` (the divisor) and one
+SUM all-reduce per (device, dtype) bucket of a copy of the values. Nothing is written into the model before the
+Manager commits: when a replica dies mid-sync every survivor's commit fails, and the sync is retried from the
+untouched local values with the next quorum (the dead replica's round is lost, nobody else's).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed import ReduceOp
+
+from qsr_hf.agreement import COMMON, KINDS, START, all_finite
+from qsr_hf.averaging import ParameterAverager, Transform
+from qsr_hf.logging_utils import get_logger
+
+
+logger = get_logger(__name__)
+
+
+class ReplicaAverager(ParameterAverager):
+    """Average the flat buckets of a [`ParameterAverager`] (in-place mode) across torchft replica groups.
+
+    Args:
+        tensors (`Callable[[], list[torch.Tensor]]`): what to average (re-collected, see [`ParameterAverager`]).
+        manager (`torchft.Manager`): built with ``use_async_quorum=False`` (a joiner's state is loaded before the
+            sync's collectives) and ``min_replica_size`` >= 1.
+        fp32_average (`bool`): sum bf16/fp16 buckets in fp32.
+        max_attempts (`int`, defaults to 5): failed commits (a replica died during the sync) before giving up.
+
+    Attributes:
+        kind (`int`): the `qsr_hf.agreement` point of the sync in progress (set by the synchronizer; a replica that
+            heals takes its peer's).
+        values (`Callable[[], list[int]]`): the agreement values of :attr:`kind` (read after the quorum).
+        healed (`bool`): set when a peer's state was loaded at the quorum: this replica contributes nothing until a
+            sync commits, and receives the average of the others.
+        contributors, replicas, replica_rank (`int`): of the last committed sync: replica groups averaged, replica
+            groups in the quorum, this group's rank among them.
+    """
+
+    def __init__(
+        self,
+        tensors: Callable[[], list[torch.Tensor]],
+        manager: Any,
+        fp32_average: bool,
+        max_attempts: int = 5,
+    ) -> None:
+        super().__init__(tensors, None, fp32_average, mode="inplace")
+        self.manager = manager
+        self.max_attempts = max_attempts
+        self.kind = START
+        self.values: Callable[[], list[int]] = lambda: [START] * len(COMMON)
+        self.checksum: Callable[[], int] = lambda: 0  # parameters' checksum, compared at START only
+        self.on_nonfinite = "error"
+        self.healed = False
+        self.contributors = self.replicas = self.replica_rank = 0
+
+    def _quorum(self) -> None:
+        try:
+            self.manager.start_quorum()
+        except Exception as error:  # torchft raises the lighthouse's TimeoutError or a connection error
+            raise RuntimeError(
+                f"qsr_hf: no quorum of replica groups formed at the {KINDS[self.kind]} (optimizer step "
+                f"{self.values()[1]}) within the Manager's quorum_timeout ({error}). Is the lighthouse up and are at "
+                "least min_replicas replica groups alive? A joining replica waits for the others' next sync, so "
+                "quorum_timeout must exceed a round's duration"
+            ) from error
+
+    def _check(self, header: torch.Tensor) -> None:
+        n = len(COMMON) + 1
+        high, low = header[:n].tolist(), (-header[n:]).tolist()
+        names = [*COMMON, "parameter checksum (start)"]
+        differences = [f"{names[i]}: {low[i]}..{high[i]}" for i in range(n) if high[i] != low[i]]
+        if differences:
+            raise RuntimeError(
+                "qsr_hf: the live replica groups disagree at a sync, so every replica stops here instead of averaging "
+                "different things (" + "; ".join(differences) + "). Every replica group must run the same QSR "
+                "settings, model and number of optimizer steps, and start from the same weights"
+            )
+
+    @torch.no_grad()
+    def average(
+        self,
+        divisor: int | None = None,
+        async_op: bool = False,
+        keep_local_change: bool = False,
+        transform: Transform = None,
+    ) -> int:
+        """Run one fault-tolerant sync (see the module docstring); retried with a new quorum when it fails.
+
+        ``divisor`` (the synchronizer's non-finite policy inside the replica group) is ignored: the divisor is the
+        number of replica groups that contribute. Returns the bytes this replica put into the collectives.
+
+        Raises:
+            `RuntimeError`: no quorum in time, the replicas disagree, NaN/inf with ``qsr_on_nonfinite="error"``, or
+                ``max_attempts`` failed commits.
+        """
+        if async_op or keep_local_change:
+            raise NotImplementedError("fault-tolerant syncs are blocking: qsr_overlap_sync is not supported")
+        for attempt in range(1, self.max_attempts + 1):
+            self.ensure_views()
+            self._quorum()  # a replica behind the others loads a peer's state here (healed, kind = the peer's)
+            values = [*self.values(), self.checksum() if self.kind == START else 0]
+            header = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64)
+            finite = all_finite([b.flat for b in self.buckets])
+            contributes = not self.healed and finite
+            counts = torch.tensor([float(contributes), float(not finite)], dtype=torch.float64)
+            sent = [
+                b.flat.to(self._reduce_dtype(b.flat.dtype), copy=True) if contributes else torch.zeros_like(b.flat)
+                for b in self.buckets
+            ]
+            works = [self.manager.allreduce(header, reduce_op=ReduceOp.MAX)]
+            works += [self.manager.allreduce(t, reduce_op=ReduceOp.SUM) for t in [counts, *sent]]
+            for work in works:
+                work.wait()
+            if self.manager.should_commit():
+                return self._commit(header, counts, sent, transform)
+            logger.warning(
+                f"qsr_hf: the sync at optimizer step {values[1]} did not commit (attempt {attempt} of "
+                f"{self.max_attempts}: {self.manager.errored()}); a replica group failed during it. Retrying from this "
+                "replica's own values with a new quorum",
+                main_process_only=False,
+            )
+        raise RuntimeError(
+            f"qsr_hf: {self.max_attempts} attempts at the sync at optimizer step {self.values()[1]} failed to commit "
+            "(replica groups keep failing during the sync)"
+        )
+
+    def _commit(
+        self, header: torch.Tensor, counts: torch.Tensor, sent: list[torch.Tensor], transform: Transform
+    ) -> int:
+        self._check(header)
+        contributors, nonfinite = int(counts[0]), int(counts[1])
+        if nonfinite and (self.on_nonfinite == "error" or not contributors):
+            raise RuntimeError(
+                f"qsr_hf: {nonfinite} replica group(s) hold NaN/inf at optimizer step {self.values()[1]}; every "
+                "replica stops here so that they do not spread through the average (qsr_on_nonfinite='skip_rank' "
+                "averages the finite replicas only)"
+            )
+        if not contributors:
+            raise RuntimeError("qsr_hf: no replica group in the quorum holds values to average (all were joining)")
+        self.replicas, self.replica_rank = self.manager.num_participants(), self.manager.participating_rank()
+        self.contributors, self.healed = contributors, False
+        if self.kind == START:
+            return 0  # every replica starts from the same values (checked above): nothing to write
+        for index, (bucket, wide) in enumerate(zip(self.buckets, sent, strict=True)):
+            wide.div_(contributors)
+            if transform is not None:
+                transform(index, wide)  # the outer optimizer's step (`SyncedState.advance`)
+            bucket.flat.copy_(wide)
+        return self.bytes_per_sync

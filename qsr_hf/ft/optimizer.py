@@ -1,0 +1,145 @@
+"""`FTLocalOptimizer`: QSR across torchft replica groups, for Accelerate and plain torch loops.
+
+The [`ReplicaSynchronizer`] is the [`Synchronizer`] with three differences: its syncs are torchft steps
+(`qsr_hf.ft.averaging`); it hands its state to a joining replica through the Manager (the state a peer sends: schedule
+position, counters, synced state of an outer optimizer, the inner optimizer's state, the data position); and the
+start of training is a sync (a quorum), where a replica that is behind the others receives a live peer's state.
+"""
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from qsr_hf.agreement import ROUND_END, START, tensors_checksum
+from qsr_hf.config import QSRConfig
+from qsr_hf.engines.torchft import ReplicaEngine
+from qsr_hf.local_optimizer import LocalOptimizer
+from qsr_hf.synchronizer import Synchronizer
+
+
+class ReplicaSynchronizer(Synchronizer):
+    """The [`Synchronizer`] of a torchft replica group (built by [`FTLocalOptimizer`]; same arguments)."""
+
+    def __init__(
+        self,
+        engine: ReplicaEngine,
+        config: QSRConfig,
+        warmup_steps: int,
+        total_steps: int | None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        super().__init__(engine, config, warmup_steps, total_steps, optimizer)
+        self.optimizer = optimizer
+        # data position: global batches read before the quorum at `quorum_step`, read `k` per step since then
+        self.data = {"batches": 0, "quorum_step": 0, "replicas": 1, "rank": 0}
+        averager = self.averager
+        averager.values = lambda: self.agreement_values(averager.kind)
+        averager.checksum = lambda: tensors_checksum([p for p in engine.module.parameters() if p.requires_grad])
+        averager.on_nonfinite = config.qsr_on_nonfinite
+        engine.manager.register_state_dict_fn("qsr_hf", self._load_peer_state, self._peer_state)
+
+    def _peer_state(self) -> dict[str, Any]:
+        # what a live peer sends a joining replica, at the quorum of a sync (before that sync's average)
+        optimizer = {} if self.optimizer is None else self.optimizer.state_dict()
+        return copy.deepcopy({"qsr": self.state_dict(), "optimizer": optimizer, "kind": self.averager.kind})
+
+    def _load_peer_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["qsr"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])  # policy: the peer's optimizer state (documented)
+        self.averager.kind, self.averager.healed = int(state["kind"]), True
+
+    def average(self, kind: int, commit: bool = True) -> None:
+        """A fault-tolerant sync (see [`Synchronizer.average`]); ``kind=START`` is the join at the start."""
+        self.averager.kind = kind
+        super().average(kind, commit)
+        averager, data = self.averager, self.data
+        if kind == START:  # counted as an extra sync by the base class: undo, or count the peers' sync joined
+            self.stats.extra_syncs -= 1
+            if averager.kind != START:
+                self.stats.record_sync(0, scheduled=averager.kind == ROUND_END)
+        data["batches"] += (self.clock.step - data["quorum_step"]) * data["replicas"]
+        data.update(quorum_step=self.clock.step, replicas=averager.replicas, rank=averager.replica_rank)
+        self.stats.replicas = averager.contributors
+
+    def check_start(self, defer_parameters: bool = False) -> None:
+        """Check the replica group's own ranks (as the base class), then join the replica groups: a quorum where
+        every fresh replica must hold the same parameters, or where a replica that is behind receives a peer's state
+        and the average of the peers' sync in progress."""
+        super().check_start(defer_parameters)
+        self.average(START)
+
+    def batch_index(self, step: int | None = None) -> int:
+        """Index, in one global stream of batches, of the batch this replica group reads at optimizer ``step``
+        (default: the next one). Each step reads as many batches as there are replica groups in the last quorum,
+        rank ``r`` the ``r``-th: the shards follow the live count, and the batches of a failed replica's lost
+        round are skipped, not re-read."""
+        step = self.clock.step if step is None else step
+        data = self.data
+        return data["batches"] + (step - data["quorum_step"]) * data["replicas"] + data["rank"]
+
+    def reestimate_batchnorm(self, batches: Any, forward: Any) -> int:
+        """Not supported across replica groups (it would average inside the replica group only)."""
+        raise NotImplementedError("reestimate_batchnorm is not supported with qsr_hf.ft; keep qsr_average_buffers")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base class's state plus the data position."""
+        return {**super().state_dict(), "data": dict(self.data)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        self.data.update(state.get("data", {}))
+
+
+class FTLocalOptimizer(LocalOptimizer):
+    """[`LocalOptimizer`] whose syncs average across the live torchft replica groups (``pip install qsr_hf[ft]``).
+
+    Build it on every process of every replica group after the model is built (same seed everywhere): the
+    constructor joins the replica groups. On a fresh start it waits until ``min_replicas`` groups are up; a group
+    (re)started while the others train waits for their next sync, receives a live peer's schedule position,
+    counters, outer-optimizer state and inner optimizer state, and the average of that sync. Read the step to
+    continue from in :attr:`global_step` and the batch to read in :meth:`batch_index`.
+
+    Args:
+        optimizer, model, config: as [`LocalOptimizer`] (``model``: unwrapped, or DDP inside the replica group).
+        manager (`torchft.Manager`): this replica group's Manager, from [`make_manager`].
+        max_attempts (`int`, defaults to 5): failed commits of one sync (replicas dying during it) before stopping.
+        **kwargs: ``lr_scheduler``, ``num_training_steps``, ``num_warmup_steps`` and QSR overrides, as
+            [`LocalOptimizer`]. Pass ``lr_scheduler``: a joining replica's scheduler is then stepped to the step.
+
+    Example:
+
+    ```python
+    manager = make_manager(replica_id=0, min_replicas=2)
+    optimizer = FTLocalOptimizer(torch.optim.AdamW(model.parameters()), model, QSRConfig(), manager=manager)
+    while optimizer.global_step < total:
+        x, y = batches[optimizer.batch_index() % len(batches)]
+        ...
+    ```
+    """
+
+    synchronizer_class = ReplicaSynchronizer
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        config: QSRConfig | None = None,
+        *,
+        manager: Any,
+        max_attempts: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(optimizer, model, config, engine=ReplicaEngine(model, manager, max_attempts), **kwargs)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done by the replica groups (a joining replica starts here, not at 0)."""
+        return self.synchronizer.clock.step
+
+    def batch_index(self, step: int | None = None) -> int:
+        """See [`ReplicaSynchronizer.batch_index`]."""
+        return self.synchronizer.batch_index(step)
