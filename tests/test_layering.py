@@ -24,6 +24,7 @@ PURE = [
     "schedules.py",
     "clock.py",
     "config.py",
+    "config_checks.py",
     "field_checks.py",
     "accounting.py",
     "analysis/planner.py",
