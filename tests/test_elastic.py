@@ -157,6 +157,7 @@ def _mean(tensors):
 
 def _assert_started_from_the_mean(results, directory, saved_world, where):
     files = _saved(directory, saved_world)
+    assert not torch.equal(files[0]["tensors"][0], files[1]["tensors"][0]), f"{where}: not a mid-round checkpoint"
     expected = [_mean(ts) for ts in zip(*(f["tensors"] for f in files), strict=True)]
     for rank, r in enumerate(results):
         start = r["start"]
