@@ -112,18 +112,21 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def load_rank_state(directory: str | os.PathLike, expected: dict[str, int | None]) -> LoadedState:
-    """Read and verify this rank's state file in ``directory``.
+def load_rank_state(
+    directory: str | os.PathLike, expected: dict[str, int | None], rank: int | None = None
+) -> LoadedState:
+    """Read and verify rank ``rank``'s state file in ``directory`` (this process's by default).
 
     Args:
         directory (`str` or `os.PathLike`): the checkpoint folder.
         expected (`dict`): ``config_fingerprint`` and ``step`` (`None`: not checked) the file must record.
+        rank (`int`, *optional*): whose file; defaults to this process's rank.
 
     Returns:
         [`LoadedState`]: the payload, or the status and a reason naming the file.
     """
-    directory = Path(directory)
-    path = rank_state_path(directory)
+    directory, rank = Path(directory), process_rank() if rank is None else rank
+    path = rank_state_path(directory, rank)
     manifest = _read_manifest(directory)
     saved_world = int(manifest["world_size"]) if manifest else -1
     if not path.is_file():
@@ -139,8 +142,8 @@ def load_rank_state(directory: str | os.PathLike, expected: dict[str, int | None
     problems = []
     if digest(envelope["payload"]) != envelope["digest"]:
         problems.append("its checksum does not match its content (the file is corrupted)")
-    if envelope["rank"] != process_rank():
-        problems.append(f"it holds rank {envelope['rank']}'s state, not rank {process_rank()}'s (copied or renamed?)")
+    if envelope["rank"] != rank:
+        problems.append(f"it holds rank {envelope['rank']}'s state, not rank {rank}'s (copied or renamed?)")
     if expected.get("step") is not None and envelope["step"] != expected["step"]:
         problems.append(f"it was saved at optimizer step {envelope['step']}, the checkpoint is at {expected['step']}")
     if envelope["config_fingerprint"] != expected["config_fingerprint"]:
@@ -273,15 +276,19 @@ def restore_local_state(
 
     Raises:
         `RuntimeError`: on every rank, when some rank's file is missing, invalid or from an interrupted save, or the
-            checkpoint was written by another number of processes.
+            checkpoint was written by another number of processes (unless ``qsr_elastic_resume``: `qsr_hf.elastic`).
     """
     meta = synchronizer.meta()
     loaded = load_rank_state(directory, {"config_fingerprint": meta["config_fingerprint"], "step": step})
     if loaded.reason:
         logger.warning(f"qsr_hf: rank {process_rank()}: {loaded.reason}", main_process_only=False)
-    rows = [[loaded.status, loaded.world_size]]
+    rows = [[loaded.status, loaded.world_size, int(synchronizer.config.qsr_elastic_resume)]]
     if synchronizer.distributed:
         rows = exchange(synchronizer.agreement_values(RESUME), rows[0])
+    from qsr_hf.elastic import resume_resized  # here: qsr_hf.elastic reads every rank's file through this module
+
+    if resume_resized(synchronizer, directory, optimizer, step, rows):
+        return True
     if not agree_to_resume(directory, rows, meta["world_size"]):
         synchronizer.clock.reset_to(step or 0)
         if synchronizer.synced is not None:  # the checkpoint's (averaged) model, the same on every rank

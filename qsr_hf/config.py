@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qsr_hf.config_checks import check_compress_delta, check_outer_optimizer
 from qsr_hf.field_checks import check_field_types
 from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
 
@@ -18,6 +19,9 @@ Worker = Literal["process", "node"]
 OnNonfinite = Literal["error", "skip_rank"]
 OuterOptimizer = Literal["none", "sgd", "nesterov"]
 RULES: list[str] = list(typing.get_args(Rule))
+# how a checkpoint is resumed, not what is trained: left out of the fingerprint that state files record, so toggling
+# it keeps a checkpoint readable (and fingerprints of configs from before the field existed unchanged)
+RESUME_POLICY = ("qsr_elastic_resume",)
 
 
 @dataclass
@@ -87,6 +91,12 @@ class QSRConfig:
             What a sync does when a rank's tensors hold NaN/inf: ``error`` (every rank raises, naming the rank and
             the step) or ``skip_rank`` (average the finite ranks only, give the result to every rank, warn, and count
             ``qsr/nonfinite_syncs``).
+        qsr_elastic_resume (`bool`, defaults to `False`):
+            Resume a checkpoint written by another number of processes (N -> M) instead of refusing it: every rank
+            starts from the mean of the N saved local models, with the mean of the N saved optimizer states (step
+            counters must agree), and a new round starts at the checkpoint's step; every rank logs what was reset.
+            DDP (and single-process) runs only. Not part of the config fingerprint: toggling it keeps checkpoints
+            readable.
     """
 
     qsr_rule: Rule = field(default="qsr", metadata={"help": "Sync rule."})
@@ -170,6 +180,10 @@ class QSRConfig:
     qsr_on_nonfinite: OnNonfinite = field(
         default="error", metadata={"help": "NaN/inf on a rank at a sync: error (stop every rank) or skip_rank."}
     )
+    qsr_elastic_resume: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint of N processes on M != N (mean model and optimizer state)."},
+    )
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -199,9 +213,9 @@ class QSRConfig:
                 f"qsr_h_max must be >= qsr_h_base ({self.qsr_h_base}), got {self.qsr_h_max!r}; raise it or unset it"
             )
         if self.qsr_compress_delta:
-            _check_compress_delta(self)
+            check_compress_delta(self)
         if self.qsr_outer_optimizer != "none":
-            _check_outer_optimizer(self)
+            check_outer_optimizer(self)
         if self.qsr_rule == "post_local" and (self.qsr_switch_step is None or self.qsr_switch_step < 0):
             raise ValueError(
                 f"qsr_rule='post_local' needs qsr_switch_step >= 0 (an optimizer step), got {self.qsr_switch_step!r}"
@@ -232,46 +246,15 @@ class QSRConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> int:
-        """A 62-bit digest of every field, equal across processes (unlike ``hash()``, which is salted per process).
+        """A 62-bit digest of every field but ``RESUME_POLICY``'s, equal across processes (unlike ``hash()``, which
+        is salted per process).
 
         Returns:
             `int`: the digest; ranks compare it to catch a run started with different QSR settings per rank.
         """
-        canonical = json.dumps(self.to_dict(), sort_keys=True)
+        fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_POLICY}
+        canonical = json.dumps(fields, sort_keys=True)
         return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big") >> 2
-
-
-def _check_outer_optimizer(config: QSRConfig) -> None:
-    if not (config.qsr_outer_lr > 0 and math.isfinite(config.qsr_outer_lr)):
-        raise ValueError(f"qsr_outer_lr must be > 0 and finite (DiLoCo: 0.7), got {config.qsr_outer_lr!r}")
-    if not 0 <= config.qsr_outer_momentum < 1:
-        raise ValueError(f"qsr_outer_momentum must be in [0, 1) (DiLoCo: 0.9), got {config.qsr_outer_momentum!r}")
-    if config.qsr_average_optimizer_state:
-        raise ValueError(
-            "qsr_outer_optimizer steps the parameters with the averaged round change; averaging the inner optimizer's "
-            "state as well is not supported (DiLoCo keeps it local): set qsr_average_optimizer_state=False"
-        )
-    if config.qsr_outer_state_on_cpu and config.qsr_compress_delta:
-        raise ValueError(
-            "qsr_outer_state_on_cpu=True is not implemented with qsr_compress_delta=True (its all-to-all reads the "
-            "synced parameters on the device): set one of them to False"
-        )
-
-
-def _check_compress_delta(config: QSRConfig) -> None:
-    # the combinations qsr_compress_delta refuses, each with the field to change
-    conflicts = {
-        "qsr_overlap_sync": "not implemented: the compressed average is blocking",
-        "qsr_average_optimizer_state": "bf16 changes of Adam's second moments can round below zero",
-        "qsr_worker": "not implemented for the hierarchical engine",
-    }
-    for name, why in conflicts.items():
-        value = getattr(config, name)
-        if value is True or (name == "qsr_worker" and value != "process"):
-            raise ValueError(
-                f"qsr_compress_delta=True does not work with {name}={value!r} ({why}): set "
-                f"{name}={'False' if value is True else repr('process')} or qsr_compress_delta=False"
-            )
 
 
 def make_config(config: QSRConfig | None = None, **kwargs: Any) -> QSRConfig:

@@ -25,6 +25,7 @@ PURE = [
     "schedules.py",
     "clock.py",
     "config.py",
+    "config_checks.py",
     "field_checks.py",
     "accounting.py",
     "analysis/planner.py",

@@ -1,0 +1,42 @@
+"""Checks of `QSRConfig` field combinations (pure): each raises a `ValueError` naming the field and the fix."""
+
+import math
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from qsr_hf.config import QSRConfig
+
+
+def check_outer_optimizer(config: "QSRConfig") -> None:
+    """Refuse outer-optimizer settings that are out of range or combined with what it does not support."""
+    if not (config.qsr_outer_lr > 0 and math.isfinite(config.qsr_outer_lr)):
+        raise ValueError(f"qsr_outer_lr must be > 0 and finite (DiLoCo: 0.7), got {config.qsr_outer_lr!r}")
+    if not 0 <= config.qsr_outer_momentum < 1:
+        raise ValueError(f"qsr_outer_momentum must be in [0, 1) (DiLoCo: 0.9), got {config.qsr_outer_momentum!r}")
+    if config.qsr_average_optimizer_state:
+        raise ValueError(
+            "qsr_outer_optimizer steps the parameters with the averaged round change; averaging the inner optimizer's "
+            "state as well is not supported (DiLoCo keeps it local): set qsr_average_optimizer_state=False"
+        )
+    if config.qsr_outer_state_on_cpu and config.qsr_compress_delta:
+        raise ValueError(
+            "qsr_outer_state_on_cpu=True is not implemented with qsr_compress_delta=True (its all-to-all reads the "
+            "synced parameters on the device): set one of them to False"
+        )
+
+
+def check_compress_delta(config: "QSRConfig") -> None:
+    """Refuse the combinations ``qsr_compress_delta`` does not work with, naming the field to change."""
+    conflicts = {
+        "qsr_overlap_sync": "not implemented: the compressed average is blocking",
+        "qsr_average_optimizer_state": "bf16 changes of Adam's second moments can round below zero",
+        "qsr_worker": "not implemented for the hierarchical engine",
+    }
+    for name, why in conflicts.items():
+        value = getattr(config, name)
+        if value is True or (name == "qsr_worker" and value != "process"):
+            raise ValueError(
+                f"qsr_compress_delta=True does not work with {name}={value!r} ({why}): set "
+                f"{name}={'False' if value is True else repr('process')} or qsr_compress_delta=False"
+            )
