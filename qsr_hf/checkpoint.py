@@ -249,6 +249,7 @@ def save_local_state(synchronizer: "Synchronizer", directory: str | os.PathLike,
     Returns:
         `str`: the path of this rank's file.
     """
+    synchronizer.finish_overlap()  # an average in flight is folded in first: the file holds its result
     meta = synchronizer.meta()
     path, file_digest = save_rank_state(directory, local_state(synchronizer, optimizer), meta)
     digests = [file_digest]

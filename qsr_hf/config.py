@@ -65,6 +65,9 @@ class QSRConfig:
             Overlap each scheduled sync with the next optimizer step: the all-reduce starts at the end of the round
             and is folded in one step later (parameters = the average + that step's local change). Not the exact QSR
             update (not in the official code); syncs before evaluation/save and the last sync of training stay exact.
+        qsr_overlap_steps (`int`, defaults to 1):
+            With ``qsr_overlap_sync``: how many optimizer steps an average may take to arrive before it is folded in
+            (params = the average + the local change of those steps). A round that ends sooner folds it first.
         qsr_compress_delta (`bool`, defaults to `False`):
             Average the round's parameter change instead of the parameters: each rank sends its change since the last
             average (an fp32 anchor, the same on every rank) in bf16, the mean is summed in fp32 and sent back in bf16
@@ -152,6 +155,9 @@ class QSRConfig:
             "that step's local change). Not the exact QSR update; off by default."
         },
     )
+    qsr_overlap_steps: int = field(
+        default=1, metadata={"help": "qsr_overlap_sync: optimizer steps an average may take to arrive (>= 1)."}
+    )
     qsr_compress_delta: bool = field(
         default=False,
         metadata={
@@ -211,6 +217,10 @@ class QSRConfig:
         if self.qsr_h_max is not None and self.qsr_h_max < self.qsr_h_base:
             raise ValueError(
                 f"qsr_h_max must be >= qsr_h_base ({self.qsr_h_base}), got {self.qsr_h_max!r}; raise it or unset it"
+            )
+        if not isinstance(self.qsr_overlap_steps, int) or self.qsr_overlap_steps < 1:
+            raise ValueError(
+                f"qsr_overlap_steps must be an integer >= 1 (optimizer steps), got {self.qsr_overlap_steps!r}"
             )
         if self.qsr_compress_delta:
             check_compress_delta(self)

@@ -17,11 +17,12 @@ from qsr_hf.averaging import AverageHandle, ParameterAverager, Transform
 
 
 class OverlappedSync:
-    """Start a round's average without waiting; fold it in one optimizer step later.
+    """Start a round's average without waiting; fold it in ``steps`` optimizer steps later.
 
     Args:
         averager ([`ParameterAverager`]): must be in copy mode (the parameters stay usable while the average is in
             flight).
+        steps (`int`, defaults to 1): optimizer steps the average may take (``qsr_overlap_steps``).
 
     Example:
 
@@ -33,11 +34,13 @@ class OverlappedSync:
     ```
     """
 
-    def __init__(self, averager: ParameterAverager) -> None:
+    def __init__(self, averager: ParameterAverager, steps: int = 1) -> None:
         if averager.mode != "copy":
             raise ValueError("qsr_overlap_sync needs ParameterAverager(mode='copy'): in-place buffers are in flight")
         self.averager = averager
+        self.steps = steps
         self._handle: AverageHandle | None = None
+        self._age = 0  # optimizer steps taken since the average in flight was started
 
     @property
     def pending(self) -> bool:
@@ -56,7 +59,15 @@ class OverlappedSync:
         """
         self.finish()
         self._handle = self.averager.average(async_op=True, keep_local_change=True, transform=transform)
+        self._age = 0
         return self.averager.bytes_per_sync
+
+    def step_done(self) -> bool:
+        """Count one optimizer step; fold the average in if it has had its ``steps``. Returns whether it did."""
+        if self._handle is None:
+            return False
+        self._age += 1
+        return self._age >= self.steps and self.finish()
 
     def finish(self) -> bool:
         """Wait for the average in flight, if any, and fold it in. Returns whether there was one."""

@@ -98,7 +98,7 @@ class Synchronizer:
                 self.averager = engine.make_averager(tensors, config.qsr_fp32_average, mode)
                 if outer is not None:
                     self.synced = SyncedState(self.averager.buckets, outer, plain, config.qsr_outer_state_on_cpu)
-            self.overlap = OverlappedSync(self.averager) if overlapped else None
+            self.overlap = OverlappedSync(self.averager, config.qsr_overlap_steps) if overlapped else None
             if outer is not None:
                 self.stats.outer_lr = outer.lr
             self._set_gradient_sync(self._data_parallel_step(0))
@@ -140,7 +140,7 @@ class Synchronizer:
         self._set_gradient_sync(self._data_parallel_step(self.clock.step))
         if data_parallel and not self._data_parallel_step(self.clock.step) and self.synced is not None:
             self.synced.reset(self.averager.buckets)  # the first local round's change starts here, ranks equal
-        self.finish_overlap()  # overlap: the previous round's average, one step late
+        self.finish_overlap(scheduled=not due)  # overlap: the last average, qsr_overlap_steps late or now
         if due and data_parallel:
             # the backend all-reduced this step's gradients: parameters already agree, nothing to average
             self.stats.record_sync(self.stats.grad_bytes_per_step if self.distributed else 0, scheduled=True)
@@ -209,9 +209,11 @@ class Synchronizer:
             return self.averager.stage()  # compression: this rank's change; zeroing it = contributing nothing
         return list(self.averager.tensors)
 
-    def finish_overlap(self) -> None:
-        """Fold in an average still in flight (``qsr_overlap_sync``), if any."""
-        if self.overlap is not None and self.overlap.finish():
+    def finish_overlap(self, scheduled: bool = False) -> None:
+        """Fold in an average still in flight (``qsr_overlap_sync``), if any; ``scheduled``: only once it is due."""
+        if self.overlap is None:
+            return
+        if self.overlap.step_done() if scheduled else self.overlap.finish():
             with torch.no_grad():
                 self.engine.after_average()
             if self.synced is not None and self.synced.outer is not None:

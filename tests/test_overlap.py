@@ -1,4 +1,5 @@
-"""The overlapped (one-step-delayed) sync, ``qsr_overlap_sync``: exact bookkeeping on a real 2-process gloo group."""
+"""The overlapped (delayed) sync, ``qsr_overlap_sync`` / ``qsr_overlap_steps``: exact bookkeeping on a real 2-process
+gloo group."""
 
 import copy
 
@@ -12,7 +13,7 @@ from qsr_hf import LocalOptimizer, ParameterAverager, QSRConfig
 STEPS, H = 7, 2  # rounds end after steps 2, 4, 6 (started async, folded one step later) and 7 (the last: blocking)
 
 
-def _overlap_run(rank, world_size):
+def _overlap_run(rank, world_size, h=H, delay=1):
     from accelerate import Accelerator
 
     torch.manual_seed(0)
@@ -22,10 +23,10 @@ def _overlap_run(rank, world_size):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     model, opt = accelerator.prepare(model, opt)
-    config = QSRConfig(qsr_rule="constant", qsr_h_base=H, qsr_overlap_sync=True)
+    config = QSRConfig(qsr_rule="constant", qsr_h_base=h, qsr_overlap_sync=True, qsr_overlap_steps=delay)
     local = LocalOptimizer(opt, model, config, num_training_steps=STEPS)
     ref_params = list(ref.parameters())
-    pending, out = None, {"ours": [], "ref": [], "pending": []}
+    pending, started, out = None, 0, {"ours": [], "ref": [], "pending": []}
     for i, (x, y) in enumerate(rank_batches(rank, STEPS)):
         nn.functional.cross_entropy(model(x), y).backward()
         local.step()
@@ -33,20 +34,21 @@ def _overlap_run(rank, world_size):
         nn.functional.cross_entropy(ref(x), y).backward()
         ref_opt.step()
         ref_opt.zero_grad()
+        due = (i + 1) % h == 0 or i + 1 == STEPS
         with torch.no_grad():
-            if pending is not None:  # params = average(sent) + (params now - params sent)
+            if pending is not None and (i + 1 - started >= delay or due):  # average(sent) + (params now - sent)
                 sent, avg = pending
                 for p, s, a in zip(ref_params, sent, avg, strict=True):
                     p.copy_(a + (p - s))
                 pending = None
-            if (i + 1) % H == 0 or i + 1 == STEPS:
+            if due:
                 avg = [p.detach().clone() for p in ref_params]
                 ParameterAverager(avg).average()
                 if i + 1 == STEPS:
                     for p, a in zip(ref_params, avg, strict=True):
                         p.copy_(a)
                 else:
-                    pending = ([p.detach().clone() for p in ref_params], avg)
+                    pending, started = ([p.detach().clone() for p in ref_params], avg), i + 1
         out["ours"].append(torch.cat([p.detach().reshape(-1) for p in model.module.parameters()]))
         out["ref"].append(torch.cat([p.detach().reshape(-1) for p in ref_params]))
         out["pending"].append(local.synchronizer.overlap.pending)
@@ -66,3 +68,14 @@ def test_overlapped_sync_is_the_delayed_average_bitwise():
     # in flight after steps 2, 4, 6: ranks differ; folded after 3, 5 with the local change: still differ; the last
     # sync (step 7) is blocking: the final model is the exact average
     assert equal == [False] * 6 + [True]
+
+
+def test_overlap_over_two_steps_is_the_delayed_average_bitwise():
+    # rounds of 3 (ends after steps 3 and 6, then 7): each average folded in 2 steps later, with both steps' change
+    r0, r1 = run_distributed(_overlap_run, h=3, delay=2)
+    for r in (r0, r1):
+        assert r["syncs"] == 3
+        assert r["pending"] == [False, False, True, True, False, True, False]
+        for step, (ours, ref) in enumerate(zip(r["ours"], r["ref"], strict=True), 1):
+            assert torch.equal(ours, ref), f"step {step}: the 2-step overlap differs from the delayed rule"
+    assert torch.equal(r0["ours"][-1], r1["ours"][-1]), "training ends on a blocking average"

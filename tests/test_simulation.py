@@ -26,6 +26,8 @@ CONFIGS = {
     "post_local": QSRConfig(qsr_rule="post_local", qsr_switch_step=10, qsr_h_base=3),
     # the QSR schedule with each sync folded in one step late (the last one blocking)
     "qsr_overlap": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_overlap_sync=True),
+    # constant rounds of 4 with each average folded in 2 steps late (qsr_overlap_steps)
+    "constant_overlap2": QSRConfig(qsr_rule="constant", qsr_h_base=4, qsr_overlap_sync=True, qsr_overlap_steps=2),
     # the QSR schedule averaging bf16 changes from an fp32 anchor
     "qsr_compress": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_compress_delta=True),
     # the QSR schedule with DiLoCo's Nesterov outer step; and post-local, whose outer state starts at the switch

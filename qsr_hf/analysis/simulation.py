@@ -6,7 +6,7 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 (fp32 for bf16/fp16), divide by K, copy to every replica. With K = 2 this is bitwise what a 2-process gloo run of
 [`LocalOptimizer`] computes (``tests/test_simulation.py``). The data-parallel baseline is true data-parallel
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
-AdamW moments. ``qsr_overlap_sync`` (folded one step late, as `qsr_hf.overlap`) and ``qsr_compress_delta`` (with
+AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_hf.overlap`) and ``qsr_compress_delta`` (with
 `qsr_hf.compressed_averaging.compressed_average`) are simulated too, also checked bitwise, and so is the outer
 optimizer (``qsr_outer_optimizer``: the same `qsr_hf.outer.OuterStep` on each parameter tensor's average). Evaluations here never
 change the trajectory (the real library folds an overlapped average in flight before an evaluation).
@@ -106,6 +106,7 @@ class LocalTrainingSimulation:
         if config.qsr_compress_delta:
             self.bytes_per_sync = compressed_sync_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # overlap: the average in flight
+        self._pending_age = 0  # optimizer steps since it was started
 
     def _reset_anchor(self) -> None:
         self._anchor = [t.detach().to(torch.float32, copy=True) for t in self._tensors[0]]
@@ -138,11 +139,10 @@ class LocalTrainingSimulation:
             optimizer.step()
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
-        with torch.no_grad():  # overlap: the previous round's average, one step late (AverageHandle.wait's rule)
-            for t, sent, mean in self._pending:
-                t.copy_(mean + (t.to(sent.dtype) - sent))  # the average + this step's local change
-        self._pending = []
+        self._pending_age += 1
         last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
+        if self._pending_age >= self.config.qsr_overlap_steps or due:
+            self._fold_pending()  # overlap: qsr_overlap_steps late, or before the next round's average
         if due and data_parallel:  # one gradient all-reduce; the replicas agree already: no average (as Synchronizer)
             self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)
             due = False
@@ -154,6 +154,7 @@ class LocalTrainingSimulation:
                 self._pending = [
                     (t, t.to(m.dtype, copy=True), m) for ts in self._tensors for t, m in zip(ts, means, strict=True)
                 ]
+                self._pending_age = 0
             else:
                 self.average()
             self.stats.record_sync(self.bytes_per_sync, scheduled=True)
@@ -162,6 +163,12 @@ class LocalTrainingSimulation:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         return due
+
+    @torch.no_grad()
+    def _fold_pending(self) -> None:
+        for t, sent, mean in self._pending:  # AverageHandle.wait's rule: the average + the local change since
+            t.copy_(mean + (t.to(sent.dtype) - sent))
+        self._pending = []
 
     def _data_parallel_gradients(self, shards: Sequence[Any], loss_fn: LossFn) -> None:
         # DDP: every forward starts from worker 0's buffers; each gradient times 1/K, summed in rank order
