@@ -24,6 +24,7 @@ METHODS = {
     "ddp": "DDP", "qsr": "qsr_hf QSR", "constant_h4": "qsr_hf constant H = 4",
     "accelerate_localsgd": "accelerate LocalSGD", "torch_postlocal": "torch PostLocalSGD",
     "qsr_overlap": "QSR + overlap", "constant_h4_overlap": "H = 4 + overlap", "qsr_compress": "QSR + bf16 delta",
+    "qsr_overlap3": "QSR + overlap, 3 steps", "constant_h4_overlap3": "H = 4 + overlap, 3 steps",
     "qsr_process": "QSR, worker = process", "qsr_node_whole": "worker = node, whole model",
     "qsr_node_split": "worker = node, inter-node floor",
 }  # fmt: skip
@@ -175,12 +176,13 @@ def generalization(d, fig):
         ax.legend(fontsize=8)
 
 
-# name -> (drawing function, figure size); slow_link_variants is slow_link.py --name slow_link_variants
+# name -> (drawing function, figure size); slow_link_variants / _overlap_depth are slow_link.py --name ...
 FIGURES = {
     "averaging": (averaging, (12, 4.5)),
     "step_overhead": (step_overhead, (8, 3)),
     "slow_link": (slow_link, (12, 6.5)),
     "slow_link_variants": (slow_link, (12, 3.5)),
+    "slow_link_overlap_depth": (slow_link, (12, 3.5)),
     "slow_link_nodes": (slow_link_nodes, (12, 3)),
     "memory_hsdp": (memory_hsdp, (9, 2.5)),
     "scaling_check": (scaling_check, (8, 3)),

@@ -15,7 +15,8 @@ with each method, one after the other, over each link setting:
 - ``constant_h4``: `qsr_hf.LocalOptimizer`, ``qsr_rule="constant"``, H = 4.
 - ``qsr_overlap``, ``constant_h4_overlap``: the same with ``qsr_overlap_sync`` (each sync's all-reduce runs during the
   next step and is folded in after it); ``qsr_compress``: QSR with ``qsr_compress_delta`` (the round's change in
-  bf16: an all-to-all and an all-gather, half the bytes). Not in the default run: ``--methods ... --name ...``.
+  bf16: an all-to-all and an all-gather, half the bytes); ``qsr_overlap3``, ``constant_h4_overlap3``: the average
+  may take 3 steps to arrive (``qsr_overlap_steps=3``). Not in the default run: ``--methods ... --name ...``.
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=4)`.
 - ``torch_postlocal``: torch's `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=4)` + DDP
   `post_localSGD_hook` (no gradient all-reduce after the switch); switch at the end of lr warm-up (an assumption:
@@ -55,7 +56,13 @@ from _common import machine_info, median, netns_parser, paper_lr_schedule, print
 
 
 METHODS = ["ddp", "qsr", "constant_h4", "accelerate_localsgd", "torch_postlocal"]
-VARIANTS = ["qsr_overlap", "constant_h4_overlap", "qsr_compress"]  # qsr_hf options (issue 14), not run by default
+VARIANTS = [
+    "qsr_overlap",
+    "constant_h4_overlap",
+    "qsr_compress",
+    "qsr_overlap3",
+    "constant_h4_overlap3",
+]  # qsr_hf options (issue 14), not run by default
 PAPER = {"steps": 93_600, "warmup": 10_000, "peak_lr": 0.008, "min_lr": 1e-6, "alpha": 0.0175, "h_base": 4}
 PEAK_LR = 1e-3
 D_IN, HIDDEN, CLASSES, BATCH = 1024, 2048, 10, 16
@@ -282,8 +289,11 @@ def train(method, rank, steps, ifname, accelerator):
         accounted = warmup * param_bytes + n_syncs * param_bytes
     elif method in ("qsr", "constant_h4", *VARIANTS):
         base = QSRConfig(qsr_alpha=alpha, qsr_h_base=4) if method.startswith("qsr") else QSRConfig(qsr_rule="constant")
-        overlap, compress = method.endswith("_overlap"), method.endswith("_compress")
-        config = dataclasses.replace(base, qsr_overlap_sync=overlap, qsr_compress_delta=compress)
+        overlap, compress = "_overlap" in method, method.endswith("_compress")
+        depth = int(method.rsplit("_overlap", 1)[1] or 1) if overlap else 1
+        config = dataclasses.replace(
+            base, qsr_overlap_sync=overlap, qsr_overlap_steps=depth, qsr_compress_delta=compress
+        )
         opt = LocalOptimizer(opt, model, config, num_training_steps=steps, num_warmup_steps=warmup)
     elif method == "accelerate_localsgd":
         local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4)
