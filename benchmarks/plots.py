@@ -225,6 +225,7 @@ FIGURES = {
     "generalization_variants": (generalization, (17, 4.8)),
     "lm_study": (lm_study, (17, 4.8)),
     "lm_study_quick": (lm_study, (17, 4.8)),
+    "lm_study_h40": (lm_study, (17, 4.8)),
 }
 
 
