@@ -125,13 +125,17 @@ from testing_utils import run_distributed  # noqa: E402
 
 
 __all__ = [
+    "adamw_cosine",
     "machine_info",
+    "mean_std",
     "median",
     "netns_parser",
     "paper_lr_schedule",
     "print_table",
     "quantile",
     "run_distributed",
+    "run_pool",
+    "sim_stats",
     "write_result",
 ]
 
@@ -152,3 +156,67 @@ def paper_lr_schedule(
             frac = (t - warmup_steps) / max(1, total_steps - warmup_steps)
             lrs.append(min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac)))
     return lrs
+
+
+# ------------------------------------------------------------------------ the simulated studies (generalization, lm_study)
+def adamw_cosine(args: argparse.Namespace, total_steps: int, warmup_steps: int) -> tuple[Any, Any]:
+    """(optimizer_fn, scheduler_fn) of the simulated studies: ``args.optimizer`` (adamw or sgd with momentum 0.9) at
+    peak ``args.lr`` and ``args.weight_decay``; linear warm-up, then cosine to ``args.min_lr_rate`` x peak."""
+    import torch
+    from transformers import get_scheduler
+
+    if args.optimizer == "adamw":
+
+        def optimizer_fn(m: Any) -> Any:
+            return torch.optim.AdamW(m.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    else:
+
+        def optimizer_fn(m: Any) -> Any:
+            return torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+
+    def scheduler_fn(o: Any) -> Any:
+        return get_scheduler(
+            "cosine_with_min_lr",
+            o,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs={"min_lr_rate": args.min_lr_rate},
+        )
+
+    return optimizer_fn, scheduler_fn
+
+
+def run_pool(run_one: Any, jobs: list[dict], processes: int, initializer: Any, initargs: tuple, describe: Any) -> list:
+    """Run ``run_one`` over ``jobs`` in ``processes`` spawned processes (``initializer`` sets one thread and loads the
+    data); print ``describe(result)`` with the elapsed minutes as each run finishes."""
+    import multiprocessing as mp
+    import time
+
+    start, runs = time.time(), []
+    with mp.get_context("spawn").Pool(processes, initializer=initializer, initargs=initargs) as pool:
+        for run in pool.imap_unordered(run_one, jobs):
+            runs.append(run)
+            print(f"[{(time.time() - start) / 60:5.1f} min] {describe(run)}", flush=True)
+    return runs
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for fewer than 2 values) of ``xs``; nan for none."""
+    if not xs:
+        return float("nan"), 0.0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def sim_stats(sim: Any, h_trace: Sequence[int], start: float, cpu_start: float) -> dict[str, Any]:
+    """What every simulated run reports besides its metrics: steps, syncs, communication vs data-parallel, the steps
+    where H changed (``[step, H]``), wall and CPU seconds since ``start`` / ``cpu_start``."""
+    import time
+
+    return {
+        "steps": sim.stats.steps,
+        "syncs": sim.stats.syncs,
+        "comm_vs_ddp": sim.stats.comm_volume_vs_ddp,
+        "h_changes": [[i, h] for i, h in enumerate(h_trace) if i == 0 or h != h_trace[i - 1]],
+        "seconds": time.time() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+    }

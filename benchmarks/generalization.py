@@ -18,7 +18,6 @@ import dataclasses
 import gzip
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import sys
@@ -29,8 +28,8 @@ import numpy as np
 import plots
 import torch
 import torch.nn.functional as F
+from _common import adamw_cosine, run_pool, sim_stats
 from torch import nn
-from transformers import get_scheduler
 
 from qsr_hf import QSRConfig
 from qsr_hf.analysis.lr_schedule import lr_sequence
@@ -42,6 +41,7 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).parent / "results"
 RULES = ["ddp", "constant2", "constant4", "constant8", "post_local", "linear", "qsr", "cubic"]
 VARIANTS = ["ddp", "qsr", "qsr_overlap", "qsr_compress"]  # --variants: issue 14's overlap and compression
+OUTER = {"qsr_outer_optimizer": "nesterov", "qsr_outer_lr": 0.7, "qsr_outer_momentum": 0.9}  # DiLoCo's outer step
 LABELS = {
     "ddp": "data-parallel",
     "constant2": "constant H=2",
@@ -53,6 +53,7 @@ LABELS = {
     "cubic": "cubic rule",
     "qsr_overlap": "QSR + overlap (one-step-delayed)",
     "qsr_compress": "QSR + bf16 delta compression",
+    "qsr_nesterov": "QSR + Nesterov outer step (0.7, 0.9)",
 }
 # the paper's ViT-B recipe: alpha = 0.0175 at peak lr 0.008 with H_base = 4, i.e. 1.09375 * peak_lr * sqrt(H_base)
 PAPER_ALPHA_RATIO = 0.0175 / (0.008 * math.sqrt(4))
@@ -132,25 +133,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 # -------------------------------------------------------------------------------------------------------- schedule
-def make_optimizer_fn(args):
-    if args.optimizer == "adamw":
-        return lambda m: torch.optim.AdamW(
-            m.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay
-        )
-    return lambda m: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-
-
-def make_scheduler_fn(args, total_steps: int, warmup_steps: int):
-    kwargs = {"min_lr_rate": args.min_lr_rate}
-    return lambda o: get_scheduler(
-        "cosine_with_min_lr",
-        o,
-        num_warmup_steps=warmup_steps,
-        num_training_steps=total_steps,
-        scheduler_specific_kwargs=kwargs,
-    )
-
-
 def rule_configs(args, lrs: list[float], warmup_steps: int) -> dict[str, QSRConfig | None]:
     """QSRConfig of every rule (None: data-parallel). Power-rule coefficients leave H_base at the same lr."""
     h = args.h_base
@@ -170,6 +152,7 @@ def rule_configs(args, lrs: list[float], warmup_steps: int) -> dict[str, QSRConf
             print(f"WARNING: {name} gives H={peak_h} at the peak lr, not H_base={h}", file=sys.stderr)
     configs["qsr_overlap"] = dataclasses.replace(configs["qsr"], qsr_overlap_sync=True)
     configs["qsr_compress"] = dataclasses.replace(configs["qsr"], qsr_compress_delta=True)
+    configs["qsr_nesterov"] = dataclasses.replace(configs["qsr"], **OUTER)
     return configs
 
 
@@ -196,7 +179,7 @@ def run_one(job: dict) -> dict:
 
     torch.manual_seed(seed)
     model = make_model(args.width, x_train.shape[-1])
-    opt_fn, sched_fn = make_optimizer_fn(args), make_scheduler_fn(args, total, warmup)
+    opt_fn, sched_fn = adamw_cosine(args, total, warmup)
     if config is None:
         sim = DataParallelSimulation(model, opt_fn, args.workers, sched_fn)
     else:
@@ -241,14 +224,16 @@ def run_one(job: dict) -> dict:
         "test_loss": test_loss,
         "train_acc": train_acc,
         "train_loss": train_loss,
-        "steps": sim.stats.steps,
-        "syncs": sim.stats.syncs,
-        "comm_vs_ddp": sim.stats.comm_volume_vs_ddp,
         "curve": curve,
-        "h_changes": [[i, h] for i, h in enumerate(h_trace) if i == 0 or h != h_trace[i - 1]],
-        "seconds": time.time() - start,
-        "cpu_seconds": time.process_time() - cpu_start,
+        **sim_stats(sim, h_trace, start, cpu_start),
     }
+
+
+def describe(run: dict) -> str:
+    return (
+        f"{run['rule']:>10} seed {run['seed']}: test {100 * run['test_acc']:.2f}% train {100 * run['train_acc']:.2f}% "
+        f"syncs {run['syncs']} ({run['seconds']:.0f} s)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -297,10 +282,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
     )
     lines = [
         "# Generalization benchmark (issue 7)"
-        + (": overlap and compression variants (issue 14)" if any(r["rule"] in VARIANTS[2:] for r in rows) else ""),
+        + (": overlap and compression variants (issue 14)" if any(r["rule"] in VARIANTS[2:] for r in rows) else "")
+        + (", outer optimizer (issue 18)" if any(r["rule"] == "qsr_nesterov" for r in rows) else ""),
         "",
         f"Command: `{meta['command']}`  ",
         machine + "  ",
+        *(
+            f"Added by `{x['command']}`: {', '.join(LABELS[r] for r in x['rules'])} ({x['wall_seconds'] / 60:.1f} min, "
+            f"load average {x['load_before']:.1f} before / {x['load_after']:.1f} after).  "
+            for x in meta.get("added", [])
+        ),
         setup,
         "",
         "| rule | test acc % (mean ± std) | vs data-parallel (paired) | train acc % | syncs | comm vs data-parallel |",
@@ -353,7 +344,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of steps before post-local goes local (assumption)",
     )
-    p.add_argument("--rules", nargs="+", choices=RULES + VARIANTS[2:], default=RULES)
+    p.add_argument("--rules", nargs="+", choices=[*RULES, *VARIANTS[2:], "qsr_nesterov"], default=RULES)
     p.add_argument(
         "--variants",
         action="store_true",
@@ -364,6 +355,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=str(FMNIST_DIR))
     p.add_argument("--output", default=str(RESULTS / "generalization"), help="path prefix of the .json/.md/.png")
     p.add_argument("--replot", metavar="JSON", help="only rewrite the .md and .png of a finished run's JSON")
+    p.add_argument(
+        "--merge",
+        metavar="JSON",
+        help="run only --rules (with that JSON's setup and seeds) and add them to that finished run's .json/.md/.png",
+    )
     return p
 
 
@@ -375,6 +371,14 @@ def main(argv: list[str] | None = None) -> None:
         out.with_suffix(".md").write_text(markdown(saved["summary"], saved["meta"]))
         plots.draw("generalization", args.replot)
         return
+    merged = None
+    if args.merge:
+        merged = json.loads(Path(args.merge).read_text())
+        keep = {k: v for k, v in vars(args).items() if k in ("rules", "jobs", "merge")}
+        keep.update(quick=False, variants=False)  # the saved args hold the setup those flags had already set
+        args = argparse.Namespace(
+            **{**merged["meta"]["args"], **keep, "output": str(Path(args.merge).with_suffix(""))}
+        )
     if args.quick:
         args.seeds, args.epochs, args.train_subset, args.evals = 2, 2, 2048, 3
         if args.output == str(RESULTS / "generalization"):
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rules, args.seeds = VARIANTS, 3
         if args.output == str(RESULTS / "generalization"):
             args.output = str(RESULTS / "generalization_variants")
-    if "ddp" not in args.rules:
+    if "ddp" not in args.rules and merged is None:
         args.rules = ["ddp", *args.rules]
     if args.global_batch % args.workers:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by --workers {args.workers}")
@@ -412,16 +416,16 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.seeds)
         for rule in args.rules
     ]
-    start, runs, load_before = time.time(), [], os.getloadavg()[0]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(args.jobs, initializer=_init_worker, initargs=(args.data_dir,)) as pool:
-        for run in pool.imap_unordered(run_one, jobs):
-            runs.append(run)
-            print(
-                f"[{(time.time() - start) / 60:5.1f} min] {run['rule']:>10} seed {run['seed']}: test {100 * run['test_acc']:.2f}% train {100 * run['train_acc']:.2f}% syncs {run['syncs']} ({run['seconds']:.0f} s)",
-                flush=True,
-            )
+    start, load_before = time.time(), os.getloadavg()[0]
+    runs = run_pool(run_one, jobs, args.jobs, _init_worker, (args.data_dir,), describe)
     wall = time.time() - start
+    added = {"rules": args.rules, "wall_seconds": wall, "load_before": load_before, "load_after": os.getloadavg()[0]}
+    if merged is not None:  # the finished run's other rules; its meta, with the rules added and how
+        saved, out = merged["meta"]["args"]["rules"], args.output
+        runs += [r for r in merged["runs"] if r["rule"] not in args.rules]
+        args = argparse.Namespace(
+            **{**merged["meta"]["args"], "rules": [*saved, *(r for r in args.rules if r not in saved)], "output": out}
+        )
     rows = summarize(runs, args.rules)
     meta = {
         "command": "python benchmarks/generalization.py"
@@ -443,6 +447,10 @@ def main(argv: list[str] | None = None) -> None:
         "args": vars(args),
         "lrs": lrs,
     }
+    if merged is not None:
+        added["command"] = meta["command"]
+        meta = {**merged["meta"], "args": vars(args), "alphas": meta["alphas"], "cpu_seconds": meta["cpu_seconds"]}
+        meta["added"] = [*merged["meta"].get("added", []), added]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(

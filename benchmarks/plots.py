@@ -136,6 +136,23 @@ def input_pipeline(d, fig):
     ax.legend(fontsize=8)
 
 
+def _schedules(ax, lrs, runs, key, names, colors, labels):  # round length H of one run per name, over the lr
+    from matplotlib.ticker import ScalarFormatter
+
+    lr_ax = ax.twinx()
+    lr_ax.plot(lrs, color="grey", alpha=0.5)
+    lr_ax.set_ylabel("learning rate", color="grey")
+    for name in names:
+        run = next((x for x in runs if x[key] == name), None)
+        if run is not None:
+            changes = [*run["h_changes"], [run["steps"], run["h_changes"][-1][1]]]
+            ax.step(*zip(*changes, strict=True), where="post", color=colors[name], label=labels[name])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set(xlabel="optimizer step", ylabel="round length H (log scale; last round clipped to the end)")
+    ax.set_title("sync schedules", fontsize=10)
+
+
 def generalization(d, fig):
     from matplotlib import colormaps
     from matplotlib.ticker import ScalarFormatter
@@ -160,20 +177,39 @@ def generalization(d, fig):
     axes[1].set_ylim(bottom=max(0, axes[1].get_ylim()[1] - 6))
     axes[1].set(xlabel="optimizer step", ylabel="test accuracy (%) of the averaged model")
     axes[1].set_title("test accuracy over training (mean over seeds)", fontsize=10)
-    lr_ax = axes[2].twinx()
-    lr_ax.plot(meta["lrs"], color="grey", alpha=0.5)
-    lr_ax.set_ylabel("learning rate", color="grey")
-    for rule in ("constant4", "post_local", "linear", "qsr", "cubic", "qsr_overlap", "qsr_compress"):
-        run = next((x for x in runs if x["rule"] == rule), None)
-        if run is not None:
-            changes = [*run["h_changes"], [run["steps"], run["h_changes"][-1][1]]]
-            axes[2].step(*zip(*changes, strict=True), where="post", color=colors[rule], label=labels[rule])
-    axes[2].set_yscale("log")
-    axes[2].yaxis.set_major_formatter(ScalarFormatter())
-    axes[2].set(xlabel="optimizer step", ylabel="round length H (log scale; last round clipped to the end)")
-    axes[2].set_title("sync schedules", fontsize=10)
+    _schedules(axes[2], meta["lrs"], runs, "rule", ("constant4", "post_local", "linear", "qsr", "cubic", "qsr_overlap",
+               "qsr_compress"), colors, labels)  # fmt: skip
     for ax in axes[:3:2]:
         ax.legend(fontsize=8)
+
+
+def lm_study(d, fig):
+    from matplotlib import colormaps
+    from matplotlib.ticker import ScalarFormatter
+
+    rows, runs = d["summary"], d["runs"]
+    axes = fig.subplots(1, 3)
+    colors = {r["method"]: c for r, c in zip(rows, colormaps["tab10"].colors, strict=False)}
+    labels = {r["method"]: r["label"] for r in rows}
+    for r in rows:
+        marker = "s" if r["method"].endswith("nesterov") else "o"
+        axes[0].errorbar(100 * r["comm_vs_ddp"], r["val_loss_mean"], yerr=r["val_loss_std"], fmt=marker, capsize=3,
+                         color=colors[r["method"]], label=r["label"])  # fmt: skip
+        seeds = [x for x in runs if x["method"] == r["method"]]
+        loss = np.mean([[p["val_loss"] for p in x["curve"]] for x in seeds], axis=0)
+        axes[1].plot([p["step"] for p in seeds[0]["curve"]], loss, marker=".", color=colors[r["method"]])
+    axes[0].set_xscale("log")
+    axes[0].xaxis.set_major_formatter(ScalarFormatter())
+    axes[0].set(xlabel="communication vs data-parallel (%, log scale)", ylabel="final validation loss (nats/token)")
+    axes[0].set_title("validation loss vs communication (mean ± std over seeds)", fontsize=10)
+    axes[0].legend(fontsize=7)
+    final = [r["val_loss_mean"] for r in rows]
+    axes[1].set_ylim(min(final) - 0.05, max(final) + 0.6)
+    axes[1].set(xlabel="optimizer step", ylabel="validation loss of the averaged model")
+    axes[1].set_title("validation loss over training (mean over seeds)", fontsize=10)
+    names = [r["method"] for r in rows if r["method"] != "ddp" and not r["method"].endswith("nesterov")]
+    _schedules(axes[2], d["lrs"], runs, "method", names, colors, labels)
+    axes[2].legend(fontsize=7)
 
 
 # name -> (drawing function, figure size); slow_link_variants / _overlap_depth are slow_link.py --name ...
@@ -189,6 +225,9 @@ FIGURES = {
     "input_pipeline": (input_pipeline, (10, 4.5)),
     "generalization": (generalization, (17, 4.8)),
     "generalization_variants": (generalization, (17, 4.8)),
+    "lm_study": (lm_study, (17, 4.8)),
+    "lm_study_quick": (lm_study, (17, 4.8)),
+    "lm_study_h40": (lm_study, (17, 4.8)),
 }
 
 

@@ -165,6 +165,16 @@ def test_averaged_model_does_not_disturb_training():
     assert all(torch.equal(b, flat_params(m)) for b, m in zip(before, sim.replicas, strict=True))
 
 
+def test_averaged_model_right_after_a_sync_is_the_synced_model():
+    # with an outer step, averaging again would take a momentum lookahead that training never takes
+    sim = LocalTrainingSimulation(_model(), _optimizer, CONFIGS["qsr_nesterov"], WORKERS, STEPS, WARMUP, _scheduler)
+    for batch in _global_batches():
+        synced = sim.step(shard_batch(batch, WORKERS), _loss)
+        if synced and sim.clock.round_index > 1:  # the outer momentum is non-zero from the second sync on
+            assert torch.equal(flat_params(sim.averaged_model()), flat_params(sim.replicas[0])), sim.clock.step
+    assert synced, "training ends on a sync"
+
+
 def test_shard_batch():
     x, y = torch.arange(12).reshape(6, 2), torch.arange(6)
     shards = shard_batch((x, y), 3)

@@ -221,8 +221,15 @@ class LocalTrainingSimulation:
                 t.copy_(mean)
 
     def averaged_model(self) -> nn.Module:
-        """A copy of worker 0's model holding the workers' average, for evaluation; training is not disturbed."""
+        """A copy of worker 0's model holding the workers' average, for evaluation; training is not disturbed.
+
+        Right after a sync the replicas already hold the synced values and are returned as they are (as the
+        library's `AveragedView` does): averaging again would apply the outer step a second time (with momentum,
+        a lookahead of η_out μ² m that training never takes).
+        """
         model = copy.deepcopy(self.replicas[0])
+        if not self._pending and self.clock.steps_into_round == 0:
+            return model
         with torch.no_grad():
             for t, mean in zip(
                 averaged_tensors(model, self.config.qsr_average_buffers), self._averages(), strict=True
