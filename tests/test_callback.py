@@ -270,6 +270,7 @@ def test_training_stopped_inside_a_round_ends_on_the_average(tmp_path):
         _assert_collectives_only_at_syncs_and_logs(run, 3, f"rank {rank}")
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_eval_with_extra_sync_option(tmp_path):
     # qsr_eval_copy=False: v0.1 behaviour, the evaluation's average is kept (training changes)
     config = QSRConfig(qsr_rule="constant", qsr_h_base=4, qsr_eval_copy=False)
@@ -293,6 +294,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert resumed[0]["synced"] == full[0]["synced"][5:]
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_resume_without_qsr_files_warns(tmp_path):
     full_dir = tmp_path / "full"
     run_distributed(_trainer_run, out_dir=str(full_dir), config=QSR, save_steps=5, max_steps=6)
@@ -337,6 +339,7 @@ def _local_optimizer_run(rank, world_size, steps, h):
     return flat_params(model.module)
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_callback_matches_local_optimizer(tmp_path):
     config = QSRConfig(qsr_rule="constant", qsr_h_base=3)
     trainer_runs = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=7, sgd=True)
@@ -362,6 +365,7 @@ def test_every_scheduler_type_drives_the_schedule(tmp_path, scheduler):
     assert [i + 1 for i, s in enumerate(result["synced"]) if s] == expected.sync_steps
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_trainer_bf16_autocast(tmp_path):
     config = QSRConfig(qsr_rule="constant", qsr_h_base=3)
     r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=6, bf16=True)
@@ -369,6 +373,7 @@ def test_trainer_bf16_autocast(tmp_path):
     assert torch.equal(r0["final"], r1["final"]) and not torch.equal(r0["params"][3], r1["params"][3])
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_trainer_torch_compile(tmp_path):
     # TrainingArguments(torch_compile=True): Trainer compiles the model (inductor on CPU, ~20 s); the DDP wrapper is
     # still found and kept in no_sync, so ranks drift apart between syncs and agree after each

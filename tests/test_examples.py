@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_accelerate_loop_example(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",

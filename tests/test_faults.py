@@ -291,7 +291,9 @@ def _overflow_run(rank, world_size, out_dir, evaluate):
     return {"lrs": spy.lrs, "synced": spy.synced, "skipped": spy.skipped, "final": flat_params(trainer.model)}
 
 
-@pytest.mark.parametrize("evaluate", [False, True], ids=["no_eval", "eval_in_round"])
+@pytest.mark.parametrize(
+    "evaluate", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no_eval", "eval_in_round"]
+)
 def test_overflow_on_one_rank_keeps_lr_and_rounds_aligned(tmp_path, evaluate):
     r0, r1 = run_distributed(_overflow_run, world_size=2, timeout=TIMEOUT, out_dir=str(tmp_path), evaluate=evaluate)
     assert (r0["skipped"], r1["skipped"]) == (0, 1), "the overflow was not injected on rank 1 only"

@@ -5,12 +5,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_gpu_check_tiny_writes_every_section(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = ["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--tiny", "--results-dir", str(tmp_path)]

@@ -166,6 +166,7 @@ def _three_nodes(rank, world_size):
     return per_step, optimizer.stats.to_logs()
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_floor_path_three_nodes_of_two():
     results = run_distributed(_three_nodes, world_size=6)
     steps0, logs = results[0]

@@ -217,6 +217,7 @@ def _accelerate_local_sgd(rank, world_size, steps, h):
     return flat_params(model.module)
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_constant_h_matches_accelerate_local_sgd():
     steps, h = 6, 3  # LocalSGD averages parameters only: compare parameters with buffers kept local
     ours = run_distributed(

@@ -99,7 +99,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("rule", sorted(CONFIGS))
+# constant and post_local are also covered by constant_overlap2 and post_local_nesterov: slow, for the time budget
+@pytest.mark.parametrize(
+    "rule",
+    [pytest.param(r, marks=pytest.mark.slow) if r in ("constant", "post_local") else r for r in sorted(CONFIGS)],
+)
 def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
     config = CONFIGS[rule]
     real = run_distributed(_real_run, world_size=WORKERS, config=config)

@@ -102,6 +102,7 @@ def check_run_figure(out, card, sync_steps):
     assert "](qsr_run.png)" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow  # kept out of the default run's 10-minute budget; `pytest -m slow`
 def test_short_parallel_run_is_plain_ddp(tmp_path):
     out = tmp_path / "parallel"
     argv = ["recipes/demo/parallel.yaml", "--output_dir", str(out), "--max_steps", "4", "--save_steps", "4"]
