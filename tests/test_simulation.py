@@ -32,6 +32,10 @@ CONFIGS = {
     "qsr_compress": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_compress_delta=True),
     # the QSR schedule with DiLoCo's Nesterov outer step; and post-local, whose outer state starts at the switch
     "qsr_nesterov": QSRConfig(qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_outer_optimizer="nesterov"),
+    # the overlap's fold-in with the outer step taken on the average when it arrives
+    "qsr_overlap_nesterov": QSRConfig(
+        qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_overlap_sync=True, qsr_outer_optimizer="nesterov"
+    ),
     "post_local_nesterov": QSRConfig(
         qsr_rule="post_local", qsr_switch_step=10, qsr_h_base=3, qsr_outer_optimizer="nesterov"
     ),
@@ -99,10 +103,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# constant and post_local are also covered by constant_overlap2 and post_local_nesterov: slow, for the time budget
+# constant, post_local and qsr_overlap are also covered by constant_overlap2, post_local_nesterov and
+# qsr_overlap_nesterov (and test_overlap.py): slow, for the time budget
 @pytest.mark.parametrize(
     "rule",
-    [pytest.param(r, marks=pytest.mark.slow) if r in ("constant", "post_local") else r for r in sorted(CONFIGS)],
+    [
+        pytest.param(r, marks=pytest.mark.slow) if r in ("constant", "post_local", "qsr_overlap") else r
+        for r in sorted(CONFIGS)
+    ],
 )
 def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
     config = CONFIGS[rule]
