@@ -93,8 +93,9 @@ class CompressedAverager:
     Same call shape as [`ParameterAverager`] (``average(divisor=None) -> int``); its copy-mode buckets hold the
     layout and an fp32 copy of the tensors (the staged deltas). The anchor is set from the tensors at construction,
     so build it when the ranks hold identical tensors (start of training), and restore it with the tensors on a
-    resume inside a round (``Synchronizer.state_dict`` holds it). Only its being equal on every rank matters: a
-    change that is not a sync (post-local's data-parallel phase) leaves it behind, and the next sync's delta spans it.
+    resume inside a round (``Synchronizer.state_dict`` holds it). It must be equal on every rank; the
+    [`Synchronizer`] takes it again (``SyncedState.reset``) where the ranks agree outside a sync (post-local's switch
+    to local steps, a resume that falls back without state files).
 
     Args:
         tensors (`Iterable[torch.Tensor]` or `Callable[[], Iterable[torch.Tensor]]`):
@@ -175,12 +176,6 @@ class CompressedAverager:
         """Rebuild the buckets if a tensor was replaced; refuse if the layout the anchor follows changed."""
         self._layout.ensure_views()
         self.synced.check_layout(self.buckets)
-
-    def reset_anchor(self) -> None:
-        """Set the anchor to the tensors' current values (call only where every rank holds the same ones)."""
-        self.ensure_views()
-        self.synced.reset(self.buckets)
-        self._staged = False
 
     @torch.no_grad()
     def stage(self) -> list[torch.Tensor]:
