@@ -222,6 +222,10 @@ class QSRConfig:
             raise ValueError(
                 f"qsr_overlap_steps must be an integer >= 1 (optimizer steps), got {self.qsr_overlap_steps!r}"
             )
+        if self.qsr_overlap_steps > 1 and not self.qsr_overlap_sync:
+            raise ValueError(
+                f"qsr_overlap_steps={self.qsr_overlap_steps} needs qsr_overlap_sync=True (set it, or unset the steps)"
+            )
         if self.qsr_compress_delta:
             check_compress_delta(self)
         if self.qsr_outer_optimizer != "none":

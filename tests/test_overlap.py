@@ -3,6 +3,7 @@ gloo group."""
 
 import copy
 
+import pytest
 import torch
 from testing_utils import rank_batches, run_distributed
 from torch import nn
@@ -79,3 +80,15 @@ def test_overlap_over_two_steps_is_the_delayed_average_bitwise():
         for step, (ours, ref) in enumerate(zip(r["ours"], r["ref"], strict=True), 1):
             assert torch.equal(ours, ref), f"step {step}: the 2-step overlap differs from the delayed rule"
     assert torch.equal(r0["ours"][-1], r1["ours"][-1]), "training ends on a blocking average"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"qsr_overlap_sync": True, "qsr_overlap_steps": 0}, "qsr_overlap_steps must be an integer >= 1"),
+        ({"qsr_overlap_steps": 3}, r"qsr_overlap_steps=3 needs qsr_overlap_sync=True"),
+    ],
+)
+def test_overlap_steps_refusals(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QSRConfig(qsr_rule="constant", **kwargs)
