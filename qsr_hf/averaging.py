@@ -9,16 +9,18 @@ next sync and the buckets are rebuilt.
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, overload
+from typing import Literal, overload
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
+from qsr_hf.average_handle import AverageHandle, Transform
 from qsr_hf.flat_buckets import FlatBucket as _Bucket
 from qsr_hf.flat_buckets import local_tensor as _local
 from qsr_hf.logging_utils import get_logger
+from qsr_hf.sync_header import SyncHeader, encode, header_slots
 
 
 logger = get_logger(__name__)
@@ -32,73 +34,6 @@ def reduce_dtype(dtype: torch.dtype, fp32_average: bool) -> torch.dtype:
 
 
 AveragerMode = Literal["inplace", "copy"]
-Transform = Callable[[int, torch.Tensor], None] | None  # (bucket index, its average) -> rewrites it in place
-
-
-class AverageHandle:
-    """An average in flight, returned by ``ParameterAverager.average(async_op=True)``; :meth:`wait` finishes it.
-
-    Copy mode: the tensors are untouched until :meth:`wait`, which folds the result into them. In-place mode: the
-    collective writes into the tensors' own storage while in flight, so they must not be used until :meth:`wait`.
-    """
-
-    def __init__(
-        self,
-        averager: "ParameterAverager",
-        divisor: int,
-        async_op: bool,
-        keep_local_change: bool,
-        transform: Transform,
-    ) -> None:
-        self._averager = averager
-        self._divisor = divisor
-        self._transform = transform
-        self._pending: list[tuple[_Bucket, torch.Tensor, Any, torch.Tensor | None]] = []
-        for bucket in averager.buckets:
-            wide_dtype = averager._reduce_dtype(bucket.dtype)
-            if not bucket.rebind:
-                wide = bucket.gather(bucket.flat)
-            elif wide_dtype == bucket.flat.dtype:
-                wide = bucket.flat
-            else:
-                wide = bucket.flat.to(wide_dtype)
-            sent = wide.clone() if keep_local_change else None
-            work = dist.all_reduce(wide, group=averager.process_group, async_op=async_op)
-            self._pending.append((bucket, wide, work, sent))
-
-    @property
-    def done(self) -> bool:
-        """Whether :meth:`wait` has run."""
-        return not self._pending
-
-    @torch.no_grad()
-    def wait(self) -> int:
-        """Wait for the collectives, divide, and write the average into the tensors (once; later calls do nothing).
-
-        With ``keep_local_change=True`` each tensor becomes ``average + (current value - value sent)``: the change
-        made locally while the average was in flight is kept on top of it.
-
-        Returns:
-            `int`: bytes this rank contributed to the collectives.
-        """
-        for index, (bucket, wide, work, sent) in enumerate(self._pending):
-            if work is not None:
-                work.wait()
-            wide.div_(self._divisor)
-            if self._transform is not None:
-                self._transform(index, wide)  # e.g. the outer optimizer's step (`SyncedState.advance`)
-            if sent is not None:
-                for t, view in bucket.views(sent.neg_()):
-                    view.add_(_local(t))  # sent := current - sent, the local change since the send
-                wide.add_(sent)
-            if not bucket.rebind:
-                bucket.scatter(wide)
-            elif wide is not bucket.flat:
-                bucket.flat.copy_(wide)
-        self._pending.clear()
-        if self._averager._in_flight is self:
-            self._averager._in_flight = None
-        return self._averager.bytes_per_sync
 
 
 class ParameterAverager:
@@ -158,7 +93,22 @@ class ParameterAverager:
                 )
             local = _local(t)
             groups.setdefault((local.device, local.dtype), []).append(t)
-        return [_Bucket(ts, self.mode == "inplace", self._reduce_dtype(dt)) for (_, dt), ts in groups.items()]
+        world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        buckets, self.header_bucket = [], None
+        for (_, dt), ts in groups.items():
+            wide = self._reduce_dtype(dt)
+            spare = header_slots(world, wide) if self.header_bucket is None else 0
+            buckets.append(_Bucket(ts, self.mode == "inplace", wide, spare))
+            if buckets[-1].spare:
+                self.header_bucket = len(buckets) - 1  # the sync header rides in this bucket's collective
+        return buckets
+
+    def make_header(self, values: Sequence[int], counted: bool, on_unhealthy: Callable[[], int | None]) -> SyncHeader:
+        """A [`SyncHeader`] for :meth:`average` (`qsr_hf.sync_header`): ``values`` to agree on, whether this rank's
+        values count, and what to do on every rank when the summed headers are not healthy."""
+        world = dist.get_world_size(self.process_group)
+        dtype = self._reduce_dtype(self.buckets[self.header_bucket].dtype)
+        return SyncHeader(encode(values, counted, world, dtype), world, on_unhealthy)
 
     @property
     def num_buckets(self) -> int:
@@ -205,6 +155,7 @@ class ParameterAverager:
         async_op: Literal[False] = False,
         keep_local_change: bool = False,
         transform: Transform = None,
+        header: SyncHeader | None = None,
     ) -> int: ...
 
     @overload
@@ -215,6 +166,7 @@ class ParameterAverager:
         async_op: Literal[True],
         keep_local_change: bool = False,
         transform: Transform = None,
+        header: SyncHeader | None = None,
     ) -> AverageHandle: ...
 
     @torch.no_grad()
@@ -224,6 +176,7 @@ class ParameterAverager:
         async_op: bool = False,
         keep_local_change: bool = False,
         transform: Transform = None,
+        header: SyncHeader | None = None,
     ) -> int | AverageHandle:
         """All-reduce every bucket and divide, writing the average into the tensors.
 
@@ -239,6 +192,10 @@ class ParameterAverager:
             transform (`Callable[[int, torch.Tensor], None]`, *optional*):
                 Called with each bucket's index and average (flat, reduce dtype) before it is written back and
                 before any local change is added; it may rewrite the average in place (the outer optimizer's step).
+            header ([`SyncHeader`], *optional*):
+                Values sent in the same collective as the bucket :attr:`header_bucket` (the sync's agreement check,
+                `qsr_hf.sync_header`); once every collective completed, its ``resolve`` sees their sum and may raise
+                or set the divisor. Needs a header bucket (float32/float64 values to average).
 
         Returns:
             `int` (bytes this rank contributed to the collectives), or an [`AverageHandle`] when ``async_op=True``.
@@ -248,8 +205,10 @@ class ParameterAverager:
         if keep_local_change and not (async_op and self.mode == "copy"):
             raise ValueError("keep_local_change=True needs async_op=True and ParameterAverager(mode='copy')")
         self.ensure_views()
+        if header is not None and self.header_bucket is None:
+            raise ValueError("no bucket of this averager can carry a sync header (no float32/float64 values)")
         divisor = dist.get_world_size(self.process_group) if divisor is None else divisor
-        handle = AverageHandle(self, divisor, async_op, keep_local_change, transform)
+        handle = AverageHandle(self, divisor, async_op, keep_local_change, transform, header)
         if not async_op:
             return handle.wait()
         self._in_flight = handle

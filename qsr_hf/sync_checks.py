@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 from qsr_hf import agreement
-from qsr_hf.agreement import START, exchange
+from qsr_hf.agreement import END, START, exchange
+from qsr_hf.averaging import ParameterAverager, Transform
 from qsr_hf.logging_utils import get_logger
+from qsr_hf.sync_header import average_with_header
 
 
 if TYPE_CHECKING:
@@ -57,6 +59,16 @@ def exclude_nonfinite(sync: "Synchronizer", bad: list[int], storage: list[torch.
     Returns:
         `int` or `None`: the number of ranks that count, or `None` when every rank is finite.
     """
+    divisor = report_nonfinite(sync, bad)
+    if divisor is not None and dist.get_rank() in bad:
+        for t in storage:
+            t.zero_()  # contributes nothing; receives the finite ranks' average
+    return divisor
+
+
+def report_nonfinite(sync: "Synchronizer", bad: list[int]) -> int | None:
+    """Raise (``qsr_on_nonfinite="error"``, or no finite rank) or log that ranks ``bad`` do not count; return the
+    number of ranks that do (`None` when ``bad`` is empty)."""
     if not bad:
         return None
     step = sync.clock.step
@@ -70,8 +82,6 @@ def exclude_nonfinite(sync: "Synchronizer", bad: list[int], storage: list[torch.
             + ("" if finite else " (no rank of this averaging group is finite)")
         )
     if dist.get_rank() in bad:
-        for t in storage:
-            t.zero_()  # contributes nothing; receives the finite ranks' average
         logger.warning(
             f"qsr_hf: rank {dist.get_rank()} holds NaN/inf at optimizer step {step}: its tensors are replaced by the "
             f"average of ranks {finite} (qsr_on_nonfinite='skip_rank')",
@@ -81,6 +91,82 @@ def exclude_nonfinite(sync: "Synchronizer", bad: list[int], storage: list[torch.
         logger.warning(f"qsr_hf: {where}; averaging ranks {finite} only (qsr_on_nonfinite='skip_rank')")
     sync.stats.nonfinite_syncs += 1
     return len(finite)
+
+
+def exchange_then_average(
+    sync: "Synchronizer", kind: int, storage: list[torch.Tensor], transform: Transform, overlap: bool
+) -> int | None:
+    """The separate check (one all-gather: agreement values and a non-finite flag), then the average.
+
+    Args:
+        overlap (`bool`): start the average overlapped (``qsr_overlap_sync``) if every rank is finite.
+
+    Returns:
+        `int` or `None`: bytes this rank contributed; `None` when the average was started overlapped.
+    """
+    flags = exchange(agreement_values(sync, kind), [int(not agreement.all_finite(storage))])
+    divisor = exclude_nonfinite(sync, [r for r, (bad,) in enumerate(flags) if bad], storage)
+    if overlap and divisor is None:
+        sync.overlap.start(transform)
+        return None
+    return sync.averager.average(divisor, transform=transform)
+
+
+def folds_checks(sync: "Synchronizer") -> bool:
+    """Whether this sync's checks ride on its averaging collective (`qsr_hf.sync_header`): a plain
+    [`ParameterAverager`] over every rank with float32/float64 values, no overlap. Otherwise (compression, overlap,
+    hierarchical, FSDP2, torchft, a single averaged tensor as DeepSpeed's) a separate all-gather checks first."""
+    averager = sync.averager
+    return (
+        type(averager) is ParameterAverager
+        and averager.header_bucket is not None
+        and sync.overlap is None
+        and dist.get_world_size(averager.process_group) == dist.get_world_size()
+    )
+
+
+def average_checked(
+    sync: "Synchronizer", kind: int, storage: list[torch.Tensor], transform: Transform, divisor: int | None = None
+) -> int:
+    """Average with the checks in the same collective (`qsr_hf.sync_header.average_with_header`); the detailed
+    exchange runs only when the summed header shows a disagreement or a rank that does not count, and raises or logs
+    exactly as the separate check does.
+
+    A rank whose values are not finite contributes zeros whatever the policy. In-place averaging has written the
+    sum into the tensors by the time a check fails: after such a stop the model in memory is not the local one, and
+    training resumes from the last checkpoint (which holds every rank's local state).
+
+    Returns:
+        `int`: bytes this rank contributed.
+    """
+    values = agreement_values(sync, kind)
+
+    def unhealthy(finite: bool) -> int | None:
+        rows = exchange(values, [int(not finite)])  # raises on every rank, naming what differs
+        return report_nonfinite(sync, [r for r, (bad,) in enumerate(rows) if bad])
+
+    return average_with_header(sync.averager, values, storage, unhealthy, divisor, transform)
+
+
+def check_end(sync: "Synchronizer") -> None:
+    """The end-of-training check: every rank ends at the same step.
+
+    With folded checks, a rank that ends on the run's last step right after its sync has nothing to check (that
+    sync's header compared every rank at this step). A rank that ends elsewhere after a sync (an early stop) checks
+    in a collective shaped like a sync, so that it pairs with another rank's sync: rank 0 sends its tensors and the
+    others -0.0 (``x + (-0.0) == x`` bitwise), so on a healthy end nothing changes. Otherwise, the separate exchange.
+    """
+    clock = sync.clock
+    if not folds_checks(sync) or sync.synced_at != clock.step:
+        exchange(agreement_values(sync, END))
+    elif clock.total_steps is None or clock.step != clock.total_steps:
+        sync.averager.ensure_views()
+        storage = sync.averaged_storage()
+        if dist.get_rank() != 0:
+            for t in storage:
+                t.fill_(-0.0)
+        average_checked(sync, END, storage, transform=None, divisor=1)
+        sync.engine.after_average()
 
 
 def check_start(sync: "Synchronizer") -> RuntimeError | None:

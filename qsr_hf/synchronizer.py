@@ -2,9 +2,8 @@
 
 It ties a backend adapter (gradient all-reduce off), a [`ParameterAverager`] (or the compressed one), a
 [`SyncClock`] (rounds from the schedule) and [`SyncStats`] (what was communicated) together, and owns their state.
-What a sync needs besides lives in one module each: the last synced values and the outer optimizer
-(`qsr_hf.synced_state`, `qsr_hf.outer`), the checks before an average (`qsr_hf.sync_checks`), the one-step overlap
-(`qsr_hf.overlap`) and the evaluation view (`qsr_hf.averaged_view`).
+The rest of a sync has one module each: synced values and outer optimizer (`qsr_hf.synced_state`, `qsr_hf.outer`),
+checks (`qsr_hf.sync_checks`), overlap (`qsr_hf.overlap`), evaluation view (`qsr_hf.averaged_view`).
 """
 
 import functools
@@ -14,9 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from qsr_hf import agreement, sync_checks
+from qsr_hf import sync_checks
 from qsr_hf.accounting import SyncStats
-from qsr_hf.agreement import END, EXTRA_SYNC, ROUND_END, exchange
+from qsr_hf.agreement import EXTRA_SYNC, ROUND_END
 from qsr_hf.averaged_view import AveragedView
 from qsr_hf.averaging import ParameterAverager
 from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
@@ -187,26 +186,27 @@ class Synchronizer:
             self.averager.ensure_views()
             if self.synced is not None:
                 self.synced.check_layout(self.averager.buckets)
-            storage = self._averaged_storage()
-            flags = exchange(self.agreement_values(kind), [int(not agreement.all_finite(storage))])
-            divisor = sync_checks.exclude_nonfinite(self, [r for r, (bad,) in enumerate(flags) if bad], storage)
-            if self.overlap is not None and scheduled and not last and divisor is None:
-                # overlap: folded in at the next end_step
-                self.stats.record_sync(self.overlap.start(transform), scheduled)
-                return
-            num_bytes = self.averager.average(divisor, transform=transform)
+            storage = self.averaged_storage()
+            if sync_checks.folds_checks(self):  # the checks ride on the average's own collective
+                num_bytes = sync_checks.average_checked(self, kind, storage, transform)
+            else:
+                overlap = self.overlap is not None and scheduled and not last
+                num_bytes = sync_checks.exchange_then_average(self, kind, storage, transform, overlap)
+                if num_bytes is None:  # started overlapped: folded in at a later end_step
+                    return self.stats.record_sync(self.averager.bytes_per_sync, scheduled)
             self.engine.after_average()
         self.synced_at = self.clock.step
         self.stats.record_sync(num_bytes, scheduled)
         if commit and self.synced is not None and self.synced.outer is not None:
             self.stats.pseudo_grad_norm = self.synced.pseudo_grad_norm
 
-    def _averaged_storage(self) -> list[torch.Tensor]:
-        # where the values to average live: the flat buffers (in place) or the tensors themselves (copy mode)
+    def averaged_storage(self) -> list[torch.Tensor]:
+        """Where this rank's values to average live: the flat buffers (in place), the tensors themselves (copy
+        mode), or this rank's change (compression: zeroing it contributes nothing)."""
         if self.averager.mode == "inplace":
             return [b.flat for b in self.averager.buckets]
         if self.averager.mode == "delta":
-            return self.averager.stage()  # compression: this rank's change; zeroing it = contributing nothing
+            return self.averager.stage()
         return list(self.averager.tensors)
 
     def finish_overlap(self, scheduled: bool = False) -> None:
@@ -254,17 +254,16 @@ class Synchronizer:
         used = reestimate_batchnorm(self.engine.module, batches, forward)
         statistics = batchnorm_statistics(self.engine.module)
         if self.distributed and statistics:
-            num_bytes = ParameterAverager(
-                statistics, self.engine.process_group, self.config.qsr_fp32_average
-            ).average()
-            self.stats.record_sync(num_bytes, scheduled=False)
+            averager = ParameterAverager(statistics, self.engine.process_group, self.config.qsr_fp32_average)
+            self.stats.record_sync(averager.average(), scheduled=False)
         return used
 
     def close(self) -> None:
         """Check that every rank ends at the same step, then switch the backend's gradient all-reduce back on."""
         self.finish_overlap()
         if self.distributed:
-            exchange(self.agreement_values(END))
+            with torch.no_grad():
+                sync_checks.check_end(self)
         self._set_gradient_sync(True)
 
     def meta(self) -> dict[str, int]:

@@ -174,11 +174,12 @@ QSR = QSRConfig(qsr_rule="qsr", qsr_alpha=2e-3, qsr_h_base=2)
 def _assert_collectives_only_at_syncs_and_logs(run, logging_steps, where):
     # every collective of the default group, counted by its sequence number. Between syncs a step communicates
     # nothing (no gradient all-reduce, no token-count all-gather from average_tokens_across_devices); a sync step
-    # adds the agreement check and one all-reduce per bucket; the Trainer's log phase all-gathers one-value tensors
+    # is one all-reduce per bucket and nothing else (the agreement check rides on the first, `qsr_hf.sync_header`);
+    # the Trainer's log phase all-gathers one-value tensors
     # (the loss and the flos count) at its logging steps and communicates nothing at the other steps
     assert sorted(run["step_collectives"]) == list(range(1, len(run["synced"]) + 1)), where
     for step, synced in enumerate(run["synced"], 1):
-        count, expected = run["step_collectives"][step], 1 + run["buckets"] if synced else 0
+        count, expected = run["step_collectives"][step], run["buckets"] if synced else 0
         assert count == expected, f"{where}, step {step}: {count} collectives, expected {expected} (synced={synced})"
         gathers = run["log_gathers"].get(step, [])
         assert run["log_collectives"][step] == len(gathers), f"{where}, step {step}: a log-phase collective"

@@ -5,7 +5,8 @@
 - the library (``qsr_hf/*.py``, ``qsr_hf/engines/``) never imports the recipe app (``qsr_hf/training/``); only
   ``cli.py``, the command line, starts it;
 - ``qsr_hf/analysis/`` imports neither the recipe app nor the front ends;
-- only ``qsr_hf/averaging.py``, ``qsr_hf/agreement.py`` (the agreement and finiteness checks),
+- only ``qsr_hf/averaging.py`` and ``qsr_hf/average_handle.py`` (the average's collectives, the sync header riding
+  on them), ``qsr_hf/agreement.py`` (the agreement and finiteness checks),
   ``qsr_hf/node_slices.py`` (the node all-gather) and ``qsr_hf/compressed_averaging.py`` (``qsr_compress_delta``: an
   all-to-all and an all-gather of bf16 deltas) call collectives, and only ``qsr_hf/ft/averaging.py`` calls torchft's
   ``Manager.allreduce``;
@@ -33,7 +34,13 @@ PURE = [
 ]
 HEAVY = {"torch", "transformers", "accelerate", "deepspeed"}
 FRONT_ENDS = {"qsr_hf.callback", "qsr_hf.local_optimizer"}
-ALLOWED_COLLECTIVES = ("averaging.py", "agreement.py", "node_slices.py", "compressed_averaging.py")
+ALLOWED_COLLECTIVES = (
+    "averaging.py",
+    "average_handle.py",
+    "agreement.py",
+    "node_slices.py",
+    "compressed_averaging.py",
+)
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "reduce_scatter",
     "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "all_gather_single",

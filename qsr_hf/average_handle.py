@@ -1,0 +1,110 @@
+"""`AverageHandle`: one average of a [`ParameterAverager`]'s buckets, started and then finished by ``wait()``.
+
+Started by ``ParameterAverager.average`` (blocking: waited at once; ``async_op=True``: returned in flight). It owns
+what happens between the collectives and the tensors: the division, the outer optimizer's transform, the local change
+kept by the overlap, the sync header's verdict (`qsr_hf.sync_header`), and the write-back.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from qsr_hf.flat_buckets import FlatBucket as _Bucket
+from qsr_hf.flat_buckets import local_tensor as _local
+
+
+if TYPE_CHECKING:
+    from qsr_hf.averaging import ParameterAverager
+    from qsr_hf.sync_header import SyncHeader
+
+
+Transform = Callable[[int, torch.Tensor], None] | None  # (bucket index, its average) -> rewrites it in place
+
+
+@contextlib.contextmanager
+def _named_failure() -> Iterator[None]:
+    # a backend error inside an average (gloo: a timeout, a closed connection, a size mismatch) with its likely cause
+    try:
+        yield
+    except RuntimeError as error:
+        raise RuntimeError(
+            "qsr_hf: an average's all-reduce failed on this rank: another rank is not at a sync (it stopped early, "
+            "skipped or added optimizer steps, or is in another collective) or it died. Every rank must run the same "
+            f"number of optimizer steps. Backend error: {error}"
+        ) from error
+
+
+class AverageHandle:
+    """An average in flight, returned by ``ParameterAverager.average(async_op=True)``; :meth:`wait` finishes it.
+
+    Copy mode: the tensors are untouched until :meth:`wait`, which folds the result into them. In-place mode: the
+    collective writes into the tensors' own storage while in flight, so they must not be used until :meth:`wait`.
+    """
+
+    def __init__(
+        self,
+        averager: "ParameterAverager",
+        divisor: int,
+        async_op: bool,
+        keep_local_change: bool,
+        transform: Transform,
+        header: "SyncHeader | None" = None,
+    ) -> None:
+        self._averager = averager
+        self._divisor = divisor
+        self._transform = transform
+        self._header = header
+        self._summed_header: torch.Tensor | None = None
+        self._pending: list[tuple[_Bucket, torch.Tensor, Any, torch.Tensor | None]] = []
+        for index, bucket in enumerate(averager.buckets):
+            tail = header.values if header is not None and index == averager.header_bucket else []
+            wire = bucket.send_buffer(averager._reduce_dtype(bucket.dtype), tail)
+            wide = wire[: bucket.flat.numel()] if tail else wire
+            if tail:
+                self._summed_header = wire[wide.numel() :]
+            sent = wide.clone() if keep_local_change else None
+            with _named_failure():
+                work = dist.all_reduce(wire, group=averager.process_group, async_op=async_op)
+            self._pending.append((bucket, wide, work, sent))
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`wait` has run."""
+        return not self._pending
+
+    @torch.no_grad()
+    def wait(self) -> int:
+        """Wait for the collectives, divide, and write the average into the tensors (once; later calls do nothing).
+
+        With ``keep_local_change=True`` each tensor becomes ``average + (current value - value sent)``: the change
+        made locally while the average was in flight is kept on top of it.
+
+        Returns:
+            `int`: bytes this rank contributed to the collectives.
+        """
+        for _, _, work, _ in self._pending:
+            if work is not None:
+                with _named_failure():
+                    work.wait()
+        if self._header is not None:  # every collective has completed: a header that raises leaves none pending
+            divisor = self._header.resolve(self._summed_header.tolist())
+            self._divisor = self._divisor if divisor is None else divisor
+        for index, (bucket, wide, _, sent) in enumerate(self._pending):
+            wide.div_(self._divisor)
+            if self._transform is not None:
+                self._transform(index, wide)  # e.g. the outer optimizer's step (`SyncedState.advance`)
+            if sent is not None:
+                for t, view in bucket.views(sent.neg_()):
+                    view.add_(_local(t))  # sent := current - sent, the local change since the send
+                wide.add_(sent)
+            if not bucket.rebind:
+                bucket.scatter(wide)
+            elif wide.data_ptr() != bucket.flat.data_ptr():  # averaged in another dtype
+                bucket.flat.copy_(wide)
+        self._pending.clear()
+        if self._averager._in_flight is self:
+            self._averager._in_flight = None
+        return self._averager.bytes_per_sync
