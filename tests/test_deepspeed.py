@@ -13,6 +13,7 @@ from testing_utils import BNMLP, flat_params, rank_batches, require_deepspeed, r
 from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.analysis.planner import plan
 from qsr_hf.checkpoint import read_state_file
+from qsr_hf.sync_checks import folds_checks
 
 
 pytestmark = require_deepspeed
@@ -186,6 +187,7 @@ def _train(rank, world_size, precision, clip, steps, h, optimizer="torch", outer
     finally:
         spy.close()
     out["buckets"] = local.synchronizer.averager.num_buckets
+    out["folds"] = folds_checks(local.synchronizer)  # the agreement check rides on the first all-reduce
     out["optimizer"] = type(engine.optimizer).__name__
     out["init_masters"] = init
     if precision == "fp32":  # one spawn less: check the refusal of ZeRO 1-3 in this process too
@@ -199,8 +201,9 @@ def _check_local_steps_and_syncs(r0, r1, steps, h):
     for i in range(steps):
         calls = r0["collectives"][i]
         if expected[i]:
-            assert calls == ["all_gather"] + ["all_reduce"] * r0["buckets"], (
-                f"step {i}: a sync is the agreement check, then one all-reduce per bucket: {calls}"
+            check = [] if r0["folds"] else ["all_gather"]  # separate when no fp32 bucket can carry the header
+            assert calls == check + ["all_reduce"] * r0["buckets"], (
+                f"step {i}: a sync is one all-reduce per bucket (after the agreement check if separate): {calls}"
             )
             assert torch.equal(r0["params"][i], r1["params"][i]), f"model differs across ranks after the sync {i}"
         else:
@@ -436,6 +439,7 @@ def _trainer_run(rank, world_size, out_dir, steps, h, save_steps, resume=None):
         "collectives": recorder.collectives,
         "synced": recorder.synced,
         "buckets": qsr.synchronizer.averager.num_buckets,
+        "folds": folds_checks(qsr.synchronizer),
         "final": flat_params(trainer.model),
         "final_masters": _masters(engine),
     }
@@ -450,9 +454,8 @@ def test_trainer_deepspeed_bf16_local_steps_and_resume(tmp_path):
     assert r0["synced"] == expected
     for i in range(steps):
         if expected[i]:
-            assert r0["collectives"][i] == ["all_gather"] + ["all_reduce"] * r0["buckets"], (
-                f"step {i}: {r0['collectives'][i]}"
-            )
+            assert r0["folds"], "the fp32 masters carry the agreement check"
+            assert r0["collectives"][i] == ["all_reduce"] * r0["buckets"], f"step {i}: {r0['collectives'][i]}"
             assert torch.equal(r0["params"][i], r1["params"][i]), f"step {i}: model differs right after a sync"
             assert torch.equal(r0["masters"][i], r1["masters"][i]), f"step {i}: masters differ right after a sync"
         else:
