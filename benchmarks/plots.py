@@ -25,6 +25,7 @@ METHODS = {
     "accelerate_localsgd": "accelerate LocalSGD", "torch_postlocal": "torch PostLocalSGD",
     "qsr_overlap": "QSR + overlap", "constant_h4_overlap": "H = 4 + overlap", "qsr_compress": "QSR + bf16 delta",
     "qsr_overlap3": "QSR + overlap, 3 steps", "constant_h4_overlap3": "H = 4 + overlap, 3 steps",
+    "qsr_overlap_auto": "QSR + overlap, auto depth", "constant_h4_overlap_auto": "H = 4 + overlap, auto depth",
     "qsr_process": "QSR, worker = process", "qsr_node_whole": "worker = node, whole model",
     "qsr_node_split": "worker = node, inter-node floor",
 }  # fmt: skip

@@ -16,7 +16,9 @@ with each method, one after the other, over each link setting:
 - ``qsr_overlap``, ``constant_h4_overlap``: the same with ``qsr_overlap_sync`` (each sync's all-reduce runs during the
   next step and is folded in after it); ``qsr_compress``: QSR with ``qsr_compress_delta`` (the round's change in
   bf16: an all-to-all and an all-gather, half the bytes); ``qsr_overlap3``, ``constant_h4_overlap3``: the average
-  may take 3 steps to arrive (``qsr_overlap_steps=3``). Not in the default run: ``--methods ... --name ...``.
+  may take 3 steps to arrive (``qsr_overlap_steps=3``); ``qsr_overlap_auto``, ``constant_h4_overlap_auto``: the depth
+  chosen from the first overlapped sync's measured times (``qsr_overlap_auto``). Not in the default run:
+  ``--methods ... --name ...``.
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=4)`.
 - ``torch_postlocal``: torch's `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=4)` + DDP
   `post_localSGD_hook` (no gradient all-reduce after the switch); switch at the end of lr warm-up (an assumption:
@@ -62,6 +64,8 @@ VARIANTS = [
     "qsr_compress",
     "qsr_overlap3",
     "constant_h4_overlap3",
+    "qsr_overlap_auto",
+    "constant_h4_overlap_auto",
 ]  # qsr_hf options (issue 14), not run by default
 PAPER = {"steps": 93_600, "warmup": 10_000, "peak_lr": 0.008, "min_lr": 1e-6, "alpha": 0.0175, "h_base": 4}
 PEAK_LR = 1e-3
@@ -290,9 +294,10 @@ def train(method, rank, steps, ifname, accelerator):
     elif method in ("qsr", "constant_h4", *VARIANTS):
         base = QSRConfig(qsr_alpha=alpha, qsr_h_base=4) if method.startswith("qsr") else QSRConfig(qsr_rule="constant")
         overlap, compress = "_overlap" in method, method.endswith("_compress")
-        depth = int(method.rsplit("_overlap", 1)[1] or 1) if overlap else 1
+        suffix = method.rsplit("_overlap", 1)[1] if overlap else ""
+        auto, depth = suffix == "_auto", int(suffix) if suffix.isdigit() else 1
         config = dataclasses.replace(
-            base, qsr_overlap_sync=overlap, qsr_overlap_steps=depth, qsr_compress_delta=compress
+            base, qsr_overlap_sync=overlap, qsr_overlap_steps=depth, qsr_overlap_auto=auto, qsr_compress_delta=compress
         )
         opt = LocalOptimizer(opt, model, config, num_training_steps=steps, num_warmup_steps=warmup)
     elif method == "accelerate_localsgd":
@@ -315,8 +320,10 @@ def train(method, rank, steps, ifname, accelerator):
     t0 = time.perf_counter()
     if local_sgd is not None:
         local_sgd.__enter__()
-    step_s, comm_step, prev_synced = [], [], False
+    step_s, comm_step = [], []
+    overlap = opt.synchronizer.overlap if isinstance(opt, LocalOptimizer) else None
     for i, (x, y) in enumerate(batches):
+        in_flight = overlap is not None and overlap.pending
         t_step = time.perf_counter()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -332,9 +339,9 @@ def train(method, rank, steps, ifname, accelerator):
             comm_step.append(i < warmup or (i - warmup) % 4 == 0)
         elif method == "accelerate_localsgd":
             comm_step.append((i + 1) % 4 == 0)
-        else:  # with overlap the step after a sync's start waits for its all-reduce: it communicates too
-            comm_step.append(opt.last_step_synced or ("overlap" in method and prev_synced))
-            prev_synced = opt.last_step_synced
+        else:  # with overlap the step that folds an average in waits for what is left of its all-reduce
+            folded = in_flight and (not overlap.pending or opt.last_step_synced)
+            comm_step.append(opt.last_step_synced or folded)
     if local_sgd is not None:
         local_sgd.__exit__(None, None, None)
         n_syncs = counter[0]
@@ -372,6 +379,7 @@ def train(method, rank, steps, ifname, accelerator):
         "comm_step_median_s": median([t for t, c in zip(step_s, comm_step, strict=True) if c]),
         "comm_extra_s": sum(t - local_median for t, c in zip(step_s, comm_step, strict=True) if c) if quiet else None,
         "syncs": n_syncs,
+        "overlap_steps": None if overlap is None else overlap.steps,  # qsr_overlap_auto: the depth it chose
         "accounted_bytes": accounted,
         "param_bytes": param_bytes,
         "iface": {k: after[k] - before[k] for k in after},

@@ -32,6 +32,8 @@ class SyncStats:
         pseudo_grad_norm (`float`, *optional*): L2 norm of the last sync's averaged round change (the outer
             optimizer's pseudo-gradient) over the values this rank holds (its node slice or shard where a node is one
             worker), else `None`.
+        overlap_steps (`int`, *optional*): with ``qsr_overlap_sync``, the optimizer steps the last overlapped average
+            was given to arrive (``qsr_overlap_steps``, or the depth ``qsr_overlap_auto`` chose), else `None`.
 
     Inter-node bytes are those averaged between QSR workers (``bytes_averaged``): with ``qsr_worker="node"`` that is
     the only traffic between nodes; with one worker per process on several nodes the averaging crosses nodes too.
@@ -53,6 +55,7 @@ class SyncStats:
     outer_lr: float | None = None
     pseudo_grad_norm: float | None = None
     replicas: int | None = None
+    overlap_steps: int | None = None
 
     def record_sync(self, num_bytes: int, scheduled: bool) -> None:
         """Count one sync that all-reduced ``num_bytes``."""
@@ -89,6 +92,8 @@ class SyncStats:
             outer["qsr/pseudo_grad_norm"] = self.pseudo_grad_norm
         if self.replicas is not None:
             outer["qsr/replicas"] = float(self.replicas)
+        if self.overlap_steps is not None:
+            outer["qsr/overlap_steps"] = float(self.overlap_steps)
         return {
             "qsr/H": float(self.round_length),
             "qsr/syncs": float(self.syncs),

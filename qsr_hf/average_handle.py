@@ -71,6 +71,11 @@ class AverageHandle:
             self._pending.append((bucket, wide, work, sent))
 
     @property
+    def arrived(self) -> bool:
+        """Whether every collective has completed (:meth:`wait` would not block)."""
+        return all(work is None or work.is_completed() for _, _, work, _ in self._pending)
+
+    @property
     def done(self) -> bool:
         """Whether :meth:`wait` has run."""
         return not self._pending

@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qsr_hf.config_checks import check_compress_delta, check_outer_optimizer
+from qsr_hf.config_checks import check_compress_delta, check_outer_optimizer, check_overlap
 from qsr_hf.field_checks import check_field_types
 from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
 
@@ -68,6 +68,9 @@ class QSRConfig:
         qsr_overlap_steps (`int`, defaults to 1):
             With ``qsr_overlap_sync``: how many optimizer steps an average may take to arrive before it is folded in
             (params = the average + the local change of those steps). A round that ends sooner folds it first.
+        qsr_overlap_auto (`bool`, defaults to `False`):
+            With ``qsr_overlap_sync``: choose ``qsr_overlap_steps`` from the first overlapped sync's measured transfer
+            and step times (the steps the slowest rank's average took), the same on every rank, then keep it.
         qsr_compress_delta (`bool`, defaults to `False`):
             Average the round's parameter change instead of the parameters: each rank sends its change since the last
             average (an fp32 anchor, the same on every rank) in bf16, the mean is summed in fp32 and sent back in bf16
@@ -158,6 +161,10 @@ class QSRConfig:
     qsr_overlap_steps: int = field(
         default=1, metadata={"help": "qsr_overlap_sync: optimizer steps an average may take to arrive (>= 1)."}
     )
+    qsr_overlap_auto: bool = field(
+        default=False,
+        metadata={"help": "qsr_overlap_sync: choose qsr_overlap_steps from the first sync's transfer/step times."},
+    )
     qsr_compress_delta: bool = field(
         default=False,
         metadata={
@@ -218,14 +225,7 @@ class QSRConfig:
             raise ValueError(
                 f"qsr_h_max must be >= qsr_h_base ({self.qsr_h_base}), got {self.qsr_h_max!r}; raise it or unset it"
             )
-        if not isinstance(self.qsr_overlap_steps, int) or self.qsr_overlap_steps < 1:
-            raise ValueError(
-                f"qsr_overlap_steps must be an integer >= 1 (optimizer steps), got {self.qsr_overlap_steps!r}"
-            )
-        if self.qsr_overlap_steps > 1 and not self.qsr_overlap_sync:
-            raise ValueError(
-                f"qsr_overlap_steps={self.qsr_overlap_steps} needs qsr_overlap_sync=True (set it, or unset the steps)"
-            )
+        check_overlap(self)
         if self.qsr_compress_delta:
             check_compress_delta(self)
         if self.qsr_outer_optimizer != "none":

@@ -40,3 +40,13 @@ def check_compress_delta(config: "QSRConfig") -> None:
                 f"qsr_compress_delta=True does not work with {name}={value!r} ({why}): set "
                 f"{name}={'False' if value is True else repr('process')} or qsr_compress_delta=False"
             )
+
+
+def check_overlap(config: "QSRConfig") -> None:
+    """Refuse overlap depths that are not a number of optimizer steps, and depth settings without the overlap."""
+    steps = config.qsr_overlap_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"qsr_overlap_steps must be an integer >= 1 (optimizer steps), got {steps!r}")
+    for name, on in (("qsr_overlap_steps", steps > 1), ("qsr_overlap_auto", config.qsr_overlap_auto)):
+        if on and not config.qsr_overlap_sync:
+            raise ValueError(f"{name}={getattr(config, name)} needs qsr_overlap_sync=True (set it, or unset {name})")

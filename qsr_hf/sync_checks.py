@@ -104,10 +104,15 @@ def exchange_then_average(
     Returns:
         `int` or `None`: bytes this rank contributed; `None` when the average was started overlapped.
     """
-    flags = exchange(agreement_values(sync, kind), [int(not agreement.all_finite(storage))])
-    divisor = exclude_nonfinite(sync, [r for r, (bad,) in enumerate(flags) if bad], storage)
+    measure = overlap and sync.overlap.auto  # qsr_overlap_auto: the measurements ride along until it chose
+    local = [int(not agreement.all_finite(storage))] + (sync.overlap.measurement_us() if measure else [])
+    rows = exchange(agreement_values(sync, kind), local)
+    divisor = exclude_nonfinite(sync, [r for r, row in enumerate(rows) if row[0]], storage)
+    if measure:
+        sync.overlap.choose([row[1:] for row in rows])
     if overlap and divisor is None:
         sync.overlap.start(transform)
+        sync.stats.overlap_steps = sync.overlap.steps
         return None
     return sync.averager.average(divisor, transform=transform)
 

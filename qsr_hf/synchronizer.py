@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from qsr_hf import sync_checks
+from qsr_hf import position, sync_checks
 from qsr_hf.accounting import SyncStats
 from qsr_hf.agreement import EXTRA_SYNC, ROUND_END
 from qsr_hf.averaged_view import AveragedView
@@ -97,7 +97,11 @@ class Synchronizer:
                 self.averager = engine.make_averager(tensors, config.qsr_fp32_average, mode)
                 if outer is not None:
                     self.synced = SyncedState(self.averager.buckets, outer, plain, config.qsr_outer_state_on_cpu)
-            self.overlap = OverlappedSync(self.averager, config.qsr_overlap_steps) if overlapped else None
+            self.overlap = (
+                OverlappedSync(self.averager, config.qsr_overlap_steps, config.qsr_overlap_auto)
+                if overlapped
+                else None
+            )
             if outer is not None:
                 self.stats.outer_lr = outer.lr
             self._set_gradient_sync(self._data_parallel_step(0))
@@ -282,18 +286,9 @@ class Synchronizer:
         return self.engine.averaged_tensors(self.config.qsr_average_buffers)
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position, counters and the synced state (outer optimizer, compression; equal on every rank)."""
-        state = {"clock": self.clock.state_dict(), "stats": self.stats.state_dict(), "synced_at": self.synced_at}
-        if self.synced is not None:
-            state["synced"] = self.synced.state_dict()
-        return state
+        """Schedule position, counters, the synced state (outer optimizer, compression) and the overlap depth."""
+        return position.state_of(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.clock.load_state_dict(state["clock"])
-        self.stats.load_state_dict(state["stats"])
-        self._set_gradient_sync(self._data_parallel_step(self.clock.step))
-        self.synced_at = int(state.get("synced_at", -1))
-        if self.synced is not None:
-            self.synced.load_state_dict(state.get("synced", {}))
-        self._start_error = None  # a resumed position: the start check happens after the state is loaded
+        position.load_state(self, state)

@@ -14,7 +14,9 @@ from qsr_hf import LocalOptimizer, ParameterAverager, QSRConfig
 STEPS, H = 7, 2  # rounds end after steps 2, 4, 6 (started async, folded one step later) and 7 (the last: blocking)
 
 
-def _overlap_run(rank, world_size, h=H, delay=1):
+def _overlap_run(rank, world_size, h=H, delay=1, steps=STEPS, auto=None):
+    """``delay``: the depth, or a list of the depths of the 1st, 2nd, ... average (the last one repeats).
+    ``auto``: run with qsr_overlap_auto, each rank reporting these (transfer, step) microseconds (None: measured)."""
     from accelerate import Accelerator
 
     torch.manual_seed(0)
@@ -24,20 +26,28 @@ def _overlap_run(rank, world_size, h=H, delay=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     model, opt = accelerator.prepare(model, opt)
-    config = QSRConfig(qsr_rule="constant", qsr_h_base=h, qsr_overlap_sync=True, qsr_overlap_steps=delay)
-    local = LocalOptimizer(opt, model, config, num_training_steps=STEPS)
+    delays = delay if isinstance(delay, list) else [delay]
+    config = QSRConfig(
+        qsr_rule="constant", qsr_h_base=h, qsr_overlap_sync=True, qsr_overlap_steps=delays[0],
+        qsr_overlap_auto=auto is not None,
+    )  # fmt: skip
+    local = LocalOptimizer(opt, model, config, num_training_steps=steps)
+    overlap = local.synchronizer.overlap
+    if auto and auto[rank] is not None:
+        overlap.measurement_us = lambda: list(auto[rank]) if overlap.measured else [0, 0]
     ref_params = list(ref.parameters())
-    pending, started, out = None, 0, {"ours": [], "ref": [], "pending": []}
-    for i, (x, y) in enumerate(rank_batches(rank, STEPS)):
+    pending, started, syncs, out = None, 0, 0, {"ours": [], "ref": [], "pending": [], "depth": []}
+    for i, (x, y) in enumerate(rank_batches(rank, steps)):
         nn.functional.cross_entropy(model(x), y).backward()
         local.step()
         local.zero_grad()
         nn.functional.cross_entropy(ref(x), y).backward()
         ref_opt.step()
         ref_opt.zero_grad()
-        due = (i + 1) % h == 0 or i + 1 == STEPS
+        due = (i + 1) % h == 0 or i + 1 == steps
         with torch.no_grad():
-            if pending is not None and (i + 1 - started >= delay or due):  # average(sent) + (params now - sent)
+            depth = delays[min(syncs - 1, len(delays) - 1)]
+            if pending is not None and (i + 1 - started >= depth or due):  # average(sent) + (params now - sent)
                 sent, avg = pending
                 for p, s, a in zip(ref_params, sent, avg, strict=True):
                     p.copy_(a + (p - s))
@@ -45,16 +55,19 @@ def _overlap_run(rank, world_size, h=H, delay=1):
             if due:
                 avg = [p.detach().clone() for p in ref_params]
                 ParameterAverager(avg).average()
-                if i + 1 == STEPS:
+                syncs += 1
+                if i + 1 == steps:
                     for p, a in zip(ref_params, avg, strict=True):
                         p.copy_(a)
                 else:
                     pending, started = ([p.detach().clone() for p in ref_params], avg), i + 1
         out["ours"].append(torch.cat([p.detach().reshape(-1) for p in model.module.parameters()]))
         out["ref"].append(torch.cat([p.detach().reshape(-1) for p in ref_params]))
-        out["pending"].append(local.synchronizer.overlap.pending)
+        out["pending"].append(overlap.pending)
+        out["depth"].append(local.synchronizer.stats.overlap_steps)
     out["mode"] = local.synchronizer.averager.mode
     out["syncs"] = local.synchronizer.stats.syncs
+    out["measured"], out["state"] = overlap.measured, local.synchronizer.state_dict()["overlap"]
     return out
 
 
@@ -82,11 +95,34 @@ def test_overlap_over_two_steps_is_the_delayed_average_bitwise():
     assert torch.equal(r0["ours"][-1], r1["ours"][-1]), "training ends on a blocking average"
 
 
+def test_auto_depth_is_chosen_once_from_every_rank_and_followed_bitwise():
+    # rounds of 4 over 13 steps: the average of step 4 arrives 1 step late (the initial depth) and is measured; at
+    # step 8 the ranks exchange (transfer, step) = (30 ms, 10 ms) and (25 ms, 6 ms): ceil(25/6) = 5 on rank 1 decides;
+    # the average of step 8 arrives 5 steps late (cut at the round end at 12), that of 12 at the last step, 13
+    r0, r1 = run_distributed(_overlap_run, h=4, delay=[1, 5], steps=13, auto=[(30000, 10000), (25000, 6000)])
+    for r in (r0, r1):
+        assert r["state"] == {"steps": 5, "auto": False}  # saved in checkpoints: a resume keeps the chosen depth
+        assert r["depth"] == [None] * 3 + [1] * 4 + [5] * 6
+        assert r["pending"] == [False] * 3 + [True, False, False, False, True, True, True, True, True, False]
+        for step, (ours, ref) in enumerate(zip(r["ours"], r["ref"], strict=True), 1):
+            assert torch.equal(ours, ref), f"step {step}: the chosen depth is not the one followed"
+
+
+def test_auto_depth_measures_transfer_and_step_times():
+    # real measurements (2 ranks, loopback): the same depth on both ranks, chosen from positive times
+    r0, r1 = run_distributed(_overlap_run, h=3, steps=7, auto=[None, None])
+    assert r0["state"] == r1["state"] and not r0["state"]["auto"] and r0["state"]["steps"] >= 1
+    for r in (r0, r1):
+        transfer, step = r["measured"]
+        assert 0 < transfer < 60 and 0 < step < 60, r["measured"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"qsr_overlap_sync": True, "qsr_overlap_steps": 0}, "qsr_overlap_steps must be an integer >= 1"),
         ({"qsr_overlap_steps": 3}, r"qsr_overlap_steps=3 needs qsr_overlap_sync=True"),
+        ({"qsr_overlap_auto": True}, r"qsr_overlap_auto=True needs qsr_overlap_sync=True"),
     ],
 )
 def test_overlap_steps_refusals(kwargs, match):

@@ -79,6 +79,11 @@ class LocalTrainingSimulation:
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if config.qsr_overlap_auto:
+            raise ValueError(
+                "qsr_overlap_auto=True depends on measured transfer times, which a simulation has none of: "
+                "set qsr_overlap_steps to the depth to simulate and qsr_overlap_auto=False"
+            )
         self.config = config
         self.num_workers = num_workers
         self.replicas = [copy.deepcopy(model) for _ in range(num_workers)]
