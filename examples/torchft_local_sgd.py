@@ -8,7 +8,9 @@ Launch (docs/fault-tolerance.md; `pip install "qsr_hf[ft]"`):
         examples/torchft_local_sgd.py --replica-id $i &
     done
 
-Kill one replica group (``kill -9``) mid-round: the others go on and average between themselves from the next sync.
+A replica group may also be several processes (``--nproc_per_node 2``): the model is then wrapped in DDP inside the
+group, and rank ``i`` of each group averages with rank ``i`` of the others. Kill one replica group (``kill -9``)
+mid-round: the others go on and average between themselves from the next sync.
 Start it again with the same command: it joins at the others' next sync with their state and ends equal to them.
 ``--kill-after`` and ``--sleep-after`` inject those faults (used by tests/test_torchft.py). ``--save-at`` writes
 each replica group's local state into its own folder; start every replica group with ``--resume`` to continue from
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)  # the same initial weights in every replica group
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
     inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rank, group_size = dist.get_rank(), dist.get_world_size()
+    if group_size > 1:  # a replica group of several processes is one DDP group (gradients all-reduced inside it)
+        model = nn.parallel.DistributedDataParallel(model)
     # lr 0.01 -> 0.003: with alpha = 0.01 QSR's H = max(4, (alpha / lr)^2) grows from 4 to 11
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1 - 0.7 * s / args.steps)
     manager = make_manager(args.replica_id, args.lighthouse, args.min_replicas, quorum_timeout=args.quorum_timeout)
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         if taken == args.sleep_after:
             time.sleep(args.sleep)
         taken += 1
-        x, y = batch(optimizer.batch_index())  # QSR: this replica's shard of the step's global batch
+        # QSR: this replica group's shard of the step's global batch, split between the group's processes
+        x, y = batch(optimizer.batch_index() * group_size + rank)
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
         scheduler.step()

@@ -8,6 +8,8 @@ sync's tensors and can SIGKILL a replica inside a sync).
   contributors' mean; the restarted replica takes a live peer's outer state; every replica ends bitwise equal.
 - A resume of every replica group from its `save_local_state` folder, written inside a round, is bitwise the
   uninterrupted run.
+- (slow) Replica groups of 2 processes each, DDP inside the group: one group is killed and restarted; all processes
+  end bitwise equal.
 """
 
 import json
@@ -34,8 +36,16 @@ DIE_AT = 8  # a round-end sync (H = 4 while lr > 0.005)
 RETRY = re.compile(r"the sync at optimizer step (\d+) did not commit \(attempt 1 of 5")
 
 
-def _replica(replica: int, lighthouse: str, out: Path, *extra: str, steps: int = STEPS) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+def _replica(
+    replica: int, lighthouse: str, out: Path, *extra: str, steps: int = STEPS, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+        **(env or {}),
+    }
     cmd = [
         sys.executable, str(ROOT / "tests/ft_probe.py"), "--replica-id", str(replica), "--lighthouse", lighthouse,
         "--steps", str(steps), "--quorum-timeout", "40", "--out", str(out), "--trace", str(out.with_suffix(".pt")),
@@ -212,3 +222,51 @@ def test_resume_inside_a_round_is_exact(tmp_path, outer):
         assert outer == "none" or start["before"][2].abs().sum() > 0
     starts = [next(e for e in t if e["called_at"] == save_at) for t in traces]
     assert not torch.equal(starts[0]["before"][0], starts[1]["before"][0])  # replicas differ inside the round
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ddp_replica_groups_kill_and_rejoin(tmp_path):
+    """Replica groups of 2 processes each (DDP inside the group), one SIGKILLed (both processes) and restarted.
+    Slow: 4 replica processes and 2 restarts, ~40 s on 2 cores."""
+    lighthouse, address = _lighthouse()
+    ports = [free_port(), free_port()]
+
+    def group(g: int, name: str) -> list[subprocess.Popen]:
+        return [
+            _replica(g, address, tmp_path / f"{name}_rank{r}.json", "--step-time", "0.1", "--outer", "nesterov",
+                     *(["--progress", str(tmp_path / "progress")] if (g, r) == (0, 0) else []),
+                     env={"RANK": str(r), "WORLD_SIZE": "2", "MASTER_PORT": str(ports[g])}, steps=60)
+            for r in range(2)
+        ]  # fmt: skip
+
+    procs = []
+    try:
+        procs = group(0, "g0") + group(1, "killed")
+        _wait_for_step(tmp_path / "progress", 12, procs[0], 90)
+        for p in procs[2:]:
+            p.kill()
+            p.wait()
+        procs[2:] = group(1, "g1")  # restarted: rejoins at the others' next sync
+        _run(procs, 150)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        lighthouse.kill()
+        lighthouse.wait()
+    records = {(g, r): json.loads((tmp_path / f"g{g}_rank{r}.json").read_text()) for g in range(2) for r in range(2)}
+    # the restarted group joined mid-run at a sync with its peer group's state, both of its processes at once
+    assert records[1, 0]["joined_at"] == records[1, 1]["joined_at"] > 12
+    assert records[1, 0]["adam_steps_at_join"] == [records[1, 0]["joined_at"]] * 4
+    # every process of every group holds the same parameters after each sync it ran, and at the end
+    by_step: dict[int, set] = {}
+    for record in records.values():
+        for step, _, checksum in record["syncs"]:
+            by_step.setdefault(step, set()).add(checksum)
+    assert all(len(sums) == 1 for sums in by_step.values()), by_step
+    assert len({record["final"] for record in records.values()}) == 1
+    # the groups averaged 2 by 2 (rank i with rank i), except at the join sync, where the joiner contributes nothing
+    replicas = {step: n for step, n, _ in records[0, 0]["syncs"]}
+    joined = records[1, 0]["joined_at"]
+    assert replicas[joined] == 1 and {n for step, n in replicas.items() if step != joined} == {2}, replicas
