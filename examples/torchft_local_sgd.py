@@ -8,9 +8,13 @@ Launch (docs/fault-tolerance.md; `pip install "qsr_hf[ft]"`):
         examples/torchft_local_sgd.py --replica-id $i &
     done
 
-Kill one replica group (``kill -9``) mid-round: the others go on and average between themselves from the next sync.
+A replica group may also be several processes (``--nproc_per_node 2``): the model is then wrapped in DDP inside the
+group, and rank ``i`` of each group averages with rank ``i`` of the others. Kill one replica group (``kill -9``)
+mid-round: the others go on and average between themselves from the next sync.
 Start it again with the same command: it joins at the others' next sync with their state and ends equal to them.
-``--kill-after`` and ``--sleep-after`` inject those faults (used by tests/test_torchft.py).
+``--kill-after`` and ``--sleep-after`` inject those faults (used by tests/test_torchft.py). ``--save-at`` writes
+each replica group's local state into its own folder; start every replica group with ``--resume`` to continue from
+it exactly (docs/fault-tolerance.md).
 """
 
 import argparse
@@ -18,6 +22,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -46,6 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kill-after", type=int, default=-1, help="SIGKILL this process after that many steps")
     parser.add_argument("--sleep-after", type=int, default=-1, help="sleep --sleep seconds after that many steps")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--outer", default="none", choices=["none", "sgd", "nesterov"], help="qsr_outer_optimizer")
+    parser.add_argument("--save-at", type=int, default=-1, help="save the local state after that optimizer step")
+    parser.add_argument("--save-dir", default=None, help="checkpoint folder (one sub-folder per replica group)")
+    parser.add_argument("--resume", default=None, help="checkpoint folder written by --save-at: continue from it")
     parser.add_argument("--out", default=None, help="write the per-sync record here (JSON)")
     args = parser.parse_args(argv)
     if not dist.is_initialized():  # torchrun sets these; a plain `python` start gets a one-process replica group
@@ -58,13 +67,20 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)  # the same initial weights in every replica group
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
     inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rank, group_size = dist.get_rank(), dist.get_world_size()
+    if group_size > 1:  # a replica group of several processes is one DDP group (gradients all-reduced inside it)
+        model = nn.parallel.DistributedDataParallel(model)
     # lr 0.01 -> 0.003: with alpha = 0.01 QSR's H = max(4, (alpha / lr)^2) grows from 4 to 11
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1 - 0.7 * s / args.steps)
     manager = make_manager(args.replica_id, args.lighthouse, args.min_replicas, quorum_timeout=args.quorum_timeout)
-    config = QSRConfig(qsr_alpha=0.01, qsr_h_base=4)
+    config = QSRConfig(qsr_alpha=0.01, qsr_h_base=4, qsr_outer_optimizer=args.outer)
     optimizer = FTLocalOptimizer(  # QSR: joins the replica groups (waits for a quorum)
         inner, model, config, manager=manager, lr_scheduler=scheduler, num_training_steps=args.steps
     )
+    if args.resume:  # QSR: every replica group resumes from its own folder, together
+        folder = Path(args.resume) / f"replica_{args.replica_id}"
+        optimizer.load_local_state(folder)  # parameters, AdamW state, schedule position, outer state, data position
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     params = list(model.parameters())
     # a joining replica holds a live peer's AdamW state (its step count is the peer's): record it
     adam_steps = [int(state["step"]) for state in inner.state.values()]
@@ -76,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         if taken == args.sleep_after:
             time.sleep(args.sleep)
         taken += 1
-        x, y = batch(optimizer.batch_index())  # QSR: this replica's shard of the step's global batch
+        # QSR: this replica group's shard of the step's global batch, split between the group's processes
+        x, y = batch(optimizer.batch_index() * group_size + rank)
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
         scheduler.step()
@@ -84,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
         if optimizer.last_step_synced:
             logs = optimizer.stats.to_logs()
             record["syncs"].append([optimizer.global_step, int(logs["qsr/replicas"]), tensors_checksum(params)])
+        if optimizer.global_step == args.save_at:  # QSR: each replica group's own folder (its files are rank 0's)
+            folder = Path(args.save_dir) / f"replica_{args.replica_id}"
+            optimizer.save_local_state(folder)
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         time.sleep(args.step_time)
     optimizer.close()
     record.update(final=tensors_checksum(params), stats=optimizer.stats.to_logs())

@@ -1,32 +1,55 @@
-"""Fault-tolerant QSR across torchft replica groups (qsr_hf.ft), with real processes: a lighthouse and 3 replica
-groups of one gloo process each, running examples/torchft_local_sgd.py. One is SIGKILLed mid-round and restarted,
-one sleeps past the lighthouse's join timeout; the run finishes without a restart of the others and every replica
-ends bitwise equal."""
+"""Fault-tolerant QSR across torchft replica groups (qsr_hf.ft), with real processes: a lighthouse and replica
+groups of one gloo process each, running examples/torchft_local_sgd.py through tests/ft_probe.py (which records each
+sync's tensors and can SIGKILL a replica inside a sync).
+
+- 3 replica groups with the Nesterov outer optimizer: one is SIGKILLed inside a sync (after the quorum, before its
+  collectives) and restarted, one sleeps past the lighthouse's join timeout. The survivors retry the failed sync from
+  their own values; the run finishes without a restart of the others; every sync is torch's SGD(nesterov) on the
+  contributors' mean; the restarted replica takes a live peer's outer state; every replica ends bitwise equal.
+- A resume of every replica group from its `save_local_state` folder, written inside a round, is bitwise the
+  uninterrupted run.
+- (slow) Replica groups of 2 processes each, DDP inside the group: one group is killed and restarted; all processes
+  end bitwise equal.
+"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from qsr_hf.agreement import ROUND_END, START
 from qsr_hf.ft import is_torchft_available
-from tests.testing_utils import free_port
+from tests.testing_utils import free_port, nesterov_reference
 
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not is_torchft_available(), reason="torchft not installed (pip install qsr_hf[ft])")
 STEPS = 120
+DIE_AT = 8  # a round-end sync (H = 4 while lr > 0.005)
+RETRY = re.compile(r"the sync at optimizer step (\d+) did not commit \(attempt 1 of 5")
 
 
-def _replica(replica: int, lighthouse: str, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+def _replica(
+    replica: int, lighthouse: str, out: Path, *extra: str, steps: int = STEPS, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+        **(env or {}),
+    }
     cmd = [
-        sys.executable, str(ROOT / "examples/torchft_local_sgd.py"), "--replica-id", str(replica),
-        "--lighthouse", lighthouse, "--steps", str(STEPS), "--step-time", "0.1", "--quorum-timeout", "40",
-        "--out", str(out), *extra,
+        sys.executable, str(ROOT / "tests/ft_probe.py"), "--replica-id", str(replica), "--lighthouse", lighthouse,
+        "--steps", str(steps), "--quorum-timeout", "40", "--out", str(out), "--trace", str(out.with_suffix(".pt")),
+        *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -39,50 +62,211 @@ def _finish(proc: subprocess.Popen, timeout: float) -> str:
         return proc.communicate()[0] + f"\n[test] killed after {timeout} s"
 
 
-@pytest.mark.timeout(240)
-def test_kill_sleep_and_rejoin(tmp_path):
+def _lighthouse(join_timeout_ms: int = 1000) -> tuple[subprocess.Popen, str]:
     port = free_port()
     lighthouse = subprocess.Popen(
-        ["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", "2", "--join_timeout_ms", "1000",
-         "--heartbeat_timeout_ms", "1000"],
+        ["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", "2", "--join_timeout_ms",
+         str(join_timeout_ms), "--heartbeat_timeout_ms", "1000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    address, procs = f"http://localhost:{port}", []
+    return lighthouse, f"http://localhost:{port}"
+
+
+def _run(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    logs = [_finish(p, timeout) for p in procs]
+    for p, text in zip(procs, logs, strict=True):
+        assert p.returncode == 0, text[-4000:]
+    return logs
+
+
+def _results(out: Path, replicas: list[int]) -> tuple[list[dict], list[list[dict]]]:
+    records = [json.loads((out / f"r{i}.json").read_text()) for i in replicas]
+    return records, [torch.load(out / f"r{i}.pt", weights_only=True) for i in replicas]
+
+
+def _check_outer_steps(traces: list[list[dict]]) -> dict[int, int]:
+    """Every round-end sync whose contributors are all traced: the new parameters are torch's SGD(nesterov) on the
+    anchor with gradient anchor - mean(contributors' values), the anchor is the new parameters, the momentum is
+    SGD's. Returns {step: contributors} of the syncs checked."""
+    checked = {}
+    for entry in (e for t in traces for e in t):
+        step = entry["step"]
+        if entry["kind"] != ROUND_END or entry["called_at"] != step or step in checked:
+            continue
+        # contributors ran this sync at their own step; a replica that was behind healed (called at an earlier step)
+        befores = [e["before"][0] for t in traces for e in t if e["step"] == step and e["called_at"] == step]
+        if len(befores) != entry["contributors"]:
+            continue
+        anchor, momentum = entry["before"][1:]
+        params, new_anchor, new_momentum = entry["after"]
+        ref_params, ref_momentum = nesterov_reference(anchor, torch.stack(befores).sum(0) / len(befores), momentum)
+        torch.testing.assert_close(params, ref_params, rtol=1e-5, atol=1e-6, msg=f"outer step at step {step}")
+        torch.testing.assert_close(new_momentum, ref_momentum, rtol=1e-5, atol=1e-6, msg=f"momentum at step {step}")
+        assert torch.equal(new_anchor, params), f"anchor != parameters after the sync at step {step}"
+        checked[step] = len(befores)
+    return checked
+
+
+def _wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text() and int(path.read_text()) > step):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no sync after step {step} in {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(240)
+def test_death_in_sync_sleep_and_rejoin(tmp_path):
+    lighthouse, address = _lighthouse()
+    procs, nesterov = [], ["--step-time", "0.1", "--outer", "nesterov"]
     try:
         procs = [
-            _replica(0, address, tmp_path / "r0.json"),
-            _replica(1, address, tmp_path / "r1.json", "--sleep-after", "75", "--sleep", "2.5"),
-            _replica(2, address, tmp_path / "killed.json", "--kill-after", "6"),
+            _replica(0, address, tmp_path / "r0.json", *nesterov, "--progress", str(tmp_path / "progress")),
+            _replica(1, address, tmp_path / "r1.json", *nesterov, "--sleep-after", "75", "--sleep", "2.5"),
+            _replica(2, address, tmp_path / "killed.json", *nesterov, "--die-in-sync", str(DIE_AT)),
         ]
         log = _finish(procs[2], 90)
         assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
-        procs[2] = _replica(2, address, tmp_path / "r2.json")  # restarted: rejoins at the others' next sync
-        logs = [_finish(p, 150) for p in procs]
-        for p, text in zip(procs, logs, strict=True):
-            assert p.returncode == 0, text[-4000:]
+        # restarted once the survivors are past the failed sync: rejoins at their next sync
+        _wait_for_step(tmp_path / "progress", DIE_AT, procs[0], 60)
+        procs[2] = _replica(2, address, tmp_path / "r2.json", *nesterov)
+        logs = _run(procs, 150)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
         lighthouse.kill()
         lighthouse.wait()
-    r0, r1, r2 = (json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(3))
-    # survivors went on without a restart: some sync after the kill averaged 2 replicas, later ones 3
-    replicas0 = {step: n for step, n, _ in r0["syncs"]}
-    assert 2 in replicas0.values() and 3 in replicas0.values(), r0["syncs"]
+    (r0, r1, r2), traces = _results(tmp_path, [0, 1, 2])
+    replicas = {step: n for record in (r0, r1) for step, n, _ in record["syncs"]}
+    # the death inside the sync at DIE_AT failed both survivors' commit; they retried it from their own values
+    # without the dead replica (a survivor that is slow to retry is dropped from the retry and heals later)
+    retried = [{int(s) for s in RETRY.findall(text)} for text in logs[:2]]
+    assert retried == [{DIE_AT}, {DIE_AT}], (retried, logs[0][-3000:])
+    assert replicas[DIE_AT] < 3, (r0["syncs"], r1["syncs"])
+    # ... at once: they skipped the rest of the failed sync's collectives together (no gloo timeout waited out)
+    assert not any("Timed out waiting" in text for text in logs), logs[0][-3000:]
+    # survivors went on without a restart: later syncs averaged 3 replicas again
+    assert 3 in replicas.values(), r0["syncs"]
     # the restarted replica joined mid-run at a sync, from a live peer's state
-    assert r2["joined_at"] > 6 and r2["joined_at"] in replicas0, (r2["joined_at"], r0["syncs"])
+    assert r2["joined_at"] > DIE_AT and r2["joined_at"] in replicas, (r2["joined_at"], r0["syncs"])
     # ... and took that peer's optimizer state (AdamW's step count is the peer's, not a fresh optimizer's)
     assert r2["adam_steps_at_join"] == [r2["joined_at"]] * 4 and r0["adam_steps_at_join"] == []
+    # ... and its outer state: after the join sync its anchor and momentum are bitwise a peer's (momentum != 0)
+    (join,) = [e for e in traces[2] if e["kind"] == START]
+    peers = [e for t in traces[:2] for e in t if e["step"] == join["step"] and e["called_at"] == join["step"]]
+    assert join["step"] == r2["joined_at"] and peers and join["contributors"] == peers[0]["contributors"]
+    assert all(torch.equal(a, b) for a, b in zip(join["after"], peers[0]["after"], strict=True))
+    assert join["after"][2].abs().sum() > 0 and join["before"][2].abs().sum() == 0
     # the slow one (slept 2.5 s > the lighthouse's 1 s join timeout) was dropped: the others averaged 2 replicas at
     # syncs it missed after the restarted one was back; it then healed at a sync and ends equal (below)
+    replicas0 = {step: n for step, n, _ in r0["syncs"]}
     dropped = {step for step, n in replicas0.items() if step > r2["joined_at"] and n == 2}
     assert dropped - {step for step, _, _ in r1["syncs"]}, (r0["syncs"], r1["syncs"])
-    # equal parameters after each sync, and bitwise equal at the end
+    # every sync is the Nesterov outer step on its contributors' mean, with 3 contributors and at the retried sync
+    checked = _check_outer_steps(traces)
+    assert DIE_AT in checked and 3 in checked.values(), checked
+    # equal parameters and outer state (anchor, momentum) after each sync, and bitwise equal at the end
+    by_step: dict[int, list] = {}
+    for trace in traces:
+        for e in trace:
+            by_step.setdefault(e["step"], []).append(e["after"])
+    for step, afters in by_step.items():
+        assert all(torch.equal(a, b) for other in afters for a, b in zip(afters[0], other, strict=True)), step
+    assert r0["final"] == r1["final"] == r2["final"]
+    assert r0["stats"]["qsr/syncs"] == r1["stats"]["qsr/syncs"] == r2["stats"]["qsr/syncs"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("outer", ["nesterov", pytest.param("none", marks=pytest.mark.slow)])
+def test_resume_inside_a_round_is_exact(tmp_path, outer):
+    """``outer="none"`` (the plain average through torchft) is slow-marked: the same run without the outer step,
+    ~15 s more on 2 cores."""
+    steps, save_at = 40, 30  # syncs every 4 steps: step 30 is inside a round
+    # a long join timeout: no live replica is dropped at a sync for being slow (the runs must not diverge by chance)
+    lighthouse, address = _lighthouse(join_timeout_ms=10000)
+    procs = []
+    try:
+        # each replica group runs to the end, saving at step 30, then again from scratch resumed from that save; a
+        # third one dies mid-round early on, so the data position at the save is not a function of the step alone
+        procs = [
+            _replica(i, address, tmp_path / f"r{i}.json", "--outer", outer, "--save-at", str(save_at),
+                     "--save-dir", str(tmp_path / "ckpt"), "--resumed-out", str(tmp_path / f"resumed{i}.json"),
+                     steps=steps)
+            for i in range(2)
+        ]  # fmt: skip
+        procs.append(_replica(2, address, tmp_path / "r2.json", "--outer", outer, "--kill-after", "6", steps=steps))
+        log = _finish(procs[2], 120)
+        assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
+        _run(procs[:2], 120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        lighthouse.kill()
+        lighthouse.wait()
+    full = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
+    resumed = [json.loads((tmp_path / f"resumed{i}.json").read_text()) for i in range(2)]
+    traces = [torch.load(tmp_path / f"resumed{i}.pt", weights_only=True) for i in range(2)]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["replica_0", "replica_1"]
+    assert len({n for _, n, _ in full[0]["syncs"]}) > 1, full[0]["syncs"]  # the live count changed
+    for i in range(2):
+        assert resumed[i]["joined_at"] == save_at
+        assert resumed[i]["adam_steps_at_join"] == [save_at] * 4  # its own AdamW state, from its file
+        # every sync after the resume (parameters' checksum, replicas) and the end are bitwise the full run's
+        assert resumed[i]["syncs"] == [s for s in full[i]["syncs"] if s[0] > save_at], (resumed[i], full[i])
+        assert resumed[i]["final"] == full[i]["final"]
+        assert resumed[i]["stats"] == full[i]["stats"]
+        # the resume kept each replica's own parameters inside the round (and restored the outer state)
+        (start,) = [e for e in traces[i] if e["kind"] == START and e["called_at"] == save_at]
+        assert all(torch.equal(a, b) for a, b in zip(start["before"], start["after"], strict=True))
+        assert outer == "none" or start["before"][2].abs().sum() > 0
+    starts = [next(e for e in t if e["called_at"] == save_at) for t in traces]
+    assert not torch.equal(starts[0]["before"][0], starts[1]["before"][0])  # replicas differ inside the round
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ddp_replica_groups_kill_and_rejoin(tmp_path):
+    """Replica groups of 2 processes each (DDP inside the group), one SIGKILLed (both processes) and restarted.
+    Slow: 4 replica processes and 2 restarts, ~40 s on 2 cores."""
+    lighthouse, address = _lighthouse()
+    ports = [free_port(), free_port()]
+
+    def group(g: int, name: str) -> list[subprocess.Popen]:
+        return [
+            _replica(g, address, tmp_path / f"{name}_rank{r}.json", "--step-time", "0.1", "--outer", "nesterov",
+                     *(["--progress", str(tmp_path / "progress")] if (g, r) == (0, 0) else []),
+                     env={"RANK": str(r), "WORLD_SIZE": "2", "MASTER_PORT": str(ports[g])}, steps=60)
+            for r in range(2)
+        ]  # fmt: skip
+
+    procs = []
+    try:
+        procs = group(0, "g0") + group(1, "killed")
+        _wait_for_step(tmp_path / "progress", 12, procs[0], 90)
+        for p in procs[2:]:
+            p.kill()
+            p.wait()
+        procs[2:] = group(1, "g1")  # restarted: rejoins at the others' next sync
+        _run(procs, 150)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        lighthouse.kill()
+        lighthouse.wait()
+    records = {(g, r): json.loads((tmp_path / f"g{g}_rank{r}.json").read_text()) for g in range(2) for r in range(2)}
+    # the restarted group joined mid-run at a sync with its peer group's state, both of its processes at once
+    assert records[1, 0]["joined_at"] == records[1, 1]["joined_at"] > 12
+    assert records[1, 0]["adam_steps_at_join"] == [records[1, 0]["joined_at"]] * 4
+    # every process of every group holds the same parameters after each sync it ran, and at the end
     by_step: dict[int, set] = {}
-    for record in (r0, r1, r2):
+    for record in records.values():
         for step, _, checksum in record["syncs"]:
             by_step.setdefault(step, set()).add(checksum)
     assert all(len(sums) == 1 for sums in by_step.values()), by_step
-    assert r0["final"] == r1["final"] == r2["final"]
-    assert r0["stats"]["qsr/syncs"] == r1["stats"]["qsr/syncs"] == r2["stats"]["qsr/syncs"]
+    assert len({record["final"] for record in records.values()}) == 1
+    # the groups averaged 2 by 2 (rank i with rank i), except at the join sync, where the joiner contributes nothing
+    replicas = {step: n for step, n, _ in records[0, 0]["syncs"]}
+    joined = records[1, 0]["joined_at"]
+    assert replicas[joined] == 1 and {n for step, n in replicas.items() if step != joined} == {2}, replicas

@@ -6,7 +6,9 @@ receives a live peer's state here), three collectives on the Manager's reconfigu
 the live replicas: they agree where max == min), a float64 SUM of ``[contributes, non-finite]`` (the divisor) and one
 SUM all-reduce per (device, dtype) bucket of a copy of the values. Nothing is written into the model before the
 Manager commits: when a replica dies mid-sync every survivor's commit fails, and the sync is retried from the
-untouched local values with the next quorum (the dead replica's round is lost, nobody else's).
+untouched local values with the next quorum (the dead replica's round is lost, nobody else's). The collectives run
+one after the other, so that the survivors of a failed one skip the rest together instead of waiting for each other
+until the Manager's timeout.
 """
 
 from collections.abc import Callable
@@ -55,7 +57,7 @@ class ReplicaAverager(ParameterAverager):
         self.max_attempts = max_attempts
         self.kind = START
         self.values: Callable[[], list[int]] = lambda: [START] * len(COMMON)
-        self.checksum: Callable[[], int] = lambda: 0  # parameters' checksum, compared at START only
+        self.checksum: Callable[[], int] = lambda: 0  # compared at START only (set by the synchronizer)
         self.on_nonfinite = "error"
         self.healed = False
         self.contributors = self.replicas = self.replica_rank = 0
@@ -74,7 +76,7 @@ class ReplicaAverager(ParameterAverager):
     def _check(self, header: torch.Tensor) -> None:
         n = len(COMMON) + 1
         high, low = header[:n].tolist(), (-header[n:]).tolist()
-        names = [*COMMON, "parameter checksum (start)"]
+        names = [*COMMON, "checksum of the parameters and synced state (start)"]
         differences = [f"{names[i]}: {low[i]}..{high[i]}" for i in range(n) if high[i] != low[i]]
         if differences:
             raise RuntimeError(
@@ -114,10 +116,10 @@ class ReplicaAverager(ParameterAverager):
                 b.flat.to(self._reduce_dtype(b.flat.dtype), copy=True) if contributes else torch.zeros_like(b.flat)
                 for b in self.buckets
             ]
-            works = [self.manager.allreduce(header, reduce_op=ReduceOp.MAX)]
-            works += [self.manager.allreduce(t, reduce_op=ReduceOp.SUM) for t in [counts, *sent]]
-            for work in works:
-                work.wait()
+            # one collective at a time: after a failed one the Manager turns the next ones into no-ops, whereas one
+            # already started would wait the whole timeout for a survivor that has given up on it
+            for tensor, op in [(header, ReduceOp.MAX), *((t, ReduceOp.SUM) for t in [counts, *sent])]:
+                self.manager.allreduce(tensor, reduce_op=op).wait()
             if self.manager.should_commit():
                 return self._commit(header, counts, sent, transform)
             logger.warning(

@@ -36,9 +36,17 @@ class ReplicaSynchronizer(Synchronizer):
         self.data = {"batches": 0, "quorum_step": 0, "replicas": 1, "rank": 0}
         averager = self.averager
         averager.values = lambda: self.agreement_values(averager.kind)
-        averager.checksum = lambda: tensors_checksum([p for p in engine.module.parameters() if p.requires_grad])
+        averager.checksum = self._start_checksum
         averager.on_nonfinite = config.qsr_on_nonfinite
         engine.manager.register_state_dict_fn("qsr_hf", self._load_peer_state, self._peer_state)
+
+    def _start_checksum(self) -> int:
+        # what the replicas must hold identically at the start: the synced state (outer optimizer) always, the
+        # parameters when training starts or resumes at a sync (a resume inside a round holds each replica's own)
+        tensors = [] if self.synced is None else self.synced.tensors()
+        if not self.clock.in_round or self.synced_at == self.clock.step:
+            tensors += [p for p in self.engine.module.parameters() if p.requires_grad]
+        return tensors_checksum(tensors)
 
     def _peer_state(self) -> dict[str, Any]:
         # what a live peer sends a joining replica, at the quorum of a sync (before that sync's average)
@@ -53,13 +61,15 @@ class ReplicaSynchronizer(Synchronizer):
 
     def average(self, kind: int, commit: bool = True) -> None:
         """A fault-tolerant sync (see [`Synchronizer.average`]); ``kind=START`` is the join at the start."""
-        self.averager.kind = kind
+        self.averager.kind, synced_at = kind, self.synced_at
         super().average(kind, commit)
         averager, data = self.averager, self.data
         if kind == START:  # counted as an extra sync by the base class: undo, or count the peers' sync joined
             self.stats.extra_syncs -= 1
             if averager.kind != START:
                 self.stats.record_sync(0, scheduled=averager.kind == ROUND_END)
+            else:  # nothing was averaged (a resume inside a round keeps each replica's own values)
+                self.synced_at = synced_at
         data["batches"] += (self.clock.step - data["quorum_step"]) * data["replicas"]
         data.update(quorum_step=self.clock.step, replicas=averager.replicas, rank=averager.replica_rank)
         self.stats.replicas = averager.contributors
