@@ -175,11 +175,14 @@ def _run(accelerator, engine, local, sched, batches, spy=None):
     return out
 
 
-def _train(rank, world_size, precision, clip, steps, h, optimizer="torch", outer="none"):
+def _train(rank, world_size, precision, clip, steps, h, optimizer="torch", outer="none", overlap=0):
     spy = CollectiveSpy()
     try:
         accelerator, engine, opt, sched = _build(precision, clip, optimizer)
-        config = QSRConfig(qsr_rule="constant", qsr_h_base=h, qsr_outer_optimizer=outer)
+        config = QSRConfig(
+            qsr_rule="constant", qsr_h_base=h, qsr_outer_optimizer=outer, qsr_overlap_sync=overlap > 0,
+            qsr_overlap_steps=max(1, overlap),
+        )  # fmt: skip
         local = LocalOptimizer(opt, engine, config, num_training_steps=steps)
         init = _masters(engine)
         spy.take()
@@ -269,6 +272,22 @@ def test_zero0_outer_optimizer_steps_the_fp32_masters():
             anchor = anchor - 0.7 * (g + 0.9 * momentum)  # torch.optim.SGD(nesterov=True)'s update
             torch.testing.assert_close(m0, anchor, rtol=1e-5, atol=1e-6, msg=f"step {i}: not the Nesterov step")
             anchor = m0
+
+
+@pytest.mark.slow  # 15 s; the delayed arithmetic itself is checked bitwise with DDP in tests/test_overlap.py
+def test_zero0_overlap_over_two_steps_reaches_the_bf16_weights():
+    # qsr_overlap_steps=2 on DeepSpeed's fp32 masters: rounds of 3 over 8 steps, averages started after steps 3 and
+    # 6 and folded in 2 steps later with the local change kept (ranks still differ), the last one blocking
+    steps, h = 8, 3
+    r0, r1 = run_distributed(_train, precision="bf16", clip=0.0, steps=steps, h=h, overlap=2)
+    assert len(r0["pre_sync_masters"]) == 3, "averages started after steps 3 and 6, and the last one"
+    for i in range(steps):
+        m0, m1 = r0["masters"][i], r1["masters"][i]
+        assert torch.equal(r0["weights"][i], m0.to(torch.bfloat16).float()), f"model != bf16(masters), step {i}"
+        assert torch.equal(m0, m1) == (i == steps - 1), f"step {i}: masters equal only after the blocking last sync"
+    gap = [(r0["masters"][i] - r1["masters"][i]).norm() for i in range(steps)]
+    assert gap[4] < gap[3] / 2, f"the average of step 3 was not folded in after step 5: {gap}"  # 2 steps' drift left
+    assert torch.equal(r0["masters"][-1], (r0["pre_sync_masters"][-1] + r1["pre_sync_masters"][-1]) / 2)
 
 
 def _resume(rank, world_size, precision, steps, cut, tmp):

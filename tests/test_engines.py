@@ -3,6 +3,7 @@
 import pytest
 import torch
 from testing_utils import BNMLP, run_distributed
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from qsr_hf import QSRConfig
@@ -12,39 +13,21 @@ from qsr_hf.engines.single_process import SingleProcessEngine
 from qsr_hf.synchronizer import Synchronizer
 
 
-def _detect(rank, world_size, kind):
+def _detect(rank, world_size):
+    # every multi-process case in one launch (each launch costs seconds of process start-up)
+    out = {}
     model = BNMLP()
-    if kind == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model)
-        try:
-            detect_engine(model)
-        except NotImplementedError as e:
-            return str(e)
-        return None
+    fully_shard(model)
+    try:
+        detect_engine(model)
+        out["fsdp"] = None
+    except NotImplementedError as e:
+        out["fsdp"] = str(e)
+    model = BNMLP()
     ddp = DistributedDataParallel(model)
-    found = find_wrapper(model) is ddp
     engine = detect_engine(model)  # the unwrapped model: the wrapper is found among live objects
-    compiled = detect_engine(torch.compile(ddp)) if kind == "compiled" else None
-    return found, type(engine).__name__, engine.world_size, type(compiled).__name__
-
-
-def test_ddp_is_found_from_the_unwrapped_model():
-    for found, name, world_size, _ in run_distributed(_detect, kind="ddp"):
-        assert found and name == DDPEngine.__name__ and world_size == 2
-
-
-def test_fsdp_is_refused_with_a_clear_error():
-    for message in run_distributed(_detect, kind="fsdp"):
-        assert message is not None and "does not support FSDP" in message and "DDP" in message
-
-
-def test_single_process_is_local():
-    assert isinstance(detect_engine(BNMLP()), SingleProcessEngine)
-
-
-def _no_sync_kept(rank, world_size):
+    out["ddp"] = (find_wrapper(model) is ddp, type(engine).__name__, engine.world_size)
+    out["compiled"] = type(detect_engine(torch.compile(ddp))).__name__
     ddp = DistributedDataParallel(BNMLP())
     engine = DDPEngine(ddp)
     engine.disable_gradient_sync()
@@ -52,18 +35,37 @@ def _no_sync_kept(rank, world_size):
         pass
     off = not ddp.require_backward_grad_sync
     engine.restore_gradient_sync()
-    return off, ddp.require_backward_grad_sync
+    out["no_sync"] = (off, ddp.require_backward_grad_sync)
+    return out
 
 
-def test_gradient_sync_stays_off_through_nested_no_sync():
-    for off, restored in run_distributed(_no_sync_kept):
-        assert off and restored
+@pytest.fixture(scope="module")
+def detected():
+    return run_distributed(_detect)
 
 
-@pytest.mark.parametrize("kind", ["compiled"])
-def test_compiled_ddp_is_unwrapped(kind):
-    for _, _, _, compiled in run_distributed(_detect, kind=kind):
-        assert compiled == DDPEngine.__name__
+def test_ddp_is_found_from_the_unwrapped_model(detected):
+    for r in detected:
+        assert r["ddp"] == (True, DDPEngine.__name__, 2)
+
+
+def test_fsdp_is_refused_with_a_clear_error(detected):
+    for r in detected:
+        assert r["fsdp"] is not None and "does not support FSDP" in r["fsdp"] and "DDP" in r["fsdp"]
+
+
+def test_single_process_is_local():
+    assert isinstance(detect_engine(BNMLP()), SingleProcessEngine)
+
+
+def test_gradient_sync_stays_off_through_nested_no_sync(detected):
+    for r in detected:
+        assert r["no_sync"] == (True, True)
+
+
+def test_compiled_ddp_is_unwrapped(detected):
+    for r in detected:
+        assert r["compiled"] == DDPEngine.__name__
 
 
 def test_optimizer_state_averaging_needs_a_torch_optimizer():
