@@ -209,6 +209,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions per method (after 1 warm-up)")
     parser.add_argument("--quick", action="store_true", help="smallest model only")
     parser.add_argument("--sizes", nargs="*", default=None, choices=list(SIZES))
+    parser.add_argument("--name", default="averaging", help="results/<name>.json")
     args = parser.parse_args(argv)
     sizes = args.sizes or (["vit_s6_11M"] if args.quick else list(SIZES))
 
@@ -247,7 +248,7 @@ def main(argv=None):
         rows.append(["", "", "min", *(f"{best[m]:.3f} ({best[m] / best['floor']:.2f}x)" for m in METHODS)])
 
     path = write_result(
-        "averaging",
+        args.name,
         {
             "setup": "2 spawned processes, gloo over loopback, 1 thread each, fp32 parameters with ViT shapes",
             "reps": args.reps,

@@ -47,8 +47,9 @@ def averaging(d, fig):
     axes = fig.subplots(1, 2, width_ratios=[2, 1])
     width = 0.8 / len(d["results"])
     for j, r in enumerate(d["results"]):
-        y = np.arange(len(AVERAGING)) + j * width
-        axes[0].barh(y, [r["ratio_to_floor"][k] for k in AVERAGING], height=width, label=r["model"])
+        y = np.arange(len(AVERAGING)) + j * width  # a row missing from an older run's JSON is left empty
+        ratios = [r["ratio_to_floor"].get(k, float("nan")) for k in AVERAGING]
+        axes[0].barh(y, ratios, height=width, label=r["model"])
     axes[0].set_yticks(np.arange(len(AVERAGING)) + 0.4 - width / 2, list(AVERAGING.values()), fontsize=8)
     axes[0].invert_yaxis()
     axes[0].axvline(1, color="0.3", linestyle="--", linewidth=0.8)
@@ -221,6 +222,7 @@ def lm_study(d, fig):
 # name -> (drawing function, figure size); slow_link_variants / _overlap_depth are slow_link.py --name ...
 FIGURES = {
     "averaging": (averaging, (12, 4.5)),
+    "averaging_checks": (averaging, (12, 4.5)),
     "step_overhead": (step_overhead, (8, 3)),
     "slow_link": (slow_link, (12, 6.5)),
     "slow_link_variants": (slow_link, (12, 3.5)),
