@@ -70,20 +70,28 @@ def in_sync(clock: SyncClock, fragments: int, synced_at: int) -> bool:
     return synced_at == clock.step or (boundary and clock.step == 0)
 
 
-def due_buckets(sync: "Synchronizer", round_length: int) -> list[int] | None:
-    """The averager's buckets to average after the optimizer step ``sync.clock.end_step()`` just counted.
+def due_after_step(clock: SyncClock, fragments: int, round_length: int) -> list[int] | None:
+    """The fragments to average after the optimizer step ``clock.end_step()`` just counted.
 
     Args:
-        sync ([`Synchronizer`]): the runtime (clock, ``qsr_fragments``, averager).
+        clock ([`SyncClock`]): the round position (after ``end_step``).
+        fragments (`int`): F (``qsr_fragments``).
         round_length (`int`): H of the round that step belonged to.
 
     Returns:
-        `list[int]` or `None`: `None` (every bucket) at a round end with one fragment and at the last step of
-        training; otherwise the buckets of the fragments due at this step of the round (``[]`` when none is).
+        `list[int]` or `None`: `None` (the whole model) at a round end with one fragment and at the last step of
+        training; otherwise the fragments due at this step of the round (``[]`` when none is).
     """
-    clock, count = sync.clock, sync.config.qsr_fragments
     steps = clock.step - clock.round_start  # of the round, this one included (end_step leaves round_start)
     last = clock.total_steps is not None and clock.step >= clock.total_steps
-    if count == 1 or sync.averager is None or last:
+    if fragments == 1 or last:
         return None if steps == round_length else []
-    return sync.averager.buckets_of(due(steps, round_length, count))
+    return due(steps, round_length, fragments)
+
+
+def due_buckets(sync: "Synchronizer", round_length: int) -> list[int] | None:
+    """:func:`due_after_step` for a [`Synchronizer`], as its averager's bucket indices (`None`: every bucket)."""
+    chosen = due_after_step(sync.clock, sync.config.qsr_fragments, round_length)
+    if chosen is None:
+        return None
+    return [] if sync.averager is None else sync.averager.buckets_of(chosen)
