@@ -92,6 +92,6 @@ def due_after_step(clock: SyncClock, fragments: int, round_length: int) -> list[
 def due_buckets(sync: "Synchronizer", round_length: int) -> list[int] | None:
     """:func:`due_after_step` for a [`Synchronizer`], as its averager's bucket indices (`None`: every bucket)."""
     chosen = due_after_step(sync.clock, sync.config.qsr_fragments, round_length)
-    if chosen is None:
-        return None
+    if not chosen:  # None (every bucket: any averager) or [] (none)
+        return chosen
     return [] if sync.averager is None else sync.averager.buckets_of(chosen)
