@@ -54,6 +54,7 @@ LABELS = {
     "qsr_overlap": "QSR + overlap (one-step-delayed)",
     "qsr_compress": "QSR + bf16 delta compression",
     "qsr_nesterov": "QSR + Nesterov outer step (0.7, 0.9)",
+    "qsr_fragments4": "QSR + 4 fragments (staggered syncs)",
 }
 # the paper's ViT-B recipe: alpha = 0.0175 at peak lr 0.008 with H_base = 4, i.e. 1.09375 * peak_lr * sqrt(H_base)
 PAPER_ALPHA_RATIO = 0.0175 / (0.008 * math.sqrt(4))
@@ -153,6 +154,7 @@ def rule_configs(args, lrs: list[float], warmup_steps: int) -> dict[str, QSRConf
     configs["qsr_overlap"] = dataclasses.replace(configs["qsr"], qsr_overlap_sync=True)
     configs["qsr_compress"] = dataclasses.replace(configs["qsr"], qsr_compress_delta=True)
     configs["qsr_nesterov"] = dataclasses.replace(configs["qsr"], **OUTER)
+    configs["qsr_fragments4"] = dataclasses.replace(configs["qsr"], qsr_fragments=4)  # Streaming DiLoCo's pattern
     return configs
 
 
@@ -283,7 +285,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Generalization benchmark (issue 7)"
         + (": overlap and compression variants (issue 14)" if any(r["rule"] in VARIANTS[2:] for r in rows) else "")
-        + (", outer optimizer (issue 18)" if any(r["rule"] == "qsr_nesterov" for r in rows) else ""),
+        + (", outer optimizer (issue 18)" if any(r["rule"] == "qsr_nesterov" for r in rows) else "")
+        + (", fragments (issue 20)" if any(r["rule"] == "qsr_fragments4" for r in rows) else ""),
         "",
         f"Command: `{meta['command']}`  ",
         machine + "  ",
@@ -344,7 +347,9 @@ def make_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of steps before post-local goes local (assumption)",
     )
-    p.add_argument("--rules", nargs="+", choices=[*RULES, *VARIANTS[2:], "qsr_nesterov"], default=RULES)
+    p.add_argument(
+        "--rules", nargs="+", choices=[*RULES, *VARIANTS[2:], "qsr_nesterov", "qsr_fragments4"], default=RULES
+    )
     p.add_argument(
         "--variants",
         action="store_true",

@@ -57,13 +57,16 @@ class SyncStats:
     replicas: int | None = None
     overlap_steps: int | None = None
 
-    def record_sync(self, num_bytes: int, scheduled: bool) -> None:
-        """Count one sync that all-reduced ``num_bytes``."""
+    def record_sync(self, num_bytes: int, scheduled: bool, fragment: bool = False) -> None:
+        """Count one sync that all-reduced ``num_bytes``; ``fragment``: a fragment's average inside a round
+        (``qsr_fragments``), whose bytes count and which is no sync (``syncs`` counts rounds)."""
+        self.bytes_averaged += num_bytes
+        if fragment:
+            return
         if scheduled:
             self.syncs += 1
         else:
             self.extra_syncs += 1
-        self.bytes_averaged += num_bytes
 
     @property
     def ddp_bytes(self) -> int:

@@ -16,8 +16,16 @@ import torch
 import torch.distributed as dist
 
 
-START, ROUND_END, EXTRA_SYNC, END, RESUME, SAVE = range(6)
-KINDS = ["start of training", "round end", "extra sync", "end of training", "resume", "checkpoint save"]
+START, ROUND_END, EXTRA_SYNC, END, RESUME, SAVE, FRAGMENT_SYNC = range(7)
+KINDS = [
+    "start of training",
+    "round end",
+    "extra sync",
+    "end of training",
+    "resume",
+    "checkpoint save",
+    "fragment sync",
+]
 COMMON = [
     "synchronization point",
     "optimizer step",

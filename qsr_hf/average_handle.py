@@ -6,7 +6,7 @@ kept by the overlap, the sync header's verdict (`qsr_hf.sync_header`), and the w
 """
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,15 +52,19 @@ class AverageHandle:
         keep_local_change: bool,
         transform: Transform,
         header: "SyncHeader | None" = None,
+        buckets: "Sequence[int] | None" = None,
     ) -> None:
         self._averager = averager
         self._divisor = divisor
         self._transform = transform
         self._header = header
         self._summed_header: torch.Tensor | None = None
-        self._pending: list[tuple[_Bucket, torch.Tensor, Any, torch.Tensor | None]] = []
-        for index, bucket in enumerate(averager.buckets):
-            tail = header.values if header is not None and index == averager.header_bucket else []
+        self._pending: list[tuple[int, _Bucket, torch.Tensor, Any, torch.Tensor | None]] = []
+        self._bytes = averager.selection_bytes(buckets)
+        header_index = averager.header_index(buckets)
+        for index in range(len(averager.buckets)) if buckets is None else buckets:
+            bucket = averager.buckets[index]
+            tail = header.values if header is not None and index == header_index else []
             wire = bucket.send_buffer(averager._reduce_dtype(bucket.dtype), tail)
             wide = wire[: bucket.flat.numel()] if tail else wire
             if tail:
@@ -68,12 +72,12 @@ class AverageHandle:
             sent = wide.clone() if keep_local_change else None
             with _named_failure():
                 work = dist.all_reduce(wire, group=averager.process_group, async_op=async_op)
-            self._pending.append((bucket, wide, work, sent))
+            self._pending.append((index, bucket, wide, work, sent))
 
     @property
     def arrived(self) -> bool:
         """Whether every collective has completed (:meth:`wait` would not block)."""
-        return all(work is None or work.is_completed() for _, _, work, _ in self._pending)
+        return all(work is None or work.is_completed() for _, _, _, work, _ in self._pending)
 
     @property
     def done(self) -> bool:
@@ -90,14 +94,14 @@ class AverageHandle:
         Returns:
             `int`: bytes this rank contributed to the collectives.
         """
-        for _, _, work, _ in self._pending:
+        for _, _, _, work, _ in self._pending:
             if work is not None:
                 with _named_failure():
                     work.wait()
         if self._header is not None:  # every collective has completed: a header that raises leaves none pending
             divisor = self._header.resolve(self._summed_header.tolist())
             self._divisor = self._divisor if divisor is None else divisor
-        for index, (bucket, wide, _, sent) in enumerate(self._pending):
+        for index, bucket, wide, _, sent in self._pending:
             wide.div_(self._divisor)
             if self._transform is not None:
                 self._transform(index, wide)  # e.g. the outer optimizer's step (`SyncedState.advance`)
@@ -112,4 +116,4 @@ class AverageHandle:
         self._pending.clear()
         if self._averager._in_flight is self:
             self._averager._in_flight = None
-        return self._averager.bytes_per_sync
+        return self._bytes

@@ -3,7 +3,8 @@
 With ``qsr_eval_copy`` (the default) each rank's local tensors are kept aside, the ranks average (with an outer
 optimizer: its step, not committed, so the view is the outer-updated model and the outer state is untouched), and
 :meth:`AveragedView.leave` puts the local tensors back bitwise: the training trajectory is the one without the
-evaluation. Right after a scheduled sync the model is averaged already and nothing is communicated.
+evaluation. Right after a scheduled sync the model is averaged already and nothing is communicated (with
+``qsr_fragments``, only right after a whole-model average: a round end averages its last fragments only).
 """
 
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ import torch
 
 from qsr_hf.agreement import EXTRA_SYNC
 from qsr_hf.batchnorm import batchnorm_statistics
+from qsr_hf.fragments import in_sync
 
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ class AveragedView:
         if not sync.config.qsr_eval_copy:
             sync.sync_now()
             return
-        needs_average = sync.distributed and sync.clock.in_round and sync.clock.steps_into_round > 0
+        needs_average = sync.distributed and not in_sync(sync.clock, sync.config.qsr_fragments, sync.synced_at)
         kept = []
         if needs_average:
             sync.averager.ensure_views()

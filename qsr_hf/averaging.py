@@ -1,5 +1,8 @@
 """`ParameterAverager`: average tensors across a process group with one all-reduce per (device, dtype) bucket.
 
+With ``fragments`` F > 1 (``qsr_fragments``) the buckets are per (fragment, device, dtype) and an average may select
+some of them (`qsr_hf.fragments`).
+
 In the default in-place mode the tensors are re-bound as views of one flat buffer per (device, dtype)
 (``t.data = flat[a:b].view_as(t)``), so a sync is a single in-place all-reduce of that buffer: no flatten copy, no
 per-parameter calls. Copy mode keeps the tensors' storage (FSDP2 DTensor shards, overlap) and copies through a
@@ -19,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from qsr_hf.average_handle import AverageHandle, Transform
 from qsr_hf.flat_buckets import FlatBucket as _Bucket
 from qsr_hf.flat_buckets import local_tensor as _local
+from qsr_hf.fragments import partition
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.sync_header import SyncHeader, encode, header_slots
 
@@ -56,6 +60,9 @@ class ParameterAverager:
             Sum bf16/fp16 buckets in fp32, as the paper does.
         mode (`str`, defaults to `"inplace"`):
             `"inplace"` (re-bind into flat buffers) or `"copy"` (copy in, all-reduce, copy out).
+        fragments (`int`, defaults to 1):
+            F: split the tensors, in order, into F contiguous parts of about equal size (`qsr_hf.fragments.partition`)
+            with buckets of their own, listed fragment by fragment; :attr:`bucket_fragments` gives each one's part.
 
     Example:
 
@@ -73,6 +80,7 @@ class ParameterAverager:
         process_group: ProcessGroup | None = None,
         fp32_average: bool = True,
         mode: AveragerMode = "inplace",
+        fragments: int = 1,
     ) -> None:
         if mode not in ("inplace", "copy"):
             raise ValueError(f"ParameterAverager mode must be 'inplace' or 'copy', got {mode!r}")
@@ -81,33 +89,60 @@ class ParameterAverager:
         self.process_group = process_group
         self.fp32_average = fp32_average
         self.mode = mode
+        self.fragments = fragments
+        self.bucket_fragments: list[int] = []  # the fragment of each bucket
         self._in_flight: AverageHandle | None = None
         self.buckets = self._build()
 
     def _build(self) -> list[_Bucket]:
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for t in self.tensors:
+        groups: dict[tuple[int, torch.device, torch.dtype], list[torch.Tensor]] = {}
+        fragment_of = partition([t.numel() for t in self.tensors], self.fragments)
+        for t, fragment in zip(self.tensors, fragment_of, strict=True):
             if self.mode == "inplace" and isinstance(t, DTensor):
                 raise ValueError(
                     "ParameterAverager(mode='inplace') cannot re-bind DTensor (FSDP2) parameters; use mode='copy'"
                 )
             local = _local(t)
-            groups.setdefault((local.device, local.dtype), []).append(t)
+            groups.setdefault((fragment, local.device, local.dtype), []).append(t)
         world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
-        buckets, self.header_bucket = [], None
-        for (_, dt), ts in groups.items():
+        # every bucket that can carry the sync header gets room for it: an average of some buckets sends it in the
+        # first selected one that has room. With fragments (DDP parameters) a single tensor is re-bound as well, so
+        # that a fragment of one tensor carries it too (with one fragment it is averaged where it is: a flat master)
+        buckets = []
+        for (_, _, dt), ts in groups.items():
             wide = self._reduce_dtype(dt)
-            spare = header_slots(world, wide) if self.header_bucket is None else 0
-            buckets.append(_Bucket(ts, self.mode == "inplace", wide, spare))
-            if buckets[-1].spare:
-                self.header_bucket = len(buckets) - 1  # the sync header rides in this bucket's collective
+            buckets.append(_Bucket(ts, self.mode == "inplace", wide, header_slots(world, wide), self.fragments == 1))
+        self.bucket_fragments = [fragment for fragment, _, _ in groups]
         return buckets
 
-    def make_header(self, values: Sequence[int], counted: bool, on_unhealthy: Callable[[], int | None]) -> SyncHeader:
+    def header_index(self, buckets: Sequence[int] | None = None) -> int | None:
+        """The bucket whose collective carries the sync header of an average of ``buckets`` (`None`: all): the first
+        of them with room for it, or `None` when none has (no float32/float64 values there)."""
+        selected = range(len(self.buckets)) if buckets is None else buckets
+        return next((i for i in selected if self.buckets[i].spare), None)
+
+    @property
+    def header_bucket(self) -> int | None:
+        """The bucket whose collective carries the sync header of an average of every bucket (:meth:`header_index`)."""
+        return self.header_index()
+
+    def buckets_of(self, fragments: Iterable[int]) -> list[int]:
+        """The indices of the buckets of ``fragments`` (see ``fragments`` in the class docstring), in order."""
+        chosen = set(fragments)
+        return [i for i, fragment in enumerate(self.bucket_fragments) if fragment in chosen]
+
+    def make_header(
+        self,
+        values: Sequence[int],
+        counted: bool,
+        on_unhealthy: Callable[[], int | None],
+        buckets: Sequence[int] | None = None,
+    ) -> SyncHeader:
         """A [`SyncHeader`] for :meth:`average` (`qsr_hf.sync_header`): ``values`` to agree on, whether this rank's
-        values count, and what to do on every rank when the summed headers are not healthy."""
+        values count, and what to do on every rank when the summed headers are not healthy; ``buckets``: the
+        selection the average will send (`None`: all)."""
         world = dist.get_world_size(self.process_group)
-        dtype = self._reduce_dtype(self.buckets[self.header_bucket].dtype)
+        dtype = self._reduce_dtype(self.buckets[self.header_index(buckets)].dtype)
         return SyncHeader(encode(values, counted, world, dtype), world, on_unhealthy)
 
     @property
@@ -117,8 +152,13 @@ class ParameterAverager:
 
     @property
     def bytes_per_sync(self) -> int:
-        """Bytes one rank contributes to the all-reduces of one sync (after any fp32 up-cast)."""
-        return sum(b.flat.numel() * self._reduce_dtype(b.flat.dtype).itemsize for b in self.buckets)
+        """Bytes one rank contributes to the all-reduces of one sync of every bucket (after any fp32 up-cast)."""
+        return self.selection_bytes()
+
+    def selection_bytes(self, buckets: Sequence[int] | None = None) -> int:
+        """Bytes one rank contributes to the all-reduces of an average of ``buckets`` (`None`: all)."""
+        selected = self.buckets if buckets is None else [self.buckets[i] for i in buckets]
+        return sum(b.flat.numel() * self._reduce_dtype(b.flat.dtype).itemsize for b in selected)
 
     def _reduce_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return reduce_dtype(dtype, self.fp32_average)
@@ -156,6 +196,7 @@ class ParameterAverager:
         keep_local_change: bool = False,
         transform: Transform = None,
         header: SyncHeader | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> int: ...
 
     @overload
@@ -167,6 +208,7 @@ class ParameterAverager:
         keep_local_change: bool = False,
         transform: Transform = None,
         header: SyncHeader | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> AverageHandle: ...
 
     @torch.no_grad()
@@ -177,8 +219,9 @@ class ParameterAverager:
         keep_local_change: bool = False,
         transform: Transform = None,
         header: SyncHeader | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> int | AverageHandle:
-        """All-reduce every bucket and divide, writing the average into the tensors.
+        """All-reduce every bucket (or those of ``buckets``) and divide, writing the average into the tensors.
 
         Args:
             divisor (`int`, *optional*):
@@ -193,9 +236,12 @@ class ParameterAverager:
                 Called with each bucket's index and average (flat, reduce dtype) before it is written back and
                 before any local change is added; it may rewrite the average in place (the outer optimizer's step).
             header ([`SyncHeader`], *optional*):
-                Values sent in the same collective as the bucket :attr:`header_bucket` (the sync's agreement check,
-                `qsr_hf.sync_header`); once every collective completed, its ``resolve`` sees their sum and may raise
-                or set the divisor. Needs a header bucket (float32/float64 values to average).
+                Values sent in the same collective as the bucket :meth:`header_index` picks (the sync's agreement
+                check, `qsr_hf.sync_header`); once every collective completed, its ``resolve`` sees their sum and may
+                raise or set the divisor. Needs such a bucket (float32/float64 values to average) in the selection.
+            buckets (`Sequence[int]`, *optional*):
+                The indices of the buckets to average, in increasing order (one fragment's, :meth:`buckets_of`);
+                `None`: all of them.
 
         Returns:
             `int` (bytes this rank contributed to the collectives), or an [`AverageHandle`] when ``async_op=True``.
@@ -205,10 +251,10 @@ class ParameterAverager:
         if keep_local_change and not (async_op and self.mode == "copy"):
             raise ValueError("keep_local_change=True needs async_op=True and ParameterAverager(mode='copy')")
         self.ensure_views()
-        if header is not None and self.header_bucket is None:
-            raise ValueError("no bucket of this averager can carry a sync header (no float32/float64 values)")
+        if header is not None and self.header_index(buckets) is None:
+            raise ValueError("no selected bucket of this averager can carry a sync header (no float32/float64 values)")
         divisor = dist.get_world_size(self.process_group) if divisor is None else divisor
-        handle = AverageHandle(self, divisor, async_op, keep_local_change, transform, header)
+        handle = AverageHandle(self, divisor, async_op, keep_local_change, transform, header, buckets)
         if not async_op:
             return handle.wait()
         self._in_flight = handle

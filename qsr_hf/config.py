@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qsr_hf.config_checks import check_compress_delta, check_outer_optimizer, check_overlap
+from qsr_hf.config_checks import check_compress_delta, check_fragments, check_outer_optimizer, check_overlap
 from qsr_hf.field_checks import check_field_types
 from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
 
@@ -74,10 +74,11 @@ class QSRConfig:
         qsr_compress_delta (`bool`, defaults to `False`):
             Average the round's parameter change instead of the parameters: each rank sends its change since the last
             average (an fp32 anchor, the same on every rank) in bf16, the mean is summed in fp32 and sent back in bf16
-            (an all-to-all plus an all-gather: half the bytes of an fp32 all-reduce, 2 instead of 4 per parameter
-            in all-reduce terms). Adds bf16 rounding of the change (see `qsr_hf.compressed_averaging`); not in the
-            paper nor the official code (which average fp32 parameters). DDP only; not with ``qsr_overlap_sync``,
-            ``qsr_average_optimizer_state`` or ``qsr_worker="node"``.
+            (an all-to-all plus an all-gather: 2 instead of 4 bytes per parameter in all-reduce terms). Adds bf16
+            rounding of the change (`qsr_hf.compressed_averaging`); not in the paper nor the official code. DDP only.
+        qsr_fragments (`int`, defaults to 1):
+            F: average the model in F parts of about equal size, part f after step ⌈(f+1)H/F⌉ of each round
+            (Streaming DiLoCo's pattern: F smaller bursts per round). DDP only; see `qsr_hf.fragments`.
         qsr_worker (`str`, defaults to `"process"`):
             What one QSR worker is: ``process`` (the paper: every process takes its own local steps) or ``node``
             (hierarchical: the processes of a node all-reduce gradients every step, nodes average every H steps).
@@ -172,7 +173,7 @@ class QSRConfig:
             "per parameter per sync, plus bf16 rounding of the change. Not in the paper; DDP only; off by default."
         },
     )
-
+    qsr_fragments: int = field(default=1, metadata={"help": "F: average the model in F parts at staggered steps."})
     qsr_worker: Worker = field(
         default="process",
         metadata={"help": "QSR worker: 'process' (paper) or 'node' (gradients all-reduced inside a node)."},
@@ -226,6 +227,7 @@ class QSRConfig:
                 f"qsr_h_max must be >= qsr_h_base ({self.qsr_h_base}), got {self.qsr_h_max!r}; raise it or unset it"
             )
         check_overlap(self)
+        check_fragments(self)
         if self.qsr_compress_delta:
             check_compress_delta(self)
         if self.qsr_outer_optimizer != "none":

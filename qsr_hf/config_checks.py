@@ -26,6 +26,17 @@ def check_outer_optimizer(config: "QSRConfig") -> None:
         )
 
 
+def _refuse_conflicts(setting: str, off: str, conflicts: dict[str, str], config: "QSRConfig") -> None:
+    # ``setting`` (e.g. "qsr_compress_delta=True") does not work with any of ``conflicts`` ({field: why}) switched on
+    for name, why in conflicts.items():
+        value = getattr(config, name)
+        if value is True or (name == "qsr_worker" and value != "process"):
+            raise ValueError(
+                f"{setting} does not work with {name}={value!r} ({why}): set "
+                f"{name}={'False' if value is True else repr('process')} or {off}"
+            )
+
+
 def check_compress_delta(config: "QSRConfig") -> None:
     """Refuse the combinations ``qsr_compress_delta`` does not work with, naming the field to change."""
     conflicts = {
@@ -33,13 +44,22 @@ def check_compress_delta(config: "QSRConfig") -> None:
         "qsr_average_optimizer_state": "bf16 changes of Adam's second moments can round below zero",
         "qsr_worker": "not implemented for the hierarchical engine",
     }
-    for name, why in conflicts.items():
-        value = getattr(config, name)
-        if value is True or (name == "qsr_worker" and value != "process"):
-            raise ValueError(
-                f"qsr_compress_delta=True does not work with {name}={value!r} ({why}): set "
-                f"{name}={'False' if value is True else repr('process')} or qsr_compress_delta=False"
-            )
+    _refuse_conflicts("qsr_compress_delta=True", "qsr_compress_delta=False", conflicts, config)
+
+
+def check_fragments(config: "QSRConfig") -> None:
+    """Refuse a fragment count below 1, and ``qsr_fragments > 1`` with what it does not work with."""
+    count = config.qsr_fragments
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"qsr_fragments must be an integer >= 1 (1: the whole model at each sync), got {count!r}")
+    conflicts = {
+        "qsr_overlap_sync": "not implemented: a fragment's average is blocking",
+        "qsr_compress_delta": "not implemented: the compressed average sends the whole model",
+        "qsr_average_optimizer_state": "not implemented: the optimizer state is not split into fragments",
+        "qsr_worker": "not implemented for the hierarchical engine",
+    }
+    if count > 1:
+        _refuse_conflicts(f"qsr_fragments={count}", "qsr_fragments=1", conflicts, config)
 
 
 def check_overlap(config: "QSRConfig") -> None:

@@ -24,10 +24,16 @@ class FlatBucket:
     ``spare`` values after ``flat`` may ride along in the same collective (a sync header, `qsr_hf.sync_header`):
     ``wire`` is then ``flat`` followed by them, in the reduce dtype. A bucket averaged in another dtype than its
     tensors' gets its wire buffer at each sync; a single tensor averaged where it is has none (``spare`` is then 0).
+    ``keep_single=False`` re-binds a single tensor too (into a buffer with the spare room), as several are.
     """
 
     def __init__(
-        self, tensors: Sequence[torch.Tensor], rebind: bool, reduce_dtype: torch.dtype, spare: int = 0
+        self,
+        tensors: Sequence[torch.Tensor],
+        rebind: bool,
+        reduce_dtype: torch.dtype,
+        spare: int = 0,
+        keep_single: bool = True,
     ) -> None:
         self.tensors = list(tensors)
         self.rebind = rebind
@@ -37,7 +43,7 @@ class FlatBucket:
         self.wire: torch.Tensor | None = None
         numel = sum(local_tensor(t).numel() for t in self.tensors)
         kept_dtype = reduce_dtype if not rebind else first.dtype
-        if rebind and len(self.tensors) == 1 and first.is_contiguous():
+        if keep_single and rebind and len(self.tensors) == 1 and first.is_contiguous():
             # a single contiguous tensor (e.g. an optimizer's flat master copy) is averaged where it is
             self.flat = first.data.view(-1)
             self.spare = spare if first.dtype != reduce_dtype else 0

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from qsr_hf import agreement
 from qsr_hf.agreement import END, START, exchange
 from qsr_hf.averaging import ParameterAverager, Transform
+from qsr_hf.fragments import in_sync
 from qsr_hf.logging_utils import get_logger
 from qsr_hf.sync_header import average_with_header
 
@@ -94,12 +95,18 @@ def report_nonfinite(sync: "Synchronizer", bad: list[int]) -> int | None:
 
 
 def exchange_then_average(
-    sync: "Synchronizer", kind: int, storage: list[torch.Tensor], transform: Transform, overlap: bool
+    sync: "Synchronizer",
+    kind: int,
+    storage: list[torch.Tensor],
+    transform: Transform,
+    overlap: bool,
+    buckets: list[int] | None = None,
 ) -> int | None:
     """The separate check (one all-gather: agreement values and a non-finite flag), then the average.
 
     Args:
         overlap (`bool`): start the average overlapped (``qsr_overlap_sync``) if every rank is finite.
+        buckets (`list[int]`, *optional*): the averager's buckets to average (``qsr_fragments``); `None`: all.
 
     Returns:
         `int` or `None`: bytes this rank contributed; `None` when the average was started overlapped.
@@ -114,24 +121,32 @@ def exchange_then_average(
         sync.overlap.start(transform)
         sync.stats.overlap_steps = sync.overlap.steps
         return None
+    if buckets is not None:  # only a ParameterAverager selects buckets (fragments are DDP only)
+        return sync.averager.average(divisor, transform=transform, buckets=buckets)
     return sync.averager.average(divisor, transform=transform)
 
 
-def folds_checks(sync: "Synchronizer") -> bool:
+def folds_checks(sync: "Synchronizer", buckets: list[int] | None = None) -> bool:
     """Whether this sync's checks ride on its averaging collective (`qsr_hf.sync_header`): a plain
-    [`ParameterAverager`] over every rank with float32/float64 values, no overlap. Otherwise (compression, overlap,
-    hierarchical, FSDP2, torchft, a single averaged tensor as DeepSpeed's) a separate all-gather checks first."""
+    [`ParameterAverager`] over every rank with float32/float64 values (in ``buckets``, `None`: all), no overlap.
+    Otherwise (compression, overlap, hierarchical, FSDP2, torchft, a single averaged tensor as DeepSpeed's) a separate
+    all-gather checks first."""
     averager = sync.averager
     return (
         type(averager) is ParameterAverager
-        and averager.header_bucket is not None
+        and averager.header_index(buckets) is not None
         and sync.overlap is None
         and dist.get_world_size(averager.process_group) == dist.get_world_size()
     )
 
 
 def average_checked(
-    sync: "Synchronizer", kind: int, storage: list[torch.Tensor], transform: Transform, divisor: int | None = None
+    sync: "Synchronizer",
+    kind: int,
+    storage: list[torch.Tensor],
+    transform: Transform,
+    divisor: int | None = None,
+    buckets: list[int] | None = None,
 ) -> int:
     """Average with the checks in the same collective (`qsr_hf.sync_header.average_with_header`); the detailed
     exchange runs only when the summed header shows a disagreement or a rank that does not count, and raises or logs
@@ -150,7 +165,7 @@ def average_checked(
         rows = exchange(values, [int(not finite)])  # raises on every rank, naming what differs
         return report_nonfinite(sync, [r for r, (bad,) in enumerate(rows) if bad])
 
-    return average_with_header(sync.averager, values, storage, unhealthy, divisor, transform)
+    return average_with_header(sync.averager, values, storage, unhealthy, divisor, transform, buckets)
 
 
 def check_end(sync: "Synchronizer") -> None:
@@ -190,7 +205,7 @@ def check_start(sync: "Synchronizer") -> RuntimeError | None:
     rows = exchange(agreement_values(sync, START), local)
     leaders = [row[2] for row in rows]
     try:
-        if not sync.clock.in_round or sync.synced_at == sync.clock.step:
+        if in_sync(sync.clock, sync.config.qsr_fragments, sync.synced_at) or sync.synced_at == sync.clock.step:
             agreement.require_identical_start([row[0] for row in rows], leaders)
         agreement.require_identical_start([row[1] for row in rows], leaders, what="synced state (outer optimizer)")
     except RuntimeError as error:

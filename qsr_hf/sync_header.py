@@ -101,12 +101,14 @@ def average_with_header(
     on_unhealthy: Callable[[bool], int | None],
     divisor: int | None = None,
     transform: "Transform" = None,
+    buckets: Sequence[int] | None = None,
 ) -> int:
     """Check this rank's values for NaN/inf, then average with the header of ``values`` in the same collective.
 
     A rank whose values are not finite contributes zeros (``storage``, where its values to average live, is zeroed)
     and does not count. ``on_unhealthy(finite)`` runs on every rank when the summed headers show a difference or a
-    rank that does not count (``finite``: this rank's own verdict); it raises or returns the divisor.
+    rank that does not count (``finite``: this rank's own verdict); it raises or returns the divisor. ``buckets``:
+    the averager's buckets to average (`None`: all), ``storage`` being theirs.
 
     Returns:
         `int`: bytes this rank contributed.
@@ -115,5 +117,5 @@ def average_with_header(
     if not finite:
         for t in storage:
             t.zero_()
-    header = averager.make_header(values, finite, lambda: on_unhealthy(finite))
-    return averager.average(divisor, transform=transform, header=header)
+    header = averager.make_header(values, finite, lambda: on_unhealthy(finite), buckets)
+    return averager.average(divisor, transform=transform, header=header, buckets=buckets)

@@ -126,15 +126,17 @@ class SyncedState:
                 anchor.copy_(bucket.gather(torch.empty_like(bucket.flat, dtype=torch.float32)))
 
     @torch.no_grad()
-    def advance(self, index: int, averaged: torch.Tensor, commit: bool = True) -> None:
+    def advance(self, index: int, averaged: torch.Tensor, commit: bool = True, first: int = 0) -> None:
         """Turn bucket ``index``'s plain average into the synced values, in place; remember them if ``commit``.
 
         Args:
             index (`int`): the bucket.
             averaged (`torch.Tensor`): its flat averaged values (any float dtype; computed in fp32).
             commit (`bool`, defaults to `True`): a sync (update the state); `False` for an evaluation's average.
+            first (`int`, defaults to 0): the first bucket this average advances (a fragment's, ``qsr_fragments``):
+                the pseudo-gradient's norm is summed from there.
         """
-        if index == 0:
+        if index == first:
             self.pseudo_grad_sq = 0.0
         wide = averaged if averaged.dtype == torch.float32 else averaged.float()
         anchor, momentum = self.slices()[index], None
@@ -169,7 +171,7 @@ class SyncedState:
 
     @property
     def pseudo_grad_norm(self) -> float:
-        """L2 norm of the last sync's pseudo-gradient over the values this rank holds."""
+        """L2 norm of the last sync's pseudo-gradient over the values this rank holds (of the buckets it averaged)."""
         return math.sqrt(self.pseudo_grad_sq)
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 It ties a backend adapter (gradient all-reduce off), a [`ParameterAverager`] (or the compressed one), a
 [`SyncClock`] (rounds from the schedule) and [`SyncStats`] (what was communicated) together, and owns their state.
 The rest of a sync has one module each: synced values and outer optimizer (`qsr_hf.synced_state`, `qsr_hf.outer`),
-checks (`qsr_hf.sync_checks`), overlap (`qsr_hf.overlap`), evaluation view (`qsr_hf.averaged_view`).
+checks (`qsr_hf.sync_checks`), overlap (`qsr_hf.overlap`), fragments (`qsr_hf.fragments`), evaluation view
+(`qsr_hf.averaged_view`).
 """
 
 import functools
@@ -13,9 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from qsr_hf import position, sync_checks
+from qsr_hf import fragments, position, sync_checks
 from qsr_hf.accounting import SyncStats
-from qsr_hf.agreement import EXTRA_SYNC, ROUND_END
+from qsr_hf.agreement import EXTRA_SYNC, FRAGMENT_SYNC, ROUND_END
 from qsr_hf.averaged_view import AveragedView
 from qsr_hf.averaging import ParameterAverager
 from qsr_hf.batchnorm import ForwardFn, batchnorm_statistics, reestimate_batchnorm
@@ -53,7 +54,7 @@ class Synchronizer:
         total_steps: int | None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        engine.check_config(config)  # refusals of settings this backend cannot run, before anything is built
+        engine.check_support(config, optimizer)  # refuse what this backend cannot run, before anything is built
         self.engine = engine
         self.config = config
         self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
@@ -69,17 +70,6 @@ class Synchronizer:
         self.overlap: OverlappedSync | None = None
         self.synced_at = -1  # optimizer step of the last average: the ranks' tensors are identical there
         self._start_error: RuntimeError | None = None  # deferred by check_start(defer_parameters=True)
-        if config.qsr_average_optimizer_state and (optimizer is None or not engine.can_average_optimizer_state):
-            raise NotImplementedError(
-                f"qsr_average_optimizer_state=True is not supported with {type(engine).__name__}"
-                + ("" if optimizer is None else ": its optimizer state is not a plain torch optimizer's")
-                + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
-            )
-        if config.qsr_compress_delta and self.distributed and not engine.can_compress_delta:
-            raise ValueError(
-                f"qsr_compress_delta=True is supported with DDP only, not with {type(engine).__name__}: set "
-                "qsr_compress_delta=False"
-            )
         self.synced: SyncedState | None = None  # the last synced values (outer optimizer, compression)
         self.view = AveragedView(self)
         self._gradient_sync = True  # the backend's own per-step gradient all-reduce
@@ -94,7 +84,7 @@ class Synchronizer:
                 self.synced = self.averager.synced
             else:
                 mode = "copy" if overlapped else "inplace"
-                self.averager = engine.make_averager(tensors, config.qsr_fp32_average, mode)
+                self.averager = engine.make_averager(tensors, config.qsr_fp32_average, mode, config.qsr_fragments)
                 if outer is not None:
                     self.synced = SyncedState(self.averager.buckets, outer, plain, config.qsr_outer_state_on_cpu)
             self.overlap = (
@@ -137,6 +127,7 @@ class Synchronizer:
     def end_step(self) -> bool:
         """Finish an optimizer step; average the parameters if the round is over. Returns whether it averaged."""
         data_parallel = self._data_parallel_step(self.clock.step)
+        h = self.clock.round_length  # of the round this step belongs to (end_step closes it)
         due = self.clock.end_step()
         self.stats.steps = self.clock.step
         # before the next step's backward: the switch from phase 1 must not all-reduce the first local gradients
@@ -149,7 +140,9 @@ class Synchronizer:
             self.stats.record_sync(self.stats.grad_bytes_per_step if self.distributed else 0, scheduled=True)
             return False
         if due:
-            self.average(ROUND_END)
+            self.average(ROUND_END, buckets=fragments.due_buckets(self, h))
+        elif chosen := fragments.due_buckets(self, h):  # qsr_fragments: the fragments due inside the round
+            self.average(FRAGMENT_SYNC, buckets=chosen)
         return due and self.distributed
 
     def sync_now(self) -> bool:
@@ -159,7 +152,7 @@ class Synchronizer:
             `bool`: whether an average happened (not in a single-process run, nor right after a scheduled sync).
         """
         self.finish_overlap()  # overlap: an exact average before evaluation or a checkpoint
-        if not self.distributed or not self.clock.in_round or self.clock.steps_into_round == 0:
+        if not self.distributed or fragments.in_sync(self.clock, self.config.qsr_fragments, self.synced_at):
             return False
         self.average(EXTRA_SYNC)
         return True
@@ -176,39 +169,43 @@ class Synchronizer:
         """Put back the local tensors kept aside by :meth:`enter_averaged_view` (bitwise)."""
         self.view.leave()
 
-    def average(self, kind: int, commit: bool = True) -> None:
+    def average(self, kind: int, commit: bool = True, buckets: list[int] | None = None) -> None:
         """Average now (after the checks); ``kind`` is the `qsr_hf.agreement` point, ``commit=False`` an
-        evaluation's average that leaves the synced state (outer optimizer) as it was."""
+        evaluation's average that leaves the synced state (outer optimizer) as it was, ``buckets`` the averager's
+        buckets to average (``qsr_fragments``; `None`: all)."""
         scheduled = kind == ROUND_END
         if self.averager is None:
             if scheduled:
                 self.stats.syncs += 1
             return
         last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
-        transform = None if self.synced is None else functools.partial(self.synced.advance, commit=commit)
+        first = buckets[0] if buckets else 0
+        transform = None if self.synced is None else functools.partial(self.synced.advance, commit=commit, first=first)
         with torch.no_grad():
             self.averager.ensure_views()
             if self.synced is not None:
                 self.synced.check_layout(self.averager.buckets)
-            storage = self.averaged_storage()
-            if sync_checks.folds_checks(self):  # the checks ride on the average's own collective
-                num_bytes = sync_checks.average_checked(self, kind, storage, transform)
+            storage = self.averaged_storage(buckets)
+            if sync_checks.folds_checks(self, buckets):  # the checks ride on the average's own collective
+                num_bytes = sync_checks.average_checked(self, kind, storage, transform, buckets=buckets)
             else:
                 overlap = self.overlap is not None and scheduled and not last
-                num_bytes = sync_checks.exchange_then_average(self, kind, storage, transform, overlap)
+                num_bytes = sync_checks.exchange_then_average(self, kind, storage, transform, overlap, buckets)
                 if num_bytes is None:  # started overlapped: folded in at a later end_step
                     return self.stats.record_sync(self.averager.bytes_per_sync, scheduled)
             self.engine.after_average()
-        self.synced_at = self.clock.step
-        self.stats.record_sync(num_bytes, scheduled)
+        if buckets is None:  # the whole model: every rank holds the same tensors now
+            self.synced_at = self.clock.step
+        self.stats.record_sync(num_bytes, scheduled, fragment=kind == FRAGMENT_SYNC)
         if commit and self.synced is not None and self.synced.outer is not None:
             self.stats.pseudo_grad_norm = self.synced.pseudo_grad_norm
 
-    def averaged_storage(self) -> list[torch.Tensor]:
-        """Where this rank's values to average live: the flat buffers (in place), the tensors themselves (copy
-        mode), or this rank's change (compression: zeroing it contributes nothing)."""
+    def averaged_storage(self, buckets: list[int] | None = None) -> list[torch.Tensor]:
+        """Where this rank's values to average live: the flat buffers (in place; those of ``buckets`` if given), the
+        tensors themselves (copy mode), or this rank's change (compression: zeroing it contributes nothing)."""
         if self.averager.mode == "inplace":
-            return [b.flat for b in self.averager.buckets]
+            chosen = range(len(self.averager.buckets)) if buckets is None else buckets
+            return [self.averager.buckets[i].flat for i in chosen]
         if self.averager.mode == "delta":
             return self.averager.stage()
         return list(self.averager.tensors)

@@ -54,8 +54,8 @@ def _shards(model):
 
 
 def _refusals(mesh, batch):
-    """FSDP2's own HSDP (2-D mesh), sharding across all ranks and qsr_overlap_sync are refused; why HSDP cannot take
-    local steps."""
+    """FSDP2's own HSDP (2-D mesh), sharding across all ranks, qsr_overlap_sync and qsr_fragments are refused; why
+    HSDP cannot take local steps."""
     hsdp = _sharded(mesh)
     hsdp.set_requires_all_reduce(False)
     nn.functional.cross_entropy(hsdp(batch[0]), batch[1]).backward()
@@ -66,10 +66,11 @@ def _refusals(mesh, batch):
             detect_engine(model)
         except NotImplementedError as e:
             messages.append(str(e))
-    try:
-        _build(mesh, qsr_overlap_sync=True)
-    except NotImplementedError as e:
-        messages.append(str(e))
+    for overrides in ({"qsr_overlap_sync": True}, {"qsr_fragments": 2}):
+        try:
+            _build(mesh, **overrides)
+        except NotImplementedError as e:
+            messages.append(str(e))
     return grads_unset, messages
 
 
@@ -142,9 +143,10 @@ def test_fsdp2_sharded_inside_nodes():
     assert all(r[6] == (True, 128) for r in results), [r[6] for r in results]
     for grads_unset, messages in (r[5] for r in results):
         assert grads_unset  # HSDP with set_requires_all_reduce(False): .grad stays unset, nothing would train
-        assert len(messages) == 3 and "hybrid sharding" in messages[0] and 'mesh["shard"]' in messages[0]
+        assert len(messages) == 4 and "hybrid sharding" in messages[0] and 'mesh["shard"]' in messages[0]
         assert "sharded across all 4 ranks" in messages[1] and "DDP" in messages[1]
         assert "qsr_overlap_sync=True is not supported with FSDP2" in messages[2]
+        assert "qsr_fragments=2 is supported with DDP only, not with FSDP2Engine" in messages[3], messages[3]
         assert "Set qsr_overlap_sync=False" in messages[2]
     for a, b in replicas:  # the outer optimizer per shard: Nesterov on the replicas' mean, the same on both
         (init, log_a, exact_a), (_, log_b, exact_b) = results[a][7], results[b][7]

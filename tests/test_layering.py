@@ -1,6 +1,6 @@
 """Layering rules over folders, checked on the import statements (AST):
 
-- the pure core (config, schedules, clock, accounting) and the planner/scaling model import no torch, transformers,
+- the pure core (config, schedules, clock, accounting, fragments) and the planner/scaling model import no torch, transformers,
   accelerate or deepspeed;
 - the library (``qsr_hf/*.py``, ``qsr_hf/engines/``) never imports the recipe app (``qsr_hf/training/``); only
   ``cli.py``, the command line, starts it;
@@ -27,6 +27,7 @@ PURE = [
     "clock.py",
     "config.py",
     "config_checks.py",
+    "fragments.py",
     "field_checks.py",
     "accounting.py",
     "analysis/planner.py",

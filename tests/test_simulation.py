@@ -39,6 +39,11 @@ CONFIGS = {
     "post_local_nesterov": QSRConfig(
         qsr_rule="post_local", qsr_switch_step=10, qsr_h_base=3, qsr_outer_optimizer="nesterov"
     ),
+    # Streaming DiLoCo's pattern: the QSR schedule, the model averaged in 3 fragments at staggered steps (rounds of
+    # 2 < 3 included), each taking its own Nesterov step
+    "qsr_fragments3_nesterov": QSRConfig(
+        qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_fragments=3, qsr_outer_optimizer="nesterov"
+    ),
 }
 
 
@@ -103,14 +108,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# constant, post_local and qsr_overlap are also covered by constant_overlap2, post_local_nesterov and
-# qsr_overlap_nesterov (and test_overlap.py): slow, for the time budget
+# constant, post_local, qsr_overlap and qsr_nesterov are also covered by constant_overlap2, post_local_nesterov,
+# qsr_overlap_nesterov (and test_overlap.py) and qsr_fragments3_nesterov (whose last sync steps the whole model):
+# slow, for the time budget
+SLOW = ("constant", "post_local", "qsr_overlap", "qsr_nesterov")
+
+
 @pytest.mark.parametrize(
-    "rule",
-    [
-        pytest.param(r, marks=pytest.mark.slow) if r in ("constant", "post_local", "qsr_overlap") else r
-        for r in sorted(CONFIGS)
-    ],
+    "rule", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW else r for r in sorted(CONFIGS)]
 )
 def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
     config = CONFIGS[rule]

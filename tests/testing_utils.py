@@ -228,9 +228,9 @@ def record_averages(optimizer: Any, snapshot: Callable, log: list) -> None:
     sync = optimizer.synchronizer
     original = sync.average
 
-    def recorded(kind: int, commit: bool = True) -> None:
+    def recorded(kind: int, commit: bool = True, buckets: list[int] | None = None) -> None:
         before = [t.clone() for t in snapshot()]
-        original(kind, commit)
+        original(kind, commit, buckets)
         log.append((kind, commit, *before, *[t.clone() for t in snapshot()]))
 
     sync.average = recorded

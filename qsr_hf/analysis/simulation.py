@@ -8,7 +8,8 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
 AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_hf.overlap`) and ``qsr_compress_delta`` (with
 `qsr_hf.compressed_averaging.compressed_average`) are simulated too, also checked bitwise, and so is the outer
-optimizer (``qsr_outer_optimizer``: the same `qsr_hf.outer.OuterStep` on each parameter tensor's average). Evaluations here never
+optimizer (``qsr_outer_optimizer``: the same `qsr_hf.outer.OuterStep` on each parameter tensor's average), and
+``qsr_fragments`` (the same `qsr_hf.fragments` partition of the averaged tensors and steps). Evaluations here never
 change the trajectory (the real library folds an overlapped average in flight before an evaluation).
 
 This module holds the local-training simulation; the data-parallel baseline is in `data_parallel.py` and the
@@ -29,6 +30,7 @@ from qsr_hf.averaging import reduce_dtype
 from qsr_hf.clock import SyncClock
 from qsr_hf.compressed_averaging import compressed_average, compressed_sync_bytes
 from qsr_hf.config import QSRConfig
+from qsr_hf.fragments import due_after_step, in_sync, partition
 from qsr_hf.outer import OuterStep
 from qsr_hf.tensor_selection import averaged_tensors
 
@@ -94,9 +96,9 @@ class LocalTrainingSimulation:
         self.clock = SyncClock(config.build_schedule(num_warmup_steps), num_training_steps)
         self._tensors = [averaged_tensors(m, config.qsr_average_buffers) for m in self.replicas]
         self.stats = SyncStats(grad_bytes_per_step=trainable_bytes(model))
-        self.bytes_per_sync = sum(
-            t.numel() * reduce_dtype(t.dtype, config.qsr_fp32_average).itemsize for t in self._tensors[0]
-        )
+        self._fragment_of = partition([t.numel() for t in self._tensors[0]], config.qsr_fragments)
+        self._synced_at = -1  # the step of the last whole-model average (qsr_fragments: see fragments.in_sync)
+        self.bytes_per_sync = self._bytes(None)
         self._outer = OuterStep.from_config(config)
         plain = {id(b) for b in self.replicas[0].buffers()}  # buffers take the plain average under an outer step
         self._outer_tensor = [self._outer is not None and id(t) not in plain for t in self._tensors[0]]
@@ -112,6 +114,11 @@ class LocalTrainingSimulation:
             self.bytes_per_sync = compressed_sync_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # overlap: the average in flight
         self._pending_age = 0  # optimizer steps since it was started
+
+    def _bytes(self, chosen: list[int] | None) -> int:
+        # bytes of one rank's all-reduces of the tensors ``chosen`` (indices; None: all), as ParameterAverager counts
+        tensors = self._tensors[0] if chosen is None else [self._tensors[0][i] for i in chosen]
+        return sum(t.numel() * reduce_dtype(t.dtype, self.config.qsr_fp32_average).itemsize for t in tensors)
 
     def _reset_anchor(self) -> None:
         self._anchor = [t.detach().to(torch.float32, copy=True) for t in self._tensors[0]]
@@ -142,7 +149,10 @@ class LocalTrainingSimulation:
                 loss_fn(model, shard).backward()
         for optimizer in self.optimizers:
             optimizer.step()
+        h = self.clock.round_length
         due = self.clock.end_step()
+        fragments = due_after_step(self.clock, self.config.qsr_fragments, h)
+        chosen = None if fragments is None else [i for i, f in enumerate(self._fragment_of) if f in fragments]
         self.stats.steps = self.clock.step
         self._pending_age += 1
         last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
@@ -161,8 +171,11 @@ class LocalTrainingSimulation:
                 ]
                 self._pending_age = 0
             else:
-                self.average()
-            self.stats.record_sync(self.bytes_per_sync, scheduled=True)
+                self.average(chosen)
+            self.stats.record_sync(self.bytes_per_sync if chosen is None else self._bytes(chosen), scheduled=True)
+        elif chosen:  # qsr_fragments: the fragments due inside the round
+            self.average(chosen)
+            self.stats.record_sync(self._bytes(chosen), scheduled=False, fragment=True)
         for scheduler in self.schedulers:
             scheduler.step()
         for optimizer in self.optimizers:
@@ -193,21 +206,23 @@ class LocalTrainingSimulation:
                     p.grad.copy_(total)
 
     @torch.no_grad()
-    def _averages(self, commit: bool = False) -> list[torch.Tensor]:
+    def _averages(self, commit: bool = False, chosen: list[int] | None = None) -> list[torch.Tensor]:
         # ParameterAverager's arithmetic: sum over ranks (rank order) in fp32 when low precision, then divide by K;
-        # then SyncedState.advance's: the outer step on parameter tensors, remembered when ``commit``
-        if self.config.qsr_compress_delta:
+        # then SyncedState.advance's: the outer step on parameter tensors, remembered when ``commit``. ``chosen``:
+        # the indices of the tensors to average (qsr_fragments), None: all
+        indices = range(len(self._tensors[0])) if chosen is None else chosen
+        if self.config.qsr_compress_delta:  # the whole model (qsr_fragments is refused with it)
             groups = zip(*self._tensors, strict=True)
             out = [compressed_average(a, g, len(g)) for a, g in zip(self._anchor, groups, strict=True)]
         else:
             out = []
-            for group in zip(*self._tensors, strict=True):
+            for group in ([ts[i] for ts in self._tensors] for i in indices):
                 dtype = reduce_dtype(group[0].dtype, self.config.qsr_fp32_average)
                 total = group[0].detach().to(dtype, copy=True)
                 for t in group[1:]:
                     total.add_(t.detach().to(dtype))
                 out.append(total.div_(self.num_workers))
-        for i, mean in enumerate(out):
+        for i, mean in zip(indices, out, strict=True):
             if self._outer_tensor[i]:
                 wide = mean.float().view(-1)
                 scratch = (torch.empty_like(wide), torch.empty_like(wide))
@@ -218,12 +233,18 @@ class LocalTrainingSimulation:
         return out
 
     @torch.no_grad()
-    def average(self) -> None:
-        """Average the selected tensors across workers and copy the result into every replica (one sync)."""
-        means = self._averages(commit=True)
-        for mean, group in zip(means, zip(*self._tensors, strict=True), strict=True):
-            for t in group:
-                t.copy_(mean)
+    def average(self, chosen: list[int] | None = None) -> None:
+        """Average the selected tensors across workers and copy the result into every replica (one sync).
+
+        Args:
+            chosen (`list[int]`, *optional*): indices of the averaged tensors to average (a fragment's); all if `None`.
+        """
+        indices = range(len(self._tensors[0])) if chosen is None else chosen
+        for i, mean in zip(indices, self._averages(commit=True, chosen=chosen), strict=True):
+            for ts in self._tensors:
+                ts[i].copy_(mean)
+        if chosen is None:
+            self._synced_at = self.clock.step
 
     def averaged_model(self) -> nn.Module:
         """A copy of worker 0's model holding the workers' average, for evaluation; training is not disturbed.
@@ -233,7 +254,7 @@ class LocalTrainingSimulation:
         a lookahead of η_out μ² m that training never takes).
         """
         model = copy.deepcopy(self.replicas[0])
-        if not self._pending and self.clock.steps_into_round == 0:
+        if not self._pending and in_sync(self.clock, self.config.qsr_fragments, self._synced_at):
             return model
         with torch.no_grad():
             for t, mean in zip(

@@ -34,6 +34,9 @@ class Engine:
             averaged (``qsr_average_optimizer_state``).
         can_compress_delta (`bool`): whether a sync may average the round's change in bf16 (``qsr_compress_delta``;
             tested with DDP only).
+        can_fragment (`bool`): whether a sync may average some fragments of the model only (``qsr_fragments``;
+            DDP only: the other backends average copies, flat masters or several groups that the fragments would
+            have to follow).
         intra_node_bytes_per_step (`int`): bytes each rank all-reduces inside its node on every optimizer step
             (hierarchical QSR: the gradients; FSDP2: its all-gathers and reduce-scatters; 0 where a worker is one
             process).
@@ -45,6 +48,7 @@ class Engine:
     world_size: int = 1
     can_average_optimizer_state: bool = True
     can_compress_delta: bool = False
+    can_fragment: bool = False
     intra_node_bytes_per_step: int = 0
     stats: SyncStats | None = None
 
@@ -57,6 +61,36 @@ class Engine:
         Raises:
             `NotImplementedError`: with a message that says which setting to change.
         """
+
+    def check_support(self, config: QSRConfig, optimizer: torch.optim.Optimizer | None) -> None:
+        """Refuse, before training, what this backend cannot run: :meth:`check_config`, then the settings that need
+        a capability it lacks (``can_average_optimizer_state``, ``can_compress_delta``, ``can_fragment``).
+
+        Args:
+            config ([`QSRConfig`]): the QSR settings.
+            optimizer (`torch.optim.Optimizer`, *optional*): the optimizer whose state
+                ``qsr_average_optimizer_state`` would average.
+
+        Raises:
+            `NotImplementedError` or `ValueError`: with a message that says which setting to change.
+        """
+        self.check_config(config)
+        if config.qsr_average_optimizer_state and (optimizer is None or not self.can_average_optimizer_state):
+            raise NotImplementedError(
+                f"qsr_average_optimizer_state=True is not supported with {type(self).__name__}"
+                + ("" if optimizer is None else ": its optimizer state is not a plain torch optimizer's")
+                + "; set qsr_average_optimizer_state=False (the paper keeps optimizer state local)"
+            )
+        if self.world_size > 1 and config.qsr_compress_delta and not self.can_compress_delta:
+            raise ValueError(
+                f"qsr_compress_delta=True is supported with DDP only, not with {type(self).__name__}: set "
+                "qsr_compress_delta=False"
+            )
+        if self.world_size > 1 and config.qsr_fragments > 1 and not self.can_fragment:
+            raise NotImplementedError(
+                f"qsr_fragments={config.qsr_fragments} is supported with DDP only, not with {type(self).__name__} "
+                "(its syncs average copies of shards or slices, or flat optimizer masters): set qsr_fragments=1"
+            )
 
     def count_intra_node_bytes(self, num_bytes: int) -> None:
         """Add ``num_bytes`` moved inside the node at a sync to ``qsr/bytes_intra_node``."""
@@ -74,10 +108,11 @@ class Engine:
         return averaged_tensors(self.module, average_buffers)
 
     def make_averager(
-        self, tensors: Callable[[], list[torch.Tensor]], fp32_average: bool, mode: AveragerMode
+        self, tensors: Callable[[], list[torch.Tensor]], fp32_average: bool, mode: AveragerMode, fragments: int = 1
     ) -> ParameterAverager:
-        """The averager a sync runs (a [`ParameterAverager`] over :attr:`process_group`; torchft: over the Manager)."""
-        return ParameterAverager(tensors, self.process_group, fp32_average, mode=mode)
+        """The averager a sync runs (a [`ParameterAverager`] over :attr:`process_group`, in ``fragments`` parts;
+        torchft: over the Manager)."""
+        return ParameterAverager(tensors, self.process_group, fp32_average, mode=mode, fragments=fragments)
 
     def after_average(self) -> None:
         """Propagate averaged tensors to where the backend reads them (nothing for plain parameters)."""

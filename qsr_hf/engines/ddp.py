@@ -21,6 +21,7 @@ class DDPEngine(Engine):
     """
 
     can_compress_delta = True
+    can_fragment = True
 
     def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         super().__init__(ddp.module)

@@ -58,8 +58,11 @@ class ReplicaEngine(Engine):
                     "already one worker; turn it off"
                 )
 
-    def make_averager(self, tensors: Callable[[], list[torch.Tensor]], fp32_average: bool, mode: AveragerMode) -> Any:
-        """A `qsr_hf.ft.averaging.ReplicaAverager` over the Manager (``mode`` is always in-place)."""
+    def make_averager(
+        self, tensors: Callable[[], list[torch.Tensor]], fp32_average: bool, mode: AveragerMode, fragments: int = 1
+    ) -> Any:
+        """A `qsr_hf.ft.averaging.ReplicaAverager` over the Manager (``mode`` is always in-place; ``fragments`` > 1
+        is refused by :meth:`check_support`)."""
         from qsr_hf.ft.averaging import ReplicaAverager
 
         return ReplicaAverager(tensors, self.manager, fp32_average, self.max_attempts)
