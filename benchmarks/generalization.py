@@ -280,10 +280,12 @@ def summarize(runs: list[dict], rules: list[str]) -> list[dict]:
 def markdown(rows: list[dict], meta: dict) -> str:
     a, jobs = meta["args"], meta["jobs"]
     variants = any(r["rule"].startswith("qsr_") for r in rows)
+    runs = sum(len(r["seeds"]) for r in rows)
+    cpu = "The runs' CPU time" if not meta.get("added") else f"The CPU time of all {runs} runs (the added rows' too)"
     machine = (
         f"Machine: {meta['machine']}. Wall time {meta['wall_seconds'] / 60:.1f} min with {jobs} runs in parallel; "
         f"load average {meta['load_before']:.1f} before / {meta['load_after']:.1f} after (a shared machine). "
-        f"The runs' CPU time adds up to {meta['cpu_seconds'] / 60:.1f} min: about "
+        f"{cpu} adds up to {meta['cpu_seconds'] / 60:.1f} min: about "
         f"{meta['cpu_seconds'] / 60 / jobs:.1f} min on {jobs} idle cores."
     )
     alphas = ", ".join(f"{k} {v:.4g}" for k, v in meta["alphas"].items())

@@ -235,13 +235,14 @@ def lm_study(d, fig):
     axes[2].legend(fontsize=7)
 
 
-# name -> (drawing function, figure size); slow_link_variants / _overlap_depth are slow_link.py --name ...
+# name -> (drawing function, figure size); slow_link_variants / _overlap_depth / _100mbit are slow_link.py --name ...
 FIGURES = {
     "averaging": (averaging, (12, 4.5)),
     "step_overhead": (step_overhead, (8, 3)),
     "slow_link": (slow_link, (12, 6.5)),
     "slow_link_variants": (slow_link, (12, 3.5)),
     "slow_link_overlap_depth": (slow_link, (12, 3.5)),
+    "slow_link_100mbit": (slow_link, (12, 3.5)),
     "slow_link_nodes": (slow_link_nodes, (12, 3)),
     "memory_hsdp": (memory_hsdp, (9, 2.5)),
     "scaling_check": (scaling_check, (8, 3)),
