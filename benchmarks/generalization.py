@@ -8,6 +8,8 @@ seed, so differences between rules are paired. Writes benchmarks/results/general
     python benchmarks/generalization.py              # the committed run (14 min on 2 CPU cores)
     python benchmarks/generalization.py --quick      # smoke test (~1 min)
     python benchmarks/generalization.py --variants   # QSR vs QSR + qsr_overlap_sync vs QSR + qsr_compress_delta
+    python benchmarks/generalization.py --merge benchmarks/results/generalization_variants.json --rules qsr_overlap2
+        # adds a rule (here: the average folded in 2 steps late) to a finished run, with its setup and seeds
 
 Data: /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist). Without it, the run falls back to
 scikit-learn's digits with a warning; those numbers say nothing about the paper's claim.
@@ -41,6 +43,8 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).parent / "results"
 RULES = ["ddp", "constant2", "constant4", "constant8", "post_local", "linear", "qsr", "cubic"]
 VARIANTS = ["ddp", "qsr", "qsr_overlap", "qsr_compress"]  # --variants: issue 14's overlap and compression
+DEPTHS = {"qsr_overlap2": 2, "qsr_overlap3": 3}  # qsr_overlap_steps (issue 20): the average arrives that late
+EXTRA = ["qsr_nesterov", *DEPTHS, "qsr_fragments4"]  # rules added to a finished --variants run with --merge
 OUTER = {"qsr_outer_optimizer": "nesterov", "qsr_outer_lr": 0.7, "qsr_outer_momentum": 0.9}  # DiLoCo's outer step
 LABELS = {
     "ddp": "data-parallel",
@@ -55,6 +59,8 @@ LABELS = {
     "qsr_compress": "QSR + bf16 delta compression",
     "qsr_nesterov": "QSR + Nesterov outer step (0.7, 0.9)",
     "qsr_fragments4": "QSR + 4 fragments (staggered syncs)",
+    "qsr_overlap2": "QSR + overlap, 2 steps late",
+    "qsr_overlap3": "QSR + overlap, 3 steps late",
 }
 # the paper's ViT-B recipe: alpha = 0.0175 at peak lr 0.008 with H_base = 4, i.e. 1.09375 * peak_lr * sqrt(H_base)
 PAPER_ALPHA_RATIO = 0.0175 / (0.008 * math.sqrt(4))
@@ -154,6 +160,8 @@ def rule_configs(args, lrs: list[float], warmup_steps: int) -> dict[str, QSRConf
     configs["qsr_overlap"] = dataclasses.replace(configs["qsr"], qsr_overlap_sync=True)
     configs["qsr_compress"] = dataclasses.replace(configs["qsr"], qsr_compress_delta=True)
     configs["qsr_nesterov"] = dataclasses.replace(configs["qsr"], **OUTER)
+    for name, depth in DEPTHS.items():
+        configs[name] = dataclasses.replace(configs["qsr_overlap"], qsr_overlap_steps=depth)
     configs["qsr_fragments4"] = dataclasses.replace(configs["qsr"], qsr_fragments=4)  # Streaming DiLoCo's pattern
     return configs
 
@@ -241,11 +249,13 @@ def describe(run: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------- report
 def summarize(runs: list[dict], rules: list[str]) -> list[dict]:
     by_seed_ddp = {r["seed"]: r["test_acc"] for r in runs if r["rule"] == "ddp"}
+    by_seed_qsr = {r["seed"]: r["test_acc"] for r in runs if r["rule"] == "qsr"}
     rows = []
     for rule in rules:
         rs = sorted((r for r in runs if r["rule"] == rule), key=lambda r: r["seed"])
         acc = np.array([r["test_acc"] for r in rs]) * 100
         diff = np.array([100 * (r["test_acc"] - by_seed_ddp[r["seed"]]) for r in rs if r["seed"] in by_seed_ddp])
+        vs_qsr = [100 * (r["test_acc"] - by_seed_qsr[r["seed"]]) for r in rs if r["seed"] in by_seed_qsr]
         rows.append(
             {
                 "rule": rule,
@@ -254,6 +264,10 @@ def summarize(runs: list[dict], rules: list[str]) -> list[dict]:
                 "test_acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                 "diff_vs_ddp_mean": float(diff.mean()) if len(diff) else None,
                 "diff_vs_ddp_std": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+                # paired with plain QSR (same seed): what a variant of QSR changes
+                "diff_vs_qsr_per_seed": vs_qsr,
+                "diff_vs_qsr_mean": float(np.mean(vs_qsr)) if vs_qsr else None,
+                "diff_vs_qsr_std": float(np.std(vs_qsr, ddof=1)) if len(vs_qsr) > 1 else 0.0,
                 "train_acc_mean": float(np.mean([r["train_acc"] for r in rs]) * 100),
                 "test_loss_mean": float(np.mean([r["test_loss"] for r in rs])),
                 "syncs": rs[0]["syncs"],
@@ -267,10 +281,13 @@ def summarize(runs: list[dict], rules: list[str]) -> list[dict]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     a, jobs = meta["args"], meta["jobs"]
+    variants = any(r["rule"].startswith("qsr_") for r in rows)
+    runs = sum(len(r["seeds"]) for r in rows)
+    cpu = "The runs' CPU time" if not meta.get("added") else f"The CPU time of all {runs} runs (the added rows' too)"
     machine = (
         f"Machine: {meta['machine']}. Wall time {meta['wall_seconds'] / 60:.1f} min with {jobs} runs in parallel; "
         f"load average {meta['load_before']:.1f} before / {meta['load_after']:.1f} after (a shared machine). "
-        f"The runs' CPU time adds up to {meta['cpu_seconds'] / 60:.1f} min: about "
+        f"{cpu} adds up to {meta['cpu_seconds'] / 60:.1f} min: about "
         f"{meta['cpu_seconds'] / 60 / jobs:.1f} min on {jobs} idle cores."
     )
     alphas = ", ".join(f"{k} {v:.4g}" for k, v in meta["alphas"].items())
@@ -286,6 +303,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "# Generalization benchmark (issue 7)"
         + (": overlap and compression variants (issue 14)" if any(r["rule"] in VARIANTS[2:] for r in rows) else "")
         + (", outer optimizer (issue 18)" if any(r["rule"] == "qsr_nesterov" for r in rows) else "")
+        + (", overlap depth (issue 20)" if any(r["rule"] in DEPTHS for r in rows) else "")
         + (", fragments (issue 20)" if any(r["rule"] == "qsr_fragments4" for r in rows) else ""),
         "",
         f"Command: `{meta['command']}`  ",
@@ -297,8 +315,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ),
         setup,
         "",
-        "| rule | test acc % (mean ± std) | vs data-parallel (paired) | train acc % | syncs | comm vs data-parallel |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| rule | test acc % (mean ± std) | vs data-parallel (paired) "
+        + ("| vs QSR (paired; per seed) " if variants else "")
+        + "| train acc % | syncs | comm vs data-parallel |",
+        "| --- | --- | --- " + ("| --- " if variants else "") + "| --- | --- | --- |",
     ]
     for r in rows:
         diff = (
@@ -306,15 +326,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
             if r["rule"] == "ddp" or r["diff_vs_ddp_mean"] is None
             else f"{r['diff_vs_ddp_mean']:+.2f} ± {r['diff_vs_ddp_std']:.2f}"
         )
+        vs_qsr = ""
+        if variants:  # what a variant of QSR changes, paired with plain QSR (same seed)
+            per_seed = ", ".join(f"{d:+.2f}" for d in r.get("diff_vs_qsr_per_seed") or [])
+            vs_qsr = (
+                "— "
+                if not r["rule"].startswith("qsr_") or r.get("diff_vs_qsr_mean") is None
+                else f"{r['diff_vs_qsr_mean']:+.2f} ± {r['diff_vs_qsr_std']:.2f} ({per_seed}) "
+            ) + "| "
         lines.append(
-            f"| {r['label']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {diff} | {r['train_acc_mean']:.2f} "
-            f"| {r['syncs']} | {100 * r['comm_vs_ddp']:.1f}% |"
+            f"| {r['label']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {diff} | {vs_qsr}"
+            f"{r['train_acc_mean']:.2f} | {r['syncs']} | {100 * r['comm_vs_ddp']:.1f}% |"
         )
     lines += [
         "",
         (
             f"Seeds: {rows[0]['seeds']} (std over seeds, ddof=1; 'paired' = per-seed difference with the "
-            "data-parallel run of the same init and data order)."
+            "data-parallel (or QSR) run of the same init and data order)."
         ),
         (
             "Paper (ImageNet, single runs): ViT-B AdamW data-parallel 79.86, constant H=4 79.32, QSR 80.98 "
@@ -347,9 +375,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of steps before post-local goes local (assumption)",
     )
-    p.add_argument(
-        "--rules", nargs="+", choices=[*RULES, *VARIANTS[2:], "qsr_nesterov", "qsr_fragments4"], default=RULES
-    )
+    p.add_argument("--rules", nargs="+", choices=[*RULES, *VARIANTS[2:], *EXTRA], default=RULES)
     p.add_argument(
         "--variants",
         action="store_true",
@@ -368,13 +394,20 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def figure_name(out: Path) -> str:
+    """The `plots.FIGURES` entry of an output prefix (its own name if registered: figure size)."""
+    return out.name if out.name in plots.FIGURES else "generalization"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         out = Path(args.replot).with_suffix("")
-        out.with_suffix(".md").write_text(markdown(saved["summary"], saved["meta"]))
-        plots.draw("generalization", args.replot)
+        out.with_suffix(".md").write_text(
+            markdown(summarize(saved["runs"], saved["meta"]["args"]["rules"]), saved["meta"])
+        )
+        plots.draw(figure_name(out), args.replot)
         return
     merged = None
     if args.merge:
@@ -464,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     out.with_suffix(".md").write_text(markdown(rows, meta))
-    plots.draw("generalization", out.with_suffix(".json"))  # the figure of benchmarks/plots.py
+    plots.draw(figure_name(out), out.with_suffix(".json"))  # the figure of benchmarks/plots.py
     print(markdown(rows, meta))
     print(f"wrote {out}.json/.md/.png in {wall / 60:.1f} min")
 

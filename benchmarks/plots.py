@@ -165,7 +165,8 @@ def generalization(d, fig):
     from matplotlib.ticker import ScalarFormatter
 
     rows, runs, meta = d["summary"], d["runs"], d["meta"]
-    axes = fig.subplots(1, 3)
+    variants = [r for r in rows if r["rule"].startswith("qsr_")]
+    axes = fig.subplots(1, 4 if variants else 3, width_ratios=[1, 1, 1, 0.8] if variants else None)
     colors = {r["rule"]: c for r, c in zip(rows, colormaps["tab10"].colors, strict=False)}
     labels = {r["rule"]: r["label"] for r in rows}
     for r in rows:
@@ -188,6 +189,28 @@ def generalization(d, fig):
                "qsr_compress"), colors, labels)  # fmt: skip
     for ax in axes[:3:2]:
         ax.legend(fontsize=8)
+    if variants:
+        _paired_with_qsr(axes[3], variants, runs)
+
+
+def _paired_with_qsr(ax, variants, runs):  # per variant of QSR: test accuracy minus QSR's, same seed
+    qsr = {x["seed"]: 100 * x["test_acc"] for x in runs if x["rule"] == "qsr"}
+    import textwrap
+
+    y, notes = np.arange(len(variants)), []
+    for i, r in enumerate(variants):
+        diffs = [100 * x["test_acc"] - qsr[x["seed"]] for x in runs if x["rule"] == r["rule"] and x["seed"] in qsr]
+        std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+        ax.barh(i, np.mean(diffs), xerr=std, capsize=3, color="tab:blue", alpha=0.6)
+        ax.plot(diffs, [i] * len(diffs), "k.", markersize=4)
+        notes.append(f"{np.mean(diffs):+.2f} ± {std:.2f}")
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_yticks(
+        y, [f"{textwrap.fill(r['label'], 22)}\n{n}" for r, n in zip(variants, notes, strict=True)], fontsize=8
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy minus QSR's, same seed (points)")
+    ax.set_title("paired with QSR (mean ± std; dots: seeds)", fontsize=10)
 
 
 def lm_study(d, fig):
@@ -219,7 +242,7 @@ def lm_study(d, fig):
     axes[2].legend(fontsize=7)
 
 
-# name -> (drawing function, figure size); slow_link_variants / _overlap_depth are slow_link.py --name ...
+# name -> (drawing function, figure size); slow_link_variants / _overlap_depth / _100mbit are slow_link.py --name ...
 FIGURES = {
     "averaging": (averaging, (12, 4.5)),
     "averaging_checks": (averaging, (12, 4.5)),
@@ -227,12 +250,13 @@ FIGURES = {
     "slow_link": (slow_link, (12, 6.5)),
     "slow_link_variants": (slow_link, (12, 3.5)),
     "slow_link_overlap_depth": (slow_link, (12, 3.5)),
+    "slow_link_100mbit": (slow_link, (12, 3.5)),
     "slow_link_nodes": (slow_link_nodes, (12, 3)),
     "memory_hsdp": (memory_hsdp, (9, 2.5)),
     "scaling_check": (scaling_check, (8, 3)),
     "input_pipeline": (input_pipeline, (10, 4.5)),
     "generalization": (generalization, (17, 4.8)),
-    "generalization_variants": (generalization, (17, 4.8)),
+    "generalization_variants": (generalization, (22, 5)),
     "lm_study": (lm_study, (17, 4.8)),
     "lm_study_quick": (lm_study, (17, 4.8)),
     "lm_study_h40": (lm_study, (17, 4.8)),
