@@ -6,6 +6,7 @@ so a table on the documentation's benchmarks page and its figure come from the s
 """
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -195,8 +196,6 @@ def generalization(d, fig):
 
 def _paired_with_qsr(ax, variants, runs):  # per variant of QSR: test accuracy minus QSR's, same seed
     qsr = {x["seed"]: 100 * x["test_acc"] for x in runs if x["rule"] == "qsr"}
-    import textwrap
-
     y, notes = np.arange(len(variants)), []
     for i, r in enumerate(variants):
         diffs = [100 * x["test_acc"] - qsr[x["seed"]] for x in runs if x["rule"] == r["rule"] and x["seed"] in qsr]
@@ -250,7 +249,7 @@ FIGURES = {
     "slow_link": (slow_link, (12, 6.5)),
     "slow_link_variants": (slow_link, (12, 3.5)),
     "slow_link_overlap_depth": (slow_link, (12, 3.5)),
-    "slow_link_100mbit": (slow_link, (12, 3.5)),
+    "slow_link_100mbit": (slow_link, (12, 3.8)),
     "slow_link_nodes": (slow_link_nodes, (12, 3)),
     "memory_hsdp": (memory_hsdp, (9, 2.5)),
     "scaling_check": (scaling_check, (8, 3)),
@@ -273,9 +272,9 @@ def draw(name: str, json_path: str | Path | None = None) -> Path | None:
     fig = plt.figure(figsize=size)
     data = json.loads(json_path.read_text())
     function(data, fig)
-    fig.suptitle(
-        f"{data.get('command') or data['meta']['command']}  ({json_path.name})", fontsize=9, family="monospace"
-    )
+    title = f"{data.get('command') or data['meta']['command']}  ({json_path.name})"
+    width = int(size[0] * 72 / 5.9)  # characters of 9-pt monospace that fit the figure's width
+    fig.suptitle(textwrap.fill(title, width), fontsize=9, family="monospace")
     fig.tight_layout()
     path = json_path.with_suffix(".png")
     fig.savefig(path, dpi=100)
