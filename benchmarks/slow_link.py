@@ -479,6 +479,7 @@ def main(argv=None):
                 methods[m] = {
                     "wall_s": max(r["wall_s"] for r in per_rank),
                     "syncs": per_rank[0]["syncs"],
+                    "overlap_steps": per_rank[0].get("overlap_steps"),  # qsr_overlap_auto: the depth chosen
                     "accounted_mb_per_rank": per_rank[0]["accounted_bytes"] / 1e6,
                     "iface_tx_mb_per_rank": [r["iface"]["tx_bytes"] / 1e6 for r in per_rank],
                     "local_step_median_s": max(r["local_step_median_s"] for r in per_rank),
