@@ -27,6 +27,7 @@ METHODS = {
     "qsr_overlap": "QSR + overlap", "constant_h4_overlap": "H = 4 + overlap", "qsr_compress": "QSR + bf16 delta",
     "qsr_overlap3": "QSR + overlap, 3 steps", "constant_h4_overlap3": "H = 4 + overlap, 3 steps",
     "qsr_overlap_auto": "QSR + overlap, auto depth", "constant_h4_overlap_auto": "H = 4 + overlap, auto depth",
+    "qsr_fragments4": "QSR, 4 fragments", "constant_h4_fragments4": "H = 4, 4 fragments",
     "qsr_process": "QSR, worker = process", "qsr_node_whole": "worker = node, whole model",
     "qsr_node_split": "worker = node, inter-node floor",
 }  # fmt: skip
@@ -249,6 +250,7 @@ FIGURES = {
     "slow_link": (slow_link, (12, 6.5)),
     "slow_link_variants": (slow_link, (12, 3.5)),
     "slow_link_overlap_depth": (slow_link, (12, 3.5)),
+    "slow_link_auto_fragments": (slow_link, (12, 3.5)),
     "slow_link_100mbit": (slow_link, (12, 3.8)),
     "slow_link_nodes": (slow_link_nodes, (12, 3)),
     "memory_hsdp": (memory_hsdp, (9, 2.5)),

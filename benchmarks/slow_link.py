@@ -333,6 +333,7 @@ def train(method, rank, steps, ifname, accelerator):
     overlap = opt.synchronizer.overlap if isinstance(opt, LocalOptimizer) else None
     for i, (x, y) in enumerate(batches):
         in_flight = overlap is not None and overlap.pending
+        averaged = opt.stats.bytes_averaged if isinstance(opt, LocalOptimizer) else 0  # fragments average mid-round
         t_step = time.perf_counter()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -350,7 +351,7 @@ def train(method, rank, steps, ifname, accelerator):
             comm_step.append((i + 1) % 4 == 0)
         else:  # with overlap the step that folds an average in waits for what is left of its all-reduce
             folded = in_flight and (not overlap.pending or opt.last_step_synced)
-            comm_step.append(opt.last_step_synced or folded)
+            comm_step.append(opt.last_step_synced or folded or opt.stats.bytes_averaged != averaged)
     if local_sgd is not None:
         local_sgd.__exit__(None, None, None)
         n_syncs = counter[0]
