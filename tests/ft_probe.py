@@ -47,10 +47,10 @@ def main() -> dict:
     trace, current = [], {}
     average, allreduce = ReplicaSynchronizer.average, torchft.manager.Manager.allreduce
 
-    def traced(self, kind, commit=True):
+    def traced(self, kind, commit=True, buckets=None):
         current.update(kind=kind, step=self.clock.step)
         before = _snapshot(self)
-        average(self, kind, commit)
+        average(self, kind, commit, buckets)
         trace.append(
             {
                 "kind": kind,

@@ -59,10 +59,11 @@ class ReplicaSynchronizer(Synchronizer):
             self.optimizer.load_state_dict(state["optimizer"])  # policy: the peer's optimizer state (documented)
         self.averager.kind, self.averager.healed = int(state["kind"]), True
 
-    def average(self, kind: int, commit: bool = True) -> None:
-        """A fault-tolerant sync (see [`Synchronizer.average`]); ``kind=START`` is the join at the start."""
+    def average(self, kind: int, commit: bool = True, buckets: list[int] | None = None) -> None:
+        """A fault-tolerant sync (see [`Synchronizer.average`]); ``kind=START`` is the join at the start.
+        ``buckets`` is always `None` here (``qsr_fragments`` is refused with torchft)."""
         self.averager.kind, synced_at = kind, self.synced_at
-        super().average(kind, commit)
+        super().average(kind, commit, buckets)
         averager, data = self.averager, self.data
         if kind == START:  # counted as an extra sync by the base class: undo, or count the peers' sync joined
             self.stats.extra_syncs -= 1
