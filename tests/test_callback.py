@@ -388,6 +388,7 @@ def test_trainer_torch_compile(tmp_path):
         assert not torch.equal(r0["params"][i], r1["params"][i]), f"ranks equal between syncs at step {i}"
 
 
+@pytest.mark.slow  # 10 s; the same synchronizer path is tested through LocalOptimizer (test_local_optimizer.py)
 def test_trainer_optimizer_state_averaging_option(tmp_path):
     config = QSRConfig(qsr_rule="constant", qsr_h_base=3, qsr_average_optimizer_state=True)
     r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=6)

@@ -84,6 +84,7 @@ def test_overlapped_sync_is_the_delayed_average_bitwise():
     assert equal == [False] * 6 + [True]
 
 
+@pytest.mark.slow  # 7 s; depths > 1 stay in the default run: the automatic-depth test (5 steps) and the simulation
 def test_overlap_over_two_steps_is_the_delayed_average_bitwise():
     # rounds of 3 (ends after steps 3 and 6, then 7): each average folded in 2 steps later, with both steps' change
     r0, r1 = run_distributed(_overlap_run, h=3, delay=2)

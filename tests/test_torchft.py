@@ -178,7 +178,8 @@ def test_death_in_sync_sleep_and_rejoin(tmp_path):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("outer", ["nesterov", pytest.param("none", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 12-24 s of real replica processes; the default run keeps the kill/rejoin test (issue 21)
+@pytest.mark.parametrize("outer", ["nesterov", "none"])
 def test_resume_inside_a_round_is_exact(tmp_path, outer):
     """``outer="none"`` (the plain average through torchft) is slow-marked: the same run without the outer step,
     ~15 s more on 2 cores."""
