@@ -461,6 +461,7 @@ def test_one_line_form_equals_config_form():
     assert QSRCallback(alpha=0.0175, h_base=4).config == QSRCallback(QSRConfig(qsr_alpha=0.0175, qsr_h_base=4)).config
 
 
+@pytest.mark.slow  # 22 s; outer resume bitwise: tests/test_outer.py; Trainer resume: test_resume_reproduces_uninterrupted_run
 def test_trainer_outer_optimizer_resumes_bitwise_and_logs(tmp_path):
     # QSR rounds + DiLoCo's Nesterov outer step; an evaluation (step 3) and a checkpoint (step 5) inside rounds
     config = dataclasses.replace(QSR, qsr_outer_optimizer="nesterov")
