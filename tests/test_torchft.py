@@ -79,6 +79,15 @@ def _run(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return logs
 
 
+def _stop(procs: list[subprocess.Popen], lighthouse: subprocess.Popen) -> None:
+    # whatever happened: no replica or lighthouse outlives its test
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    lighthouse.kill()
+    lighthouse.wait()
+
+
 def _results(out: Path, replicas: list[int]) -> tuple[list[dict], list[list[dict]]]:
     records = [json.loads((out / f"r{i}.json").read_text()) for i in replicas]
     return records, [torch.load(out / f"r{i}.pt", weights_only=True) for i in replicas]
@@ -131,11 +140,7 @@ def test_death_in_sync_sleep_and_rejoin(tmp_path):
         procs[2] = _replica(2, address, tmp_path / "r2.json", *nesterov)
         logs = _run(procs, 150)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        lighthouse.kill()
-        lighthouse.wait()
+        _stop(procs, lighthouse)
     (r0, r1, r2), traces = _results(tmp_path, [0, 1, 2])
     replicas = {step: n for record in (r0, r1) for step, n, _ in record["syncs"]}
     # the death inside the sync at DIE_AT failed both survivors' commit; they retried it from their own values
@@ -201,11 +206,7 @@ def test_resume_inside_a_round_is_exact(tmp_path, outer):
         assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
         _run(procs[:2], 120)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        lighthouse.kill()
-        lighthouse.wait()
+        _stop(procs, lighthouse)
     full = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
     resumed = [json.loads((tmp_path / f"resumed{i}.json").read_text()) for i in range(2)]
     traces = [torch.load(tmp_path / f"resumed{i}.pt", weights_only=True) for i in range(2)]
@@ -252,11 +253,7 @@ def test_ddp_replica_groups_kill_and_rejoin(tmp_path):
         procs[2:] = group(1, "g1")  # restarted: rejoins at the others' next sync
         _run(procs, 150)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        lighthouse.kill()
-        lighthouse.wait()
+        _stop(procs, lighthouse)
     records = {(g, r): json.loads((tmp_path / f"g{g}_rank{r}.json").read_text()) for g in range(2) for r in range(2)}
     # the restarted group joined mid-run at a sync with its peer group's state, both of its processes at once
     assert records[1, 0]["joined_at"] == records[1, 1]["joined_at"] > 12
