@@ -189,6 +189,12 @@ def check_end(sync: "Synchronizer") -> None:
         sync.engine.after_average()
 
 
+def parameters_must_agree(sync: "Synchronizer") -> bool:
+    """Whether every rank must hold identical parameters now: before training, at a round boundary or right after a
+    whole-model average (`qsr_hf.fragments.in_sync`); inside a round each rank holds its own."""
+    return in_sync(sync.clock, sync.config.qsr_fragments, sync.synced_at) or sync.synced_at == sync.clock.step
+
+
 def check_start(sync: "Synchronizer") -> RuntimeError | None:
     """Compare settings, step and world size (raises at once) and the starting values (returned, to defer).
 
@@ -205,7 +211,7 @@ def check_start(sync: "Synchronizer") -> RuntimeError | None:
     rows = exchange(agreement_values(sync, START), local)
     leaders = [row[2] for row in rows]
     try:
-        if in_sync(sync.clock, sync.config.qsr_fragments, sync.synced_at) or sync.synced_at == sync.clock.step:
+        if parameters_must_agree(sync):
             agreement.require_identical_start([row[0] for row in rows], leaders)
         agreement.require_identical_start([row[1] for row in rows], leaders, what="synced state (outer optimizer)")
     except RuntimeError as error:

@@ -192,7 +192,8 @@ class Synchronizer:
                 overlap = self.overlap is not None and scheduled and not last
                 num_bytes = sync_checks.exchange_then_average(self, kind, storage, transform, overlap, buckets)
                 if num_bytes is None:  # started overlapped: folded in at a later end_step
-                    return self.stats.record_sync(self.averager.bytes_per_sync, scheduled)
+                    self.stats.record_sync(self.averager.bytes_per_sync, scheduled)
+                    return
             self.engine.after_average()
         if buckets is None:  # the whole model: every rank holds the same tensors now
             self.synced_at = self.clock.step

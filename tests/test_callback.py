@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from testing_utils import flat_params, run_distributed, tiny_vit_config
+from testing_utils import default_group_sequence_number, flat_params, run_distributed, tiny_vit_config
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTForImageClassification
 
@@ -23,11 +23,6 @@ def make_dataset(n=64, seed=0):
     pixels = torch.randn(n, 3, 32, 32, generator=g)
     labels = torch.randint(0, 4, (n,), generator=g)
     return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
-
-
-def _sequence_number():
-    # every collective of the default group advances it: Python calls and C++ ones (DDP's reducer and buffer broadcast)
-    return dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
 
 
 class Recorder(TrainerCallback):
@@ -51,11 +46,11 @@ class Recorder(TrainerCallback):
         original_phase, original_gather, self._mark = trainer._maybe_log_save_evaluate, dist.all_gather, None
 
         def phase(*a, **k):
-            step, start = trainer.state.global_step, _sequence_number()
+            step, start = trainer.state.global_step, default_group_sequence_number()
             self.step_collectives[step] = self.step_collectives.get(step, 0) + start - (self._mark or start)
             self._log_phase = step
             original_phase(*a, **k)
-            self._log_phase, self._mark = None, _sequence_number()
+            self._log_phase, self._mark = None, default_group_sequence_number()
             self.log_collectives[step] = self.log_collectives.get(step, 0) + self._mark - start
 
         def gather(tensor_list, tensor, *a, **k):
@@ -65,7 +60,7 @@ class Recorder(TrainerCallback):
 
         trainer._maybe_log_save_evaluate, dist.all_gather = phase, gather
         self._restore_gather = lambda: setattr(dist, "all_gather", original_gather)
-        self._mark = _sequence_number()
+        self._mark = default_group_sequence_number()
 
     def on_train_begin(self, args, state, control, **kw):
         ddp = self.qsr.trainer.model_wrapped

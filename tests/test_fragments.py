@@ -9,8 +9,7 @@ continue bitwise.
 
 import pytest
 import torch
-import torch.distributed as dist
-from testing_utils import lr_step, nesterov_reference, rank_batches, run_distributed
+from testing_utils import default_group_sequence_number, lr_step, nesterov_reference, rank_batches, run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -45,10 +44,6 @@ def _tensors(ddp):
     return [p.detach().clone() for p in ddp.module.parameters()]
 
 
-def _sequence_number():
-    return dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
-
-
 def _record(ddp, local, log):
     # (kind, buckets, tensors before, tensors after, qsr/pseudo_grad_norm) of every average
     sync = local.synchronizer
@@ -66,9 +61,9 @@ def _qsr_run(rank):
     ddp, local = _build(QSR, len(LRS))
     out = {"per_step": [], "collectives": [], "synced": []}
     for step, batch in enumerate(rank_batches(rank, len(LRS)), 1):
-        start = _sequence_number()
+        start = default_group_sequence_number()
         lr_step(ddp, local, LRS[step - 1], batch)
-        out["collectives"].append(_sequence_number() - start)
+        out["collectives"].append(default_group_sequence_number() - start)
         out["synced"].append(local.last_step_synced)
         out["per_step"].append(_tensors(ddp))
         if step == 8:  # a round end: fragments 0 and 1 moved since their average, so the view must average

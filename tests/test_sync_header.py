@@ -7,9 +7,8 @@ this path); an early stop checks in a sync-shaped collective that leaves the mod
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from testing_utils import flat_params, rank_batches, run_distributed
+from testing_utils import default_group_sequence_number, flat_params, rank_batches, run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -71,10 +70,6 @@ class _Mixed(nn.Module):
         return self.b(F.relu(self.a(x.to(self.a.weight.dtype))).to(torch.bfloat16)).float()
 
 
-def _sequence_number():
-    return dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
-
-
 def _run(model_fn, steps, total, lr=0.1, h=2, rank=0):
     torch.manual_seed(0)
     ddp = DDP(model_fn())
@@ -83,9 +78,9 @@ def _run(model_fn, steps, total, lr=0.1, h=2, rank=0):
     collectives, params = [], []
     for x, y in rank_batches(rank, steps):
         F.cross_entropy(ddp(x), y).backward()
-        start = _sequence_number()
+        start = default_group_sequence_number()
         local.step()
-        collectives.append(_sequence_number() - start)
+        collectives.append(default_group_sequence_number() - start)
         local.zero_grad()
         params.append(flat_params(ddp.module))
     return ddp, local, collectives, params
@@ -104,16 +99,16 @@ def _ranks(rank, world_size):
     # a run to its last step: syncs are one all-reduce per bucket, nothing between them, nothing at the end
     ddp, local, out["collectives"], out["params"] = _run(_Mixed, 6, 6, rank=rank)
     out["buckets"], out["folds"] = local.synchronizer.averager.num_buckets, folds_checks(local.synchronizer)
-    start = _sequence_number()
+    start = default_group_sequence_number()
     local.close()
-    out["end_collectives"] = _sequence_number() - start
+    out["end_collectives"] = default_group_sequence_number() - start
     # an early stop after the sync at step 4 of 12: one sync-shaped collective, the model bitwise unchanged
     ddp, local, _, _ = _run(_Mixed, 4, 12, rank=rank)
     with torch.no_grad():  # the same values on every rank, for which an average of 3 equal copies is not bitwise x
         ddp.module.a.weight.copy_(torch.randn(16, 8, generator=torch.Generator().manual_seed(1)))
-    before, start = flat_params(ddp.module), _sequence_number()
+    before, start = flat_params(ddp.module), default_group_sequence_number()
     local.close()
-    out["early_end_collectives"] = _sequence_number() - start
+    out["early_end_collectives"] = default_group_sequence_number() - start
     out["early_end_unchanged"] = torch.equal(flat_params(ddp.module), before)
     # all-bf16 parameters (averaged in fp32: the header rides in the up-cast buffer): rank 2 runs one step less, so
     # its end-of-training sync at step 5 meets the others' last sync at step 6

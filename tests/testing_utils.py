@@ -136,6 +136,11 @@ def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat(tensors)
 
 
+def default_group_sequence_number() -> int:
+    """How many collectives the default group has run: Python calls and C++ ones (DDP's reducer, buffer broadcast)."""
+    return dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
+
+
 COLLECTIVES = (
     "all_reduce", "broadcast", "_broadcast_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
     "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all_single", "barrier",

@@ -16,6 +16,7 @@ from qsr_hf.agreement import ROUND_END, START, tensors_checksum
 from qsr_hf.config import QSRConfig
 from qsr_hf.engines.torchft import ReplicaEngine
 from qsr_hf.local_optimizer import LocalOptimizer
+from qsr_hf.sync_checks import parameters_must_agree
 from qsr_hf.synchronizer import Synchronizer
 
 
@@ -44,7 +45,7 @@ class ReplicaSynchronizer(Synchronizer):
         # what the replicas must hold identically at the start: the synced state (outer optimizer) always, the
         # parameters when training starts or resumes at a sync (a resume inside a round holds each replica's own)
         tensors = [] if self.synced is None else self.synced.tensors()
-        if not self.clock.in_round or self.synced_at == self.clock.step:
+        if parameters_must_agree(self):
             tensors += [p for p in self.engine.module.parameters() if p.requires_grad]
         return tensors_checksum(tensors)
 
