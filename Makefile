@@ -12,7 +12,7 @@ test-slow:
 	python -m pytest -m slow
 
 quality:
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && lint-imports
 
 style:
 	ruff check --fix . && ruff format .

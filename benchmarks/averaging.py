@@ -18,15 +18,15 @@ Methods, each averaging the same fp32 parameters of a model with ViT shapes:
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=1).step()` (barrier, then per parameter
   clone + all_reduce + div, re-binding ``p.data``).
 - ``per_param_inplace``: one in-place ``all_reduce`` per parameter (for reference: the per-call cost alone).
-- ``qsr_hf_outer``: the ``qsr_hf`` average plus DiLoCo's Nesterov outer step (`qsr_hf.synced_state.SyncedState`
-  with `qsr_hf.outer.OuterStep`: 8 bytes per parameter of state, the step streamed in 4M-value chunks).
+- ``qsr_hf_outer``: the ``qsr_hf`` average plus DiLoCo's Nesterov outer step (`qsr_hf.sync.synced_state.SyncedState`
+  with `qsr_hf.sync.outer.OuterStep`: 8 bytes per parameter of state, the step streamed in 4M-value chunks).
 - ``finite_check``: what qsr_hf's Synchronizer checks before averaging, on the ``qsr_hf`` row's buffers:
-  `qsr_hf.agreement.all_finite` (one fp32 sum per flat buffer), no communication.
-- ``sync_checks``: ``finite_check`` plus the agreement all-gather (`qsr_hf.agreement.exchange`, 14 int64 per rank):
+  `qsr_hf.sync.agreement.all_finite` (one fp32 sum per flat buffer), no communication.
+- ``sync_checks``: ``finite_check`` plus the agreement all-gather (`qsr_hf.sync.agreement.exchange`, 14 int64 per rank):
   what a sync adds to the average when the checks run separately (compression, overlap, hierarchical, FSDP2). Its
   ratio to ``qsr_hf`` is the ``separate_checks_vs_average`` column.
 - ``qsr_hf_checked``: a DDP sync's whole average with its checks riding on the collective
-  (`qsr_hf.sync_header.average_with_header`: ``finite_check``, then the ``qsr_hf`` average with the agreement header
+  (`qsr_hf.runtime.paths.average_with_header`: ``finite_check``, then the ``qsr_hf`` average with the agreement header
   appended to its buffer; no other collective). ``folded_checks_vs_average`` = (``qsr_hf_checked`` - ``qsr_hf``) /
   ``qsr_hf``: what the checks add to a sync now.
 
@@ -90,10 +90,10 @@ def _worker(rank, world_size, shapes, reps, methods):
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
     from qsr_hf import ParameterAverager
-    from qsr_hf.agreement import COMMON, all_finite, exchange, layout_fingerprint
-    from qsr_hf.outer import OuterStep
-    from qsr_hf.sync_header import average_with_header
-    from qsr_hf.synced_state import SyncedState
+    from qsr_hf.runtime.paths import average_with_header
+    from qsr_hf.sync.agreement import COMMON, all_finite, exchange, layout_fingerprint
+    from qsr_hf.sync.outer import OuterStep
+    from qsr_hf.sync.synced_state import SyncedState
 
     def agreement_values(averager):
         # what a sync computes: fixed values, and the layout fingerprint of the averaged tensors (hashed each sync)

@@ -146,9 +146,9 @@ def _sync_local_work(rank, world_size, size, model):
     import torch
     import torch.distributed as dist
 
-    from qsr_hf.agreement import all_finite
-    from qsr_hf.averaging import ParameterAverager
-    from qsr_hf.tensor_selection import averaged_tensors
+    from qsr_hf.sync.agreement import all_finite
+    from qsr_hf.sync.averaging import ParameterAverager
+    from qsr_hf.sync.tensor_selection import averaged_tensors
 
     device = _on_gpu(rank)
     torch.set_grad_enabled(False)

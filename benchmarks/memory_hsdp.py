@@ -51,7 +51,7 @@ def _measure(mode, rank, world_size, port, queue):
     import torch.distributed as dist
 
     from qsr_hf import LocalOptimizer, QSRConfig
-    from qsr_hf.tensor_selection import optimizer_state_tensors
+    from qsr_hf.sync.tensor_selection import optimizer_state_tensors
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

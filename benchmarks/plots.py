@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qsr_hf.plotting import import_pyplot
+from qsr_hf.core.plotting import import_pyplot
 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -10,9 +10,9 @@ zero_grad. Variants, each measured on both ranks at once (so the CPU contention 
 - ``ddp``: `accelerator.prepare` (DistributedDataParallel): one gradient all-reduce per step.
 - ``local_optimizer``: `accelerator.prepare` + `qsr_hf.LocalOptimizer` with a round longer than the run, so every
   measured step is a local (non-sync) step.
-- ``trainer_ddp`` / ``trainer_qsr``: `transformers.Trainer` without and with `qsr_hf.callback.QSRCallback` (same
+- ``trainer_ddp`` / ``trainer_qsr``: `transformers.Trainer` without and with `qsr_hf.frontends.callback.QSRCallback` (same
   settings, round longer than the run), timed from ``on_step_begin`` to ``on_step_end``. Skipped with a reason if
-  `qsr_hf.callback` cannot be imported.
+  `qsr_hf.frontends.callback` cannot be imported.
 
 All variants run in each of ``--rounds`` fresh process pairs, in an order rotated every round. Reported: the median
 (and the 10th percentile, which load from other processes on a shared machine disturbs least) over the measured steps
@@ -120,7 +120,7 @@ def _trainer(rank, world_size, variant, steps):
     callbacks = [timer]
     if variant == "trainer_qsr":
         from qsr_hf import QSRConfig
-        from qsr_hf.callback import QSRCallback
+        from qsr_hf.frontends.callback import QSRCallback
 
         # first, so that its on_step_end (a sync, if due) is inside the timed span
         callbacks.insert(0, QSRCallback(QSRConfig(qsr_rule="constant", qsr_h_base=10 * steps)))
@@ -167,9 +167,9 @@ def main(argv=None):
     variants = list(LOOP_VARIANTS)
     skipped = {}
     try:
-        import qsr_hf.callback  # noqa: F401
+        import qsr_hf.frontends.callback  # noqa: F401
     except ImportError as e:
-        skipped = dict.fromkeys(TRAINER_VARIANTS, f"qsr_hf.callback not importable: {e}")
+        skipped = dict.fromkeys(TRAINER_VARIANTS, f"qsr_hf.frontends.callback not importable: {e}")
     else:
         variants += TRAINER_VARIANTS
 

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from qsr_hf import QSRConfig
-from qsr_hf.agreement import tensors_checksum
 from qsr_hf.ft import FTLocalOptimizer, make_manager
+from qsr_hf.sync.agreement import tensors_checksum
 
 
 def batch(index: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

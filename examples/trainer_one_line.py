@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
-from qsr_hf.callback import QSRCallback  # QSR
+from qsr_hf.frontends.callback import QSRCallback  # QSR
 from qsr_hf.training.data import ImageDataset, class_names, load_image_dataset
 from qsr_hf.training.models import build_model
 from qsr_hf.training.transforms import EvalTransform, ImageCollator, TrainTransform

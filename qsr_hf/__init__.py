@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 
 if TYPE_CHECKING:
-    from qsr_hf.accounting import SyncStats
     from qsr_hf.analysis.planner import plan
-    from qsr_hf.averaging import ParameterAverager
-    from qsr_hf.callback import QSRCallback
-    from qsr_hf.config import QSRConfig
-    from qsr_hf.local_optimizer import LocalOptimizer
-    from qsr_hf.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
+    from qsr_hf.core.accounting import SyncStats
+    from qsr_hf.core.config import QSRConfig
+    from qsr_hf.core.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
+    from qsr_hf.frontends.callback import QSRCallback
+    from qsr_hf.frontends.local_optimizer import LocalOptimizer
+    from qsr_hf.sync.averaging import ParameterAverager
 
 try:
     __version__ = version("qsr_hf")
@@ -25,15 +25,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 # public name -> module that defines it
 _PUBLIC = {
-    "ConstantSchedule": "qsr_hf.schedules",
-    "LocalOptimizer": "qsr_hf.local_optimizer",
-    "ParameterAverager": "qsr_hf.averaging",
-    "PostLocalSchedule": "qsr_hf.schedules",
-    "PowerSchedule": "qsr_hf.schedules",
-    "QSRCallback": "qsr_hf.callback",
-    "QSRConfig": "qsr_hf.config",
-    "SyncSchedule": "qsr_hf.schedules",
-    "SyncStats": "qsr_hf.accounting",
+    "ConstantSchedule": "qsr_hf.core.schedules",
+    "LocalOptimizer": "qsr_hf.frontends.local_optimizer",
+    "ParameterAverager": "qsr_hf.sync.averaging",
+    "PostLocalSchedule": "qsr_hf.core.schedules",
+    "PowerSchedule": "qsr_hf.core.schedules",
+    "QSRCallback": "qsr_hf.frontends.callback",
+    "QSRConfig": "qsr_hf.core.config",
+    "SyncSchedule": "qsr_hf.core.schedules",
+    "SyncStats": "qsr_hf.core.accounting",
     "plan": "qsr_hf.analysis.planner",
 }
 

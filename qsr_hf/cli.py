@@ -22,7 +22,7 @@ from qsr_hf.analysis.planner import (
     synced_state_bytes_per_param,
 )
 from qsr_hf.analysis.scaling import NodeLayout, predict_node_modes, predict_wall_clock
-from qsr_hf.config import QSRConfig
+from qsr_hf.core.config import QSRConfig
 
 
 PLAN_HELP = "replay a sync rule over an lr schedule: round lengths, syncs, communication vs data-parallel"
@@ -169,7 +169,7 @@ def _summary(config: QSRConfig, result: Plan, lrs: Sequence[float]) -> dict[str,
 
 
 def _plot(path: str, result: Plan, lrs: Sequence[float]) -> str:
-    from qsr_hf.plotting import import_pyplot
+    from qsr_hf.core.plotting import import_pyplot
 
     try:
         plt = import_pyplot()

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torchft.manager
 
-from qsr_hf.agreement import ROUND_END
 from qsr_hf.ft.optimizer import ReplicaSynchronizer
+from qsr_hf.sync.agreement import ROUND_END
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

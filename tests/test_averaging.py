@@ -5,7 +5,7 @@ import torch.distributed as dist
 from testing_utils import BNMLP, run_distributed
 
 from qsr_hf import ParameterAverager
-from qsr_hf.tensor_selection import averaged_tensors
+from qsr_hf.sync.tensor_selection import averaged_tensors
 
 
 def _average(rank, world_size, dtype, fp32):

@@ -14,8 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, ViTForImag
 
 from qsr_hf import QSRConfig
 from qsr_hf.analysis.planner import plan
-from qsr_hf.callback import QSRCallback
-from qsr_hf.checkpoint import read_state_file
+from qsr_hf.checkpoint.files import read_state_file
+from qsr_hf.frontends.callback import QSRCallback
 
 
 def make_dataset(n=64, seed=0):
@@ -169,7 +169,7 @@ QSR = QSRConfig(qsr_rule="qsr", qsr_alpha=2e-3, qsr_h_base=2)
 def _assert_collectives_only_at_syncs_and_logs(run, logging_steps, where):
     # every collective of the default group, counted by its sequence number. Between syncs a step communicates
     # nothing (no gradient all-reduce, no token-count all-gather from average_tokens_across_devices); a sync step
-    # is one all-reduce per bucket and nothing else (the agreement check rides on the first, `qsr_hf.sync_header`);
+    # is one all-reduce per bucket and nothing else (the agreement check rides on the first, `qsr_hf.sync.header`);
     # the Trainer's log phase all-gathers one-value tensors
     # (the loss and the flos count) at its logging steps and communicates nothing at the other steps
     assert sorted(run["step_collectives"]) == list(range(1, len(run["synced"]) + 1)), where

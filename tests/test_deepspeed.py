@@ -12,8 +12,8 @@ from testing_utils import BNMLP, flat_params, rank_batches, require_deepspeed, r
 
 from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.analysis.planner import plan
-from qsr_hf.checkpoint import read_state_file
-from qsr_hf.sync_checks import folds_checks
+from qsr_hf.checkpoint.files import read_state_file
+from qsr_hf.runtime.paths import folds_checks
 
 
 pytestmark = require_deepspeed
@@ -190,7 +190,7 @@ def _train(rank, world_size, precision, clip, steps, h, optimizer="torch", outer
     finally:
         spy.close()
     out["buckets"] = local.synchronizer.averager.num_buckets
-    out["folds"] = folds_checks(local.synchronizer)  # the agreement check rides on the first all-reduce
+    out["folds"] = folds_checks(local.synchronizer.path)  # the agreement check rides on the first all-reduce
     out["optimizer"] = type(engine.optimizer).__name__
     out["init_masters"] = init
     if precision == "fp32":  # one spawn less: check the refusal of ZeRO 1-3 in this process too
@@ -399,7 +399,7 @@ def _trainer_run(rank, world_size, out_dir, steps, h, save_steps, resume=None):
     from testing_utils import tiny_vit_config
     from transformers import Trainer, TrainerCallback, TrainingArguments, ViTForImageClassification
 
-    from qsr_hf.callback import QSRCallback
+    from qsr_hf.frontends.callback import QSRCallback
 
     spy = CollectiveSpy()
 
@@ -458,7 +458,7 @@ def _trainer_run(rank, world_size, out_dir, steps, h, save_steps, resume=None):
         "collectives": recorder.collectives,
         "synced": recorder.synced,
         "buckets": qsr.synchronizer.averager.num_buckets,
-        "folds": folds_checks(qsr.synchronizer),
+        "folds": folds_checks(qsr.synchronizer.path),
         "final": flat_params(trainer.model),
         "final_masters": _masters(engine),
     }

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qsr_hf import LocalOptimizer, QSRConfig
-from qsr_hf.callback import QSRCallback
-from qsr_hf.checkpoint import rank_state_path, read_state_file
-from qsr_hf.elastic import mean_optimizer_state
+from qsr_hf.checkpoint.elastic import mean_optimizer_state
+from qsr_hf.checkpoint.files import rank_state_path, read_state_file
+from qsr_hf.frontends.callback import QSRCallback
 
 
 TIMEOUT = 180

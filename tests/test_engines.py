@@ -10,7 +10,7 @@ from qsr_hf import QSRConfig
 from qsr_hf.engines import detect_engine, find_wrapper
 from qsr_hf.engines.ddp import DDPEngine
 from qsr_hf.engines.single_process import SingleProcessEngine
-from qsr_hf.synchronizer import Synchronizer
+from qsr_hf.runtime.synchronizer import Synchronizer
 
 
 def _detect(rank, world_size):

@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qsr_hf import LocalOptimizer, QSRConfig
-from qsr_hf.callback import QSRCallback
-from qsr_hf.checkpoint import MANIFEST, rank_state_path, read_state_file
+from qsr_hf.checkpoint.files import MANIFEST, rank_state_path, read_state_file
+from qsr_hf.frontends.callback import QSRCallback
 
 
 TIMEOUT = 120
@@ -400,7 +400,7 @@ def test_a_rank_that_crashes_inside_a_round_stops_the_run(tmp_path):
 
 
 def _agreement_meets_another_collective(rank, world_size, tmp):
-    from qsr_hf.agreement import COMMON, ROUND_END, exchange
+    from qsr_hf.sync.agreement import COMMON, ROUND_END, exchange
 
     if rank == 0:  # at a sync
         try:

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from qsr_hf import LocalOptimizer, ParameterAverager, QSRConfig
-from qsr_hf.agreement import FRAGMENT_SYNC, ROUND_END
-from qsr_hf.fragments import due, partition
+from qsr_hf.sync.agreement import FRAGMENT_SYNC, ROUND_END
+from qsr_hf.sync.fragments import due, partition
 
 
 F = 3

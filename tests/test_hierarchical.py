@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.analysis.planner import plan
 from qsr_hf.engines.hierarchical import HierarchicalEngine, resolve_node_size
-from qsr_hf.node_slices import NodeSlices
+from qsr_hf.sync.node_slices import NodeSlices
 
 
 LRS = [0.2, 0.2] + [0.1] * 7  # H = max(2, (0.2 / lr)^2): rounds of 2, 4, then 3 (clipped): syncs after 2, 6, 9

@@ -10,7 +10,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from transformers import get_scheduler
 
 from qsr_hf.analysis.planner import plan
-from qsr_hf.config import QSRConfig
+from qsr_hf.core.config import QSRConfig
 from qsr_hf.training.arguments import check_output_dir, recipe_path
 from qsr_hf.training.train import (
     DataArguments,

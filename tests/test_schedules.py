@@ -4,8 +4,8 @@ import pytest
 
 from qsr_hf import ConstantSchedule, PostLocalSchedule, PowerSchedule, QSRConfig
 from qsr_hf.analysis.planner import plan
-from qsr_hf.clock import SyncClock
-from qsr_hf.config import make_config
+from qsr_hf.core.clock import SyncClock
+from qsr_hf.core.config import make_config
 
 
 # (config kwargs, lr per step, warmup, expected round lengths)
@@ -86,7 +86,7 @@ def test_config_fingerprint_is_stable_and_sensitive():
     import subprocess
     import sys
 
-    code = "from qsr_hf.config import QSRConfig; print(QSRConfig(qsr_alpha=0.02).fingerprint())"
+    code = "from qsr_hf.core.config import QSRConfig; print(QSRConfig(qsr_alpha=0.02).fingerprint())"
     other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(other_process) == QSRConfig(qsr_alpha=0.02).fingerprint()  # hash() would differ per process
     assert QSRConfig(qsr_alpha=0.02).fingerprint() != QSRConfig(qsr_alpha=0.021).fingerprint()
@@ -100,7 +100,7 @@ def test_config_fingerprint_is_stable_and_sensitive():
     ],
 )
 def test_lr_schedule_reaching_zero_is_refused_before_training(lrs, rule, match):
-    from qsr_hf.scheduler_checks import check_planned_lrs
+    from qsr_hf.frontends.lr_schedule_check import check_planned_lrs
 
     with pytest.raises(ValueError, match=match):
         check_planned_lrs(QSRConfig(qsr_rule=rule, qsr_alpha=0.1, qsr_h_base=2), lrs, warmup_steps=0)
@@ -112,7 +112,7 @@ def test_planned_lrs_replays_a_transformers_schedule():
     import torch
     from transformers import get_scheduler
 
-    from qsr_hf.scheduler_checks import planned_lrs
+    from qsr_hf.core.lr_scheduler import planned_lrs
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=6)

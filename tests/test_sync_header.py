@@ -1,4 +1,4 @@
-"""The agreement and non-finite checks riding on the averaging collective (`qsr_hf.sync_header`, issue 20 part 2).
+"""The agreement and non-finite checks riding on the averaging collective (`qsr_hf.sync.header`, issue 20 part 2).
 
 A healthy sync is one all-reduce per bucket and nothing else; the sum of the headers reveals any difference, after
 which the detailed exchange names it on every rank (the fault classes themselves are in test_faults.py, which runs
@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from qsr_hf import LocalOptimizer, ParameterAverager, QSRConfig
-from qsr_hf.agreement import COMMON
-from qsr_hf.sync_checks import folds_checks
-from qsr_hf.sync_header import decode, digit_bits, encode, header_slots
+from qsr_hf.runtime.paths import folds_checks
+from qsr_hf.sync.agreement import COMMON
+from qsr_hf.sync.header import decode, digit_bits, encode, header_slots
 
 
 def _summed(headers, dtype):
@@ -98,7 +98,7 @@ def _ranks(rank, world_size):
     out = {}
     # a run to its last step: syncs are one all-reduce per bucket, nothing between them, nothing at the end
     ddp, local, out["collectives"], out["params"] = _run(_Mixed, 6, 6, rank=rank)
-    out["buckets"], out["folds"] = local.synchronizer.averager.num_buckets, folds_checks(local.synchronizer)
+    out["buckets"], out["folds"] = local.synchronizer.averager.num_buckets, folds_checks(local.synchronizer.path)
     start = default_group_sequence_number()
     local.close()
     out["end_collectives"] = default_group_sequence_number() - start

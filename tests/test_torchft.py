@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qsr_hf.agreement import ROUND_END, START
 from qsr_hf.ft import is_torchft_available
+from qsr_hf.sync.agreement import ROUND_END, START
 from tests.testing_utils import free_port, nesterov_reference
 
 

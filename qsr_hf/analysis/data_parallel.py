@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qsr_hf.accounting import SyncStats
 from qsr_hf.analysis.sharding import LossFn, OptimizerFn, SchedulerFn, trainable_bytes
+from qsr_hf.core.accounting import SyncStats
 
 
 class DataParallelSimulation:
@@ -85,7 +85,7 @@ class DataParallelSimulation:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        self.stats.steps += 1
+        self.stats.record_steps(self.stats.steps + 1)
         self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)  # one gradient all-reduce per step
         return True
 

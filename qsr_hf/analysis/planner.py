@@ -8,8 +8,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from qsr_hf.clock import SyncClock
-from qsr_hf.config import QSRConfig
+from qsr_hf.core.clock import SyncClock
+from qsr_hf.core.config import QSRConfig
 
 
 @dataclass

@@ -6,10 +6,10 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 (fp32 for bf16/fp16), divide by K, copy to every replica. With K = 2 this is bitwise what a 2-process gloo run of
 [`LocalOptimizer`] computes (``tests/test_simulation.py``). The data-parallel baseline is true data-parallel
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
-AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_hf.overlap`) and ``qsr_compress_delta`` (with
-`qsr_hf.compressed_averaging.compressed_average`) are simulated too, also checked bitwise, and so is the outer
-optimizer (``qsr_outer_optimizer``: the same `qsr_hf.outer.OuterStep` on each parameter tensor's average), and
-``qsr_fragments`` (the same `qsr_hf.fragments` partition of the averaged tensors and steps). Evaluations here never
+AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_hf.sync.overlap`) and ``qsr_compress_delta`` (with
+`qsr_hf.sync.compressed.compressed_average`) are simulated too, also checked bitwise, and so is the outer
+optimizer (``qsr_outer_optimizer``: the same `qsr_hf.sync.outer.OuterStep` on each parameter tensor's average), and
+``qsr_fragments`` (the same `qsr_hf.sync.fragments` partition of the averaged tensors and steps). Evaluations here never
 change the trajectory (the real library folds an overlapped average in flight before an evaluation).
 
 This module holds the local-training simulation; the data-parallel baseline is in `data_parallel.py` and the
@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from qsr_hf.accounting import SyncStats
 from qsr_hf.analysis.data_parallel import DataParallelSimulation
 from qsr_hf.analysis.sharding import LossFn, OptimizerFn, SchedulerFn, shard_batch, trainable_bytes
-from qsr_hf.averaging import reduce_dtype
-from qsr_hf.clock import SyncClock
-from qsr_hf.compressed_averaging import compressed_average, compressed_sync_bytes
-from qsr_hf.config import QSRConfig
-from qsr_hf.fragments import due_after_step, in_sync, partition
-from qsr_hf.outer import OuterStep
-from qsr_hf.tensor_selection import averaged_tensors
+from qsr_hf.core.accounting import SyncStats
+from qsr_hf.core.clock import SyncClock
+from qsr_hf.core.config import QSRConfig
+from qsr_hf.sync.averaging import reduce_dtype
+from qsr_hf.sync.compressed import compressed_average, compressed_sync_bytes
+from qsr_hf.sync.fragments import due_after_step, in_sync, partition
+from qsr_hf.sync.outer import OuterStep
+from qsr_hf.sync.tensor_selection import averaged_tensors
 
 
 __all__ = ["DataParallelSimulation", "LocalTrainingSimulation", "shard_batch"]  # the first and last live next door
@@ -140,7 +140,7 @@ class LocalTrainingSimulation:
         """
         if len(shards) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} shards, got {len(shards)}")
-        self.stats.round_length = self.clock.begin_step(self.lr)
+        self.stats.record_step_begin(self.clock.begin_step(self.lr))
         data_parallel = self.config.qsr_rule == "post_local" and self.clock.step < self.config.qsr_switch_step
         if data_parallel:
             self._data_parallel_gradients(shards, loss_fn)
@@ -153,7 +153,7 @@ class LocalTrainingSimulation:
         due = self.clock.end_step()
         fragments = due_after_step(self.clock, self.config.qsr_fragments, h)
         chosen = None if fragments is None else [i for i, f in enumerate(self._fragment_of) if f in fragments]
-        self.stats.steps = self.clock.step
+        self.stats.record_steps(self.clock.step)
         self._pending_age += 1
         last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
         if self._pending_age >= self.config.qsr_overlap_steps or due:

@@ -13,11 +13,10 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from qsr_hf.accounting import SyncStats
-from qsr_hf.averaging import AveragerMode, ParameterAverager
-from qsr_hf.config import QSRConfig
-from qsr_hf.scheduler_checks import catch_up_scheduler
-from qsr_hf.tensor_selection import averaged_tensors
+from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.lr_scheduler import catch_up_scheduler
+from qsr_hf.sync.averaging import AveragerMode, ParameterAverager
+from qsr_hf.sync.tensor_selection import averaged_tensors
 
 
 class Engine:
@@ -40,8 +39,6 @@ class Engine:
         intra_node_bytes_per_step (`int`): bytes each rank all-reduces inside its node on every optimizer step
             (hierarchical QSR: the gradients; FSDP2: its all-gathers and reduce-scatters; 0 where a worker is one
             process).
-        stats ([`SyncStats`] or `None`): the run's counters, set by the [`Synchronizer`]; an engine adds the bytes it
-            moves inside the node at a sync to them (:meth:`count_intra_node_bytes`).
     """
 
     process_group: ProcessGroup | None = None
@@ -50,10 +47,10 @@ class Engine:
     can_compress_delta: bool = False
     can_fragment: bool = False
     intra_node_bytes_per_step: int = 0
-    stats: SyncStats | None = None
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        self._intra_node_bytes = 0  # moved inside the node since the last take_intra_node_bytes()
 
     def check_config(self, config: QSRConfig) -> None:
         """Refuse, before training, QSR settings this backend cannot run (every setting runs by default).
@@ -93,9 +90,13 @@ class Engine:
             )
 
     def count_intra_node_bytes(self, num_bytes: int) -> None:
-        """Add ``num_bytes`` moved inside the node at a sync to ``qsr/bytes_intra_node``."""
-        if self.stats is not None:
-            self.stats.intra_node_sync_bytes += num_bytes
+        """Count ``num_bytes`` moved inside the node at a sync (reported by :meth:`take_intra_node_bytes`)."""
+        self._intra_node_bytes += num_bytes
+
+    def take_intra_node_bytes(self) -> int:
+        """The bytes moved inside the node since the last call (the runtime adds them to ``qsr/bytes_intra_node``)."""
+        num_bytes, self._intra_node_bytes = self._intra_node_bytes, 0
+        return num_bytes
 
     def disable_gradient_sync(self) -> None:
         """Switch the backend's per-step gradient all-reduce off (start of local training)."""
@@ -128,7 +129,7 @@ class Engine:
     def catch_up_lr(self, lr_scheduler: Any, scheduler_steps: int) -> int:
         """Step ``lr_scheduler`` up to ``scheduler_steps`` if it lags (an optimizer step skipped on this rank only).
 
-        Called before the lr of an optimizer step is read. See `qsr_hf.scheduler_checks.catch_up_scheduler`.
+        Called before the lr of an optimizer step is read. See `qsr_hf.core.lr_scheduler.catch_up_scheduler`.
 
         Returns:
             `int`: how many scheduler steps it was behind.

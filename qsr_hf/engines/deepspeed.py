@@ -27,9 +27,9 @@ from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from qsr_hf.core.lr_scheduler import step_scheduler
 from qsr_hf.engines.base import Engine
-from qsr_hf.scheduler_checks import step_scheduler
-from qsr_hf.tensor_selection import averaged_tensors
+from qsr_hf.sync.tensor_selection import averaged_tensors
 
 
 _ZERO_UNSUPPORTED = (

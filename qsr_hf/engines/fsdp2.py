@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qsr_hf.config import QSRConfig
+from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.logging_utils import get_logger
 from qsr_hf.engines.hierarchical import OVERLAP_UNSUPPORTED, NodeWorkerEngine, node_groups
-from qsr_hf.logging_utils import get_logger
 
 
 logger = get_logger(__name__)

@@ -30,12 +30,12 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from qsr_hf.averaging import ParameterAverager
-from qsr_hf.config import QSRConfig
+from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.logging_utils import get_logger
 from qsr_hf.engines.base import Engine
-from qsr_hf.logging_utils import get_logger
-from qsr_hf.node_slices import NodeSlices
-from qsr_hf.tensor_selection import averaged_tensors
+from qsr_hf.sync.averaging import ParameterAverager
+from qsr_hf.sync.node_slices import NodeSlices
+from qsr_hf.sync.tensor_selection import averaged_tensors
 
 
 logger = get_logger(__name__)
@@ -104,7 +104,12 @@ class _HookState:
         self.local = False
         self.node_allreduces = 0
 
+    def set_local(self, local: bool) -> None:
+        """Average gradient buckets inside the node (``True``) or over all ranks."""
+        self.local = local
+
     def group(self) -> ProcessGroup | None:
+        """The group of the next gradient bucket's all-reduce."""
         if self.local:
             self.node_allreduces += 1
             return self.node_group
@@ -277,10 +282,10 @@ class HierarchicalEngine(NodeWorkerEngine):
 
     def disable_gradient_sync(self) -> None:
         """Average gradient buckets inside the node only, and stop DDP's per-step buffer broadcast over all ranks."""
-        self._hook.local = True
+        self._hook.set_local(True)
         self.ddp.broadcast_buffers = False
 
     def restore_gradient_sync(self) -> None:
         """Average gradients over all ranks again (plain data-parallel training)."""
-        self._hook.local = False
+        self._hook.set_local(False)
         self.ddp.broadcast_buffers = self._broadcast_buffers

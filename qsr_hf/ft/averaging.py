@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.distributed import ReduceOp
 
-from qsr_hf.agreement import COMMON, KINDS, START, all_finite
-from qsr_hf.averaging import ParameterAverager, Transform
-from qsr_hf.logging_utils import get_logger
+from qsr_hf.core.logging_utils import get_logger
+from qsr_hf.sync.agreement import COMMON, START, SyncPoint, all_finite
+from qsr_hf.sync.averaging import ParameterAverager, Transform
 
 
 logger = get_logger(__name__)
@@ -33,14 +33,19 @@ class ReplicaAverager(ParameterAverager):
         manager (`torchft.Manager`): built with ``use_async_quorum=False`` (a joiner's state is loaded before the
             sync's collectives) and ``min_replica_size`` >= 1.
         fp32_average (`bool`): sum bf16/fp16 buckets in fp32.
+        values (`Callable[[SyncPoint], list[int]]`): the agreement values of a sync point (`qsr_hf.sync.agreement`
+            ``COMMON``; read after the quorum).
+        checksum (`Callable[[], int]`): the checksum of what the replicas must hold identically at the start (compared
+            at ``START`` only).
+        on_nonfinite (`str`): ``qsr_on_nonfinite``: ``"error"`` stops every replica on NaN/inf, ``"skip_rank"``
+            averages the finite replicas.
         max_attempts (`int`, defaults to 5): failed commits (a replica died during the sync) before giving up.
 
     Attributes:
-        kind (`int`): the `qsr_hf.agreement` point of the sync in progress (set by the synchronizer; a replica that
-            heals takes its peer's).
-        values (`Callable[[], list[int]]`): the agreement values of :attr:`kind` (read after the quorum).
-        healed (`bool`): set when a peer's state was loaded at the quorum: this replica contributes nothing until a
-            sync commits, and receives the average of the others.
+        kind ([`SyncPoint`]): the point of the sync in progress (:meth:`begin`; a replica that heals takes its
+            peer's, :meth:`adopt_peer`).
+        healed (`bool`): a peer's state was loaded at the quorum: this replica contributes nothing until a sync
+            commits, and receives the average of the others.
         contributors, replicas, replica_rank (`int`): of the last committed sync: replica groups averaged, replica
             groups in the quorum, this group's rank among them.
     """
@@ -50,24 +55,39 @@ class ReplicaAverager(ParameterAverager):
         tensors: Callable[[], list[torch.Tensor]],
         manager: Any,
         fp32_average: bool,
+        values: Callable[[SyncPoint], list[int]],
+        checksum: Callable[[], int],
+        on_nonfinite: str,
         max_attempts: int = 5,
     ) -> None:
         super().__init__(tensors, None, fp32_average, mode="inplace")
         self.manager = manager
         self.max_attempts = max_attempts
         self.kind = START
-        self.values: Callable[[], list[int]] = lambda: [START] * len(COMMON)
-        self.checksum: Callable[[], int] = lambda: 0  # compared at START only (set by the synchronizer)
-        self.on_nonfinite = "error"
+        self._values_of = values
+        self._checksum = checksum
+        self._on_nonfinite = on_nonfinite
         self.healed = False
         self.contributors = self.replicas = self.replica_rank = 0
+
+    def begin(self, kind: SyncPoint) -> None:
+        """The next :meth:`average` is a sync point of ``kind``."""
+        self.kind = kind
+
+    def adopt_peer(self, kind: SyncPoint) -> None:
+        """A peer's state was loaded at the quorum of a sync of ``kind`` (the peer's): contribute nothing to it."""
+        self.kind, self.healed = SyncPoint(kind), True
+
+    def values(self) -> list[int]:
+        """The agreement values of the sync in progress."""
+        return self._values_of(self.kind)
 
     def _quorum(self) -> None:
         try:
             self.manager.start_quorum()
         except Exception as error:  # torchft raises the lighthouse's TimeoutError or a connection error
             raise RuntimeError(
-                f"qsr_hf: no quorum of replica groups formed at the {KINDS[self.kind]} (optimizer step "
+                f"qsr_hf: no quorum of replica groups formed at the {SyncPoint(self.kind).label} (optimizer step "
                 f"{self.values()[1]}) within the Manager's quorum_timeout ({error}). Is the lighthouse up and are at "
                 "least min_replicas replica groups alive? A joining replica waits for the others' next sync, so "
                 "quorum_timeout must exceed a round's duration"
@@ -107,7 +127,7 @@ class ReplicaAverager(ParameterAverager):
         for attempt in range(1, self.max_attempts + 1):
             self.ensure_views()
             self._quorum()  # a replica behind the others loads a peer's state here (healed, kind = the peer's)
-            values = [*self.values(), self.checksum() if self.kind == START else 0]
+            values = [*self.values(), self._checksum() if self.kind == START else 0]
             header = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64)
             finite = all_finite([b.flat for b in self.buckets])
             contributes = not self.healed and finite
@@ -138,7 +158,7 @@ class ReplicaAverager(ParameterAverager):
     ) -> int:
         self._check(header)
         contributors, nonfinite = int(counts[0]), int(counts[1])
-        if nonfinite and (self.on_nonfinite == "error" or not contributors):
+        if nonfinite and (self._on_nonfinite == "error" or not contributors):
             raise RuntimeError(
                 f"qsr_hf: {nonfinite} replica group(s) hold NaN/inf at optimizer step {self.values()[1]}; every "
                 "replica stops here so that they do not spread through the average (qsr_on_nonfinite='skip_rank' "

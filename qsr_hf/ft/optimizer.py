@@ -7,17 +7,21 @@ start of training is a sync (a quorum), where a replica that is behind the other
 """
 
 import copy
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from qsr_hf.agreement import ROUND_END, START, tensors_checksum
-from qsr_hf.config import QSRConfig
-from qsr_hf.engines.torchft import ReplicaEngine
-from qsr_hf.local_optimizer import LocalOptimizer
-from qsr_hf.sync_checks import parameters_must_agree
-from qsr_hf.synchronizer import Synchronizer
+from qsr_hf.core.config import QSRConfig
+from qsr_hf.frontends.local_optimizer import LocalOptimizer
+from qsr_hf.ft.averaging import ReplicaAverager
+from qsr_hf.ft.engine import ReplicaEngine
+from qsr_hf.runtime.checks import agreement_values, parameters_must_agree
+from qsr_hf.runtime.synchronizer import Synchronizer
+from qsr_hf.sync.agreement import ROUND_END, START, SyncPoint, tensors_checksum
+from qsr_hf.sync.averaging import AveragerMode
 
 
 class ReplicaSynchronizer(Synchronizer):
@@ -35,11 +39,20 @@ class ReplicaSynchronizer(Synchronizer):
         self.optimizer = optimizer
         # data position: global batches read before the quorum at `quorum_step`, read `k` per step since then
         self.data = {"batches": 0, "quorum_step": 0, "replicas": 1, "rank": 0}
-        averager = self.averager
-        averager.values = lambda: self.agreement_values(averager.kind)
-        averager.checksum = self._start_checksum
-        averager.on_nonfinite = config.qsr_on_nonfinite
         engine.manager.register_state_dict_fn("qsr_hf", self._load_peer_state, self._peer_state)
+
+    def _make_averager(self, tensors: Callable[[], list[torch.Tensor]], mode: AveragerMode) -> ReplicaAverager:
+        # over the Manager, with this synchronizer's agreement values, start checksum and non-finite policy
+        engine, config = self.engine, self.config
+        return ReplicaAverager(
+            tensors,
+            engine.manager,
+            config.qsr_fp32_average,
+            values=functools.partial(agreement_values, self),
+            checksum=self._start_checksum,
+            on_nonfinite=config.qsr_on_nonfinite,
+            max_attempts=engine.max_attempts,
+        )
 
     def _start_checksum(self) -> int:
         # what the replicas must hold identically at the start: the synced state (outer optimizer) always, the
@@ -58,23 +71,23 @@ class ReplicaSynchronizer(Synchronizer):
         self.load_state_dict(state["qsr"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])  # policy: the peer's optimizer state (documented)
-        self.averager.kind, self.averager.healed = int(state["kind"]), True
+        self.averager.adopt_peer(state["kind"])
 
-    def average(self, kind: int, commit: bool = True, buckets: list[int] | None = None) -> None:
+    def average(self, kind: SyncPoint, commit: bool = True, buckets: list[int] | None = None) -> None:
         """A fault-tolerant sync (see [`Synchronizer.average`]); ``kind=START`` is the join at the start.
         ``buckets`` is always `None` here (``qsr_fragments`` is refused with torchft)."""
-        self.averager.kind, synced_at = kind, self.synced_at
+        synced_at = self.synced_at
+        self.averager.begin(kind)
         super().average(kind, commit, buckets)
         averager, data = self.averager, self.data
-        if kind == START:  # counted as an extra sync by the base class: undo, or count the peers' sync joined
-            self.stats.extra_syncs -= 1
+        if kind == START:  # the start is not counted by the base class; a join counts the peers' sync it joined
             if averager.kind != START:
                 self.stats.record_sync(0, scheduled=averager.kind == ROUND_END)
             else:  # nothing was averaged (a resume inside a round keeps each replica's own values)
                 self.synced_at = synced_at
         data["batches"] += (self.clock.step - data["quorum_step"]) * data["replicas"]
         data.update(quorum_step=self.clock.step, replicas=averager.replicas, rank=averager.replica_rank)
-        self.stats.replicas = averager.contributors
+        self.stats.record_replicas(averager.contributors)
 
     def check_start(self, defer_parameters: bool = False) -> None:
         """Check the replica group's own ranks (as the base class), then join the replica groups: a quorum where

@@ -14,7 +14,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from qsr_hf.config import QSRConfig
+from qsr_hf.core.config import QSRConfig
 from qsr_hf.training import data, lm_data, lm_models, models
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from qsr_hf.plotting import import_pyplot
+from qsr_hf.core.plotting import import_pyplot
 
 
 FIGURE_NAME = "qsr_run.png"

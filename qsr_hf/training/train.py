@@ -22,8 +22,8 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
-from qsr_hf.config import QSRConfig
-from qsr_hf.logging_utils import get_logger
+from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.logging_utils import get_logger
 from qsr_hf.training import hub, report
 from qsr_hf.training.arguments import (
     DataArguments,
@@ -51,7 +51,7 @@ def make_callbacks(qsr_config: QSRConfig) -> list[TrainerCallback]:
     """``[QSRCallback(qsr_config)]``, or ``[]`` for ``qsr_rule: ddp`` (the plain data-parallel baseline)."""
     if qsr_config.qsr_rule == "ddp":
         return []
-    from qsr_hf.callback import QSRCallback
+    from qsr_hf.frontends.callback import QSRCallback
 
     return [QSRCallback(qsr_config)]
 

@@ -1,0 +1,1 @@
+"""The front ends: the Trainer callback and the Accelerate local optimizer."""
