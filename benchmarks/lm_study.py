@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
         "args": vars(args),
         "setup": setup,
-        "outer_grid": [o for o in OUTER_GRID if supported(o)],
+        "outer_grid": previous["outer_grid"] if previous else [o for o in OUTER_GRID if supported(o)],
         "notes": notes,
         "scale_note": SCALE_NOTE,
         "settings": settings,
