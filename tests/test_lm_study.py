@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -90,3 +91,16 @@ def test_tuning_then_confirmation_then_confirm_rerun(tmp_path, monkeypatch):
     first = {r["method"]: r["val_loss"] for r in record["runs"] if r["seed"] == 2}
     assert {r["method"]: r["val_loss"] for r in confirmed["runs"]} == first
     assert set(confirmed["paired"]["h8"]["qsr_vs_ddp_pct"]) == {"2"}
+
+
+def test_inner_adamw_clips_each_workers_gradient_before_its_step():
+    args = lm_study.make_parser().parse_args([])
+    assert (args.beta2, args.clip) == (0.95, 1.0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = lm_study.optimizer_fns(args, 1e-3)[0](model)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    optimizer.step()  # the pre-hook clipped the gradient in place, as the Trainer does before each rank's step
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.view(-1) for p in model.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-5)
