@@ -215,30 +215,33 @@ def _paired_with_qsr(ax, variants, runs):  # per variant of QSR: test accuracy m
 
 def lm_study(d, fig):
     from matplotlib import colormaps
-    from matplotlib.ticker import ScalarFormatter
 
     rows, runs = d["summary"], d["runs"]
     axes = fig.subplots(1, 3)
     colors = {r["method"]: c for r, c in zip(rows, colormaps["tab10"].colors, strict=False)}
-    labels = {r["method"]: r["label"] for r in rows}
     for r in rows:
-        marker = "s" if r["method"].endswith("nesterov") else "o"
-        axes[0].errorbar(100 * r["comm_vs_ddp"], r["val_loss_mean"], yerr=r["val_loss_std"], fmt=marker, capsize=3,
-                         color=colors[r["method"]], label=r["label"])  # fmt: skip
+        marker = "o" if r["method"] == "ddp" or r["method"].endswith("_plain") else "s"
+        axes[0].errorbar(r["label"], r["val_loss_mean"], yerr=r["val_loss_std"], fmt=marker, capsize=3,
+                         color=colors[r["method"]])  # fmt: skip
         seeds = [x for x in runs if x["method"] == r["method"]]
         loss = np.mean([[p["val_loss"] for p in x["curve"]] for x in seeds], axis=0)
-        axes[1].plot([p["step"] for p in seeds[0]["curve"]], loss, marker=".", color=colors[r["method"]])
-    axes[0].set_xscale("log")
-    axes[0].xaxis.set_major_formatter(ScalarFormatter())
-    axes[0].set(xlabel="communication vs data-parallel (%, log scale)", ylabel="final validation loss (nats/token)")
-    axes[0].set_title("validation loss vs communication (mean ± std over seeds)", fontsize=10)
-    axes[0].legend(fontsize=7)
-    final = [r["val_loss_mean"] for r in rows]
-    axes[1].set_ylim(min(final) - 0.05, max(final) + 0.6)
+        axes[1].plot([p["step"] for p in seeds[0]["curve"]], loss, marker=".", color=colors[r["method"]],
+                     label=r["label"])  # fmt: skip
+    axes[0].tick_params(axis="x", labelrotation=80, labelsize=6)
+    axes[0].set(ylabel="final validation loss (nats/token)")
+    axes[0].set_title("confirmation: mean ± std over seeds", fontsize=10)
     axes[1].set(xlabel="optimizer step", ylabel="validation loss of the averaged model")
     axes[1].set_title("validation loss over training (mean over seeds)", fontsize=10)
-    names = [r["method"] for r in rows if r["method"] != "ddp" and not r["method"].endswith("nesterov")]
-    _schedules(axes[2], d["lrs"], runs, "method", names, colors, labels)
+    axes[1].legend(fontsize=6)
+    for h in d["args"]["h"]:
+        for rule, marker in (("constant", "o"), ("qsr", "s")):
+            tuned = [t for t in d["tuning_runs"] if t["method"].startswith(f"{rule}_h{h}_")]
+            tuned = [t for t in tuned if t["lr"] == d["settings"].get(f"{rule}_h{h}_plain", {}).get("lr", t["lr"])]
+            names = [t["method"].split("_", 2)[2] for t in tuned]
+            axes[2].plot(names, [t["val_loss"] for t in tuned], marker, label=f"{rule} H={h}")
+    axes[2].tick_params(axis="x", labelrotation=60, labelsize=7)
+    axes[2].set(ylabel="validation loss, tuning seed")
+    axes[2].set_title("the outer grid (tuning seed)", fontsize=10)
     axes[2].legend(fontsize=7)
 
 

@@ -219,7 +219,15 @@ def _check_local_steps_and_syncs(r0, r1, steps, h):
     [
         ("fp32", "torch", "AdamW"),
         ("bf16", "torch", "FP16_UnfusedOptimizer"),
-        ("fp16", "torch", "FP16_UnfusedOptimizer"),  # dynamic loss scaling; skipped where DeepSpeed refuses fp16
+        pytest.param(  # dynamic loss scaling; skipped where DeepSpeed refuses fp16
+            "fp16",
+            "torch",
+            "FP16_UnfusedOptimizer",
+            # open bug, seen on CPUs where DeepSpeed accepts fp16 (2026-12-06, at this commit and the one before the
+            # layers): BatchNorm then meets a float32 buffer in its fp16 forward ("expected scalar type Half but found
+            # Float"); not strict, so the CPUs where DeepSpeed refuses fp16 still skip it
+            marks=pytest.mark.xfail(raises=RuntimeError, strict=False, reason="fp16 BatchNorm buffer dtype bug"),
+        ),
         # DeepSpeed's FusedAdam (what an "AdamW" DeepSpeed config builds) gets the flat-master FP16_Optimizer; its
         # CPU op is JIT-compiled on first use (about a minute): `.ci/run` builds it before the tests
         # (tests/build_deepspeed_ops.py)

@@ -7,6 +7,8 @@ step against ``torch.optim.SGD(nesterov=True)``; a run stopped mid-round and res
 continue bitwise.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from testing_utils import default_group_sequence_number, lr_step, nesterov_reference, rank_batches, run_distributed
@@ -27,6 +29,8 @@ EXPECTED = {1: [0], 2: [1, 2], 4: [0], 6: [1], 8: [2], 11: [0], 14: [1], 16: [0,
 ROUND_ENDS = [2, 8, 16]
 NESTEROV = QSRConfig(qsr_rule="constant", qsr_h_base=3, qsr_fragments=F, qsr_outer_optimizer="nesterov")
 STEPS, CUT = 9, 5  # Nesterov run: a fragment every step; stopped after step 5 (mid-round) and resumed
+ROUND_LR = dataclasses.replace(NESTEROV, qsr_outer_scaling="round_lr")  # S_r of each fragment since its last sync
+ROUND_LRS = [0.02 * f for f in (0.3, 1.0, 0.6, 0.9, 0.2, 0.8, 0.5, 1.0, 0.4)]
 
 
 def _mlp():
@@ -99,8 +103,17 @@ def _nesterov_run(rank, tmp):
     return out
 
 
+def _round_lr_run(rank):
+    ddp, local = _build(ROUND_LR, STEPS, optimizer=torch.optim.AdamW)
+    out = {"init": _tensors(ddp), "log": []}
+    _record(ddp, local, out["log"])
+    for lr, batch in zip(ROUND_LRS, rank_batches(rank, STEPS, seed=1), strict=True):
+        lr_step(ddp, local, lr, batch)
+    return out
+
+
 def _ranks(rank, world_size, tmp):
-    return {"qsr": _qsr_run(rank), "nesterov": _nesterov_run(rank, tmp)}
+    return {"qsr": _qsr_run(rank), "nesterov": _nesterov_run(rank, tmp), "round_lr": _round_lr_run(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +168,36 @@ def test_each_fragment_takes_its_own_nesterov_step_and_resumes_bitwise(ranks):
             zip(r["nesterov"]["full"][CUT:], r["nesterov"]["resumed"], strict=True), CUT + 1
         ):
             assert all(map(torch.equal, full, resumed)), f"step {step} after the resume"
+
+
+def _round_lr_replay(ranks, since_round_start=False):
+    # the round_lr Nesterov step of each fragment, S_r = the lrs of the steps since that fragment's last sync (or,
+    # planted wrong, since the round's start); returns the largest difference from what the ranks hold
+    r0 = ranks[0]["round_lr"]
+    fragment_of = partition([t.numel() for t in r0["init"]], F)
+    anchor, momentum = list(r0["init"]), [torch.zeros_like(t) for t in r0["init"]]
+    last, worst = [0] * F, 0.0
+    for n, (_, buckets, *_) in enumerate(r0["log"]):
+        step = n + 1  # a fragment every step (rounds of 3), every fragment at the last step
+        chosen = list(range(F)) if buckets is None else buckets
+        for i in [i for i, f in enumerate(fragment_of) if f in chosen]:
+            start = (step - 1) // 3 * 3 if since_round_start else last[fragment_of[i]]
+            work = sum(ROUND_LRS[start:step])
+            mean = torch.stack([r["round_lr"]["log"][n][2][i] for r in ranks]).mean(0)
+            g = anchor[i] - mean
+            momentum[i] = 0.9 * momentum[i] + g / work
+            expected = mean + (g - 0.7 * work * (g / work + 0.9 * momentum[i]))
+            worst = max(worst, float((r0["log"][n][3][i] - expected).abs().max()))
+            assert all(torch.equal(r["round_lr"]["log"][n][3][i], r0["log"][n][3][i]) for r in ranks)
+            anchor[i] = r0["log"][n][3][i]
+        for f in chosen:
+            last[f] = step
+    return worst
+
+
+def test_each_fragment_scales_its_outer_step_by_its_own_lr_work(ranks):
+    assert _round_lr_replay(ranks) < 1e-5
+    assert _round_lr_replay(ranks, since_round_start=True) > 1e-4  # the check tells the fragments' S_r apart
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,21 @@ def test_stdlib_split_is_by_file_and_fixed_by_the_path(tmp_path):
         corpus.load_stdlib_corpus("test")
 
 
+def test_stdlib_splits_leave_out_generated_files_and_no_file_dominates():
+    root = corpus.stdlib_root()
+    generated = {f for f in corpus.stdlib_files() if corpus.is_generated((root / f).read_text(errors="replace"))}
+    assert {"pydoc_data/topics.py", "encodings/cp865.py", "encodings/cp858.py", "token.py"} <= generated
+    assert not {"ast.py", "_compat_pickle.py", "lib2to3/pgen2/parse.py"} & generated  # "generated" in prose only
+    for split in corpus.SPLITS:
+        ds = corpus.load_stdlib_corpus(split)
+        assert not generated & set(ds["path"]), split
+        sizes = [len(t) for t in ds["text"]]
+        assert max(sizes) <= corpus.MAX_FILE_CHARS
+        assert max(sizes) / sum(sizes) < 0.1, f"one {split} file holds {max(sizes) / sum(sizes):.1%} of the text"
+    cut = corpus.truncate("a\nbb\nccc\n", 8)
+    assert cut == "a\nbb\n" and corpus.truncate("abc", None) == "abc"
+
+
 def test_tokenizer_round_trips_and_is_saved_with_the_model(tokenizer, stdlib_texts, tmp_path):
     for text in [SAMPLE, stdlib_texts[0][:3000]]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -44,6 +44,35 @@ CONFIGS = {
     "qsr_fragments3_nesterov": QSRConfig(
         qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_fragments=3, qsr_outer_optimizer="nesterov"
     ),
+    # the outer step per unit of the round's inner-lr work (S_r from the lr warm-up's 0 on), its momentum ramped
+    # over 12 steps; with fragments (each fragment's S_r since its own last sync) and with the overlap (S_r of the
+    # round the average started from)
+    "qsr_nesterov_round_lr": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_outer_optimizer="nesterov",
+        qsr_outer_scaling="round_lr",
+        qsr_outer_momentum_warmup=12,
+    ),
+    "qsr_fragments3_nesterov_round_lr": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_fragments=3,
+        qsr_outer_optimizer="nesterov",
+        qsr_outer_scaling="round_lr",
+        qsr_outer_momentum_warmup=12,
+    ),
+    "qsr_overlap_sgd_round_lr": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_overlap_sync=True,
+        qsr_outer_optimizer="sgd",
+        qsr_outer_scaling="round_lr",
+        qsr_outer_momentum_warmup=12,
+    ),
 }
 
 

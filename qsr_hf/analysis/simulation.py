@@ -8,7 +8,8 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
 AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_hf.sync.overlap`) and ``qsr_compress_delta`` (with
 `qsr_hf.sync.compressed.compressed_average`) are simulated too, also checked bitwise, and so is the outer
-optimizer (``qsr_outer_optimizer``: the same `qsr_hf.sync.outer.OuterStep` on each parameter tensor's average), and
+optimizer (``qsr_outer_optimizer``: the same `qsr_hf.sync.outer.OuterStep` on each parameter tensor's average, with the
+clock's ``(lr_sum, step)`` for ``qsr_outer_scaling`` / ``qsr_outer_momentum_warmup`` as `SyncedState`), and
 ``qsr_fragments`` (the same `qsr_hf.sync.fragments` partition of the averaged tensors and steps). Evaluations here never
 change the trajectory (the real library folds an overlapped average in flight before an evaluation).
 
@@ -122,6 +123,15 @@ class LocalTrainingSimulation:
 
     def _reset_anchor(self) -> None:
         self._anchor = [t.detach().to(torch.float32, copy=True) for t in self._tensors[0]]
+        self._lr_marks = [self.clock.lr_sum] * len(self._anchor)  # the clock's lr_sum at each tensor's last sync
+
+    def _round(self, i: int, commit: bool) -> tuple[float, float | None]:
+        # SyncedState._round for tensor i: (μ_t, S_r) of a sync now, S_r from the tensor's last sync
+        lr_sum, step = self.clock.point()
+        work = lr_sum - self._lr_marks[i] if self._outer.round_lr else None
+        if commit:
+            self._lr_marks[i] = lr_sum
+        return self._outer.momentum_at(step), work
 
     @property
     def lr(self) -> float:
@@ -226,7 +236,8 @@ class LocalTrainingSimulation:
             if self._outer_tensor[i]:
                 wide = mean.float().view(-1)
                 scratch = (torch.empty_like(wide), torch.empty_like(wide))
-                self._outer.apply(wide, self._anchor[i].view(-1), self._momentum[i], scratch, commit)
+                mu, work = self._round(i, commit)
+                self._outer.apply(wide, self._anchor[i].view(-1), self._momentum[i], scratch, commit, mu, work)
                 mean.copy_(wide.view_as(mean))
             elif commit and self._anchor:
                 self._anchor[i] = mean.to(torch.float32, copy=True)

@@ -27,6 +27,8 @@ class SyncClock:
         self.round_index = 0  # rounds completed (= scheduled syncs done)
         self.round_start = 0  # step at which the current round began
         self.round_length = 0  # H of the current round; 0 while no round is open
+        self.lr_sum = 0.0  # the lrs of the optimizer steps completed, summed in order (qsr_outer_scaling)
+        self._lr = 0.0  # the lr of the step begun
 
     @property
     def in_round(self) -> bool:
@@ -44,6 +46,7 @@ class SyncClock:
         Returns:
             `int`: H of the round this step belongs to.
         """
+        self._lr = float(lr)
         if not self.in_round:
             h = self.schedule.round_length(self.step, lr)
             if self.total_steps is not None and self.step < self.total_steps:
@@ -57,11 +60,16 @@ class SyncClock:
         if not self.in_round:
             raise RuntimeError("end_step() called without begin_step(lr): call begin_step before each optimizer step")
         self.step += 1
+        self.lr_sum += self._lr
         if self.step - self.round_start >= self.round_length:
             self.round_index += 1
             self.round_length = 0
             return True
         return False
+
+    def point(self) -> tuple[float, int]:
+        """``(lr_sum, step)`` now: where a sync that ends here stands (the outer step's scale and momentum ramp)."""
+        return self.lr_sum, self.step
 
     def reset_to(self, step: int) -> None:
         """Continue from optimizer step ``step`` with a new round (used when no saved position exists)."""
@@ -77,6 +85,7 @@ class SyncClock:
             "round_start": self.round_start,
             "round_length": self.round_length,
             "total_steps": self.total_steps,
+            "lr_sum": self.lr_sum,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -85,3 +94,4 @@ class SyncClock:
         self.round_index = int(state["round_index"])
         self.round_start = int(state["round_start"])
         self.round_length = int(state["round_length"])
+        self.lr_sum = float(state.get("lr_sum", 0.0))

@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qsr_hf.core.config_checks import check_compress_delta, check_fragments, check_outer_optimizer, check_overlap
+from qsr_hf.core.config_checks import check_options
 from qsr_hf.core.field_checks import check_field_types
 from qsr_hf.core.schedules import ConstantSchedule, PostLocalSchedule, PowerSchedule, SyncSchedule
 
@@ -18,6 +18,7 @@ Rule = Literal["qsr", "linear", "cubic", "constant", "post_local", "ddp"]
 Worker = Literal["process", "node"]
 OnNonfinite = Literal["error", "skip_rank"]
 OuterOptimizer = Literal["none", "sgd", "nesterov"]
+OuterScaling = Literal["none", "round_lr"]
 RULES: list[str] = list(typing.get_args(Rule))
 # how a checkpoint is resumed, not what is trained: left out of the fingerprint that state files record, so toggling
 # it keeps a checkpoint readable (and fingerprints of configs from before the field existed unchanged)
@@ -92,6 +93,10 @@ class QSRConfig:
             Outer learning rate (DiLoCo: 0.7). ``sgd`` with lr 1 and momentum 0 is the plain average, bit for bit.
         qsr_outer_momentum (`float`, defaults to 0.9):
             Outer momentum in [0, 1) (DiLoCo: 0.9).
+        qsr_outer_scaling (`str`, defaults to `"none"`):
+            ``round_lr``: the outer step per unit of the round's inner-lr work S_r (SlowMo; docs/outer-optimizer.md).
+        qsr_outer_momentum_warmup (`int`, defaults to 0):
+            W in optimizer steps: a sync after step t uses the outer momentum μ min(1, t/W); 0: μ from the start.
         qsr_outer_state_on_cpu (`bool`, defaults to `False`):
             Keep the outer state (last synced parameters, momentum: 8 B/param) in host memory, streamed at a sync.
         qsr_on_nonfinite (`str`, defaults to `"error"`):
@@ -189,6 +194,12 @@ class QSRConfig:
     )
     qsr_outer_lr: float = field(default=0.7, metadata={"help": "Outer learning rate (DiLoCo: 0.7)."})
     qsr_outer_momentum: float = field(default=0.9, metadata={"help": "Outer momentum in [0, 1) (DiLoCo: 0.9)."})
+    qsr_outer_scaling: OuterScaling = field(
+        default="none", metadata={"help": "Outer step per unit of the round's inner-lr work: none or round_lr."}
+    )
+    qsr_outer_momentum_warmup: int = field(
+        default=0, metadata={"help": "Optimizer steps over which the outer momentum ramps up from 0 (0: none)."}
+    )
     qsr_outer_state_on_cpu: bool = field(default=False, metadata={"help": "Outer state (8 B/param) in host memory."})
 
     qsr_on_nonfinite: OnNonfinite = field(
@@ -213,25 +224,11 @@ class QSRConfig:
                 )
             if not (self.qsr_alpha > 0 and math.isfinite(self.qsr_alpha)):
                 raise ValueError(f"qsr_alpha must be > 0 and finite, got {self.qsr_alpha!r}")
-        if not isinstance(self.qsr_bn_reestimate_batches, int) or self.qsr_bn_reestimate_batches < 0:
-            raise ValueError(
-                f"qsr_bn_reestimate_batches must be an integer >= 0 (0: off), got {self.qsr_bn_reestimate_batches!r}"
-            )
-        if self.qsr_bn_reestimate_batches and self.qsr_average_buffers:
-            raise ValueError(
-                "qsr_bn_reestimate_batches > 0 is the official code's BatchNorm handling, which keeps the statistics "
-                "local between syncs: set qsr_average_buffers=False with it (or qsr_bn_reestimate_batches=0)"
-            )
         if self.qsr_h_max is not None and self.qsr_h_max < self.qsr_h_base:
             raise ValueError(
                 f"qsr_h_max must be >= qsr_h_base ({self.qsr_h_base}), got {self.qsr_h_max!r}; raise it or unset it"
             )
-        check_overlap(self)
-        check_fragments(self)
-        if self.qsr_compress_delta:
-            check_compress_delta(self)
-        if self.qsr_outer_optimizer != "none":
-            check_outer_optimizer(self)
+        check_options(self)
         if self.qsr_rule == "post_local" and (self.qsr_switch_step is None or self.qsr_switch_step < 0):
             raise ValueError(
                 f"qsr_rule='post_local' needs qsr_switch_step >= 0 (an optimizer step), got {self.qsr_switch_step!r}"

@@ -17,10 +17,57 @@ class Settings(Protocol):
     qsr_overlap_auto: bool
     qsr_overlap_steps: int
     qsr_overlap_sync: bool
+    qsr_outer_optimizer: str
+    qsr_outer_scaling: str
+    qsr_outer_momentum_warmup: int
+    qsr_bn_reestimate_batches: int
+    qsr_average_buffers: bool
+
+
+def check_options(config: Settings) -> None:
+    """The checks of this module, and those of the BatchNorm options, in ``QSRConfig.__post_init__``'s order."""
+    if not isinstance(config.qsr_bn_reestimate_batches, int) or config.qsr_bn_reestimate_batches < 0:
+        raise ValueError(
+            f"qsr_bn_reestimate_batches must be an integer >= 0 (0: off), got {config.qsr_bn_reestimate_batches!r}"
+        )
+    if config.qsr_bn_reestimate_batches and config.qsr_average_buffers:
+        raise ValueError(
+            "qsr_bn_reestimate_batches > 0 is the official code's BatchNorm handling, which keeps the statistics "
+            "local between syncs: set qsr_average_buffers=False with it (or qsr_bn_reestimate_batches=0)"
+        )
+    check_overlap(config)
+    check_fragments(config)
+    if config.qsr_compress_delta:
+        check_compress_delta(config)
+    check_outer_optimizer(config)
+
+
+def _check_outer_schedule(config: Settings) -> None:
+    # qsr_outer_scaling / qsr_outer_momentum_warmup: in range, and only where there is an outer step to shape
+    warmup = config.qsr_outer_momentum_warmup
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(
+            f"qsr_outer_momentum_warmup must be an integer >= 0 (optimizer steps over which the outer momentum ramps "
+            f"from 0 to qsr_outer_momentum; 0: no ramp), got {warmup!r}"
+        )
+    if config.qsr_outer_optimizer != "none":
+        return
+    for name, value, off in (
+        ("qsr_outer_scaling", config.qsr_outer_scaling, "none"),
+        ("qsr_outer_momentum_warmup", warmup, 0),
+    ):
+        if value != off:
+            raise ValueError(
+                f"{name}={value!r} shapes the outer optimizer's step, but qsr_outer_optimizer='none' takes no outer "
+                f"step: set qsr_outer_optimizer='sgd' or 'nesterov', or {name}={off!r}"
+            )
 
 
 def check_outer_optimizer(config: Settings) -> None:
     """Refuse outer-optimizer settings that are out of range or combined with what it does not support."""
+    _check_outer_schedule(config)
+    if config.qsr_outer_optimizer == "none":
+        return
     if not (config.qsr_outer_lr > 0 and math.isfinite(config.qsr_outer_lr)):
         raise ValueError(f"qsr_outer_lr must be > 0 and finite (DiLoCo: 0.7), got {config.qsr_outer_lr!r}")
     if not 0 <= config.qsr_outer_momentum < 1:

@@ -65,7 +65,7 @@ class ReplicaSynchronizer(Synchronizer):
     def _peer_state(self) -> dict[str, Any]:
         # what a live peer sends a joining replica, at the quorum of a sync (before that sync's average)
         optimizer = {} if self.optimizer is None else self.optimizer.state_dict()
-        return copy.deepcopy({"qsr": self.state_dict(), "optimizer": optimizer, "kind": self.averager.kind})
+        return copy.deepcopy({"qsr": self.state_dict(), "optimizer": optimizer, "kind": int(self.averager.kind)})
 
     def _load_peer_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["qsr"])

@@ -125,7 +125,7 @@ class Synchronizer:
         # before the next step's backward: the switch from phase 1 must not all-reduce the first local gradients
         self._set_gradient_sync(self._data_parallel_step(self.clock.step))
         if data_parallel and not self._data_parallel_step(self.clock.step) and self.synced is not None:
-            self.synced.reset(self.averager.buckets)  # the first local round's change starts here, ranks equal
+            self.synced.reset(self.averager.buckets, self.clock.lr_sum)  # the first local round: here, ranks equal
         self.finish_overlap(scheduled=not due)  # overlap: the last average, qsr_overlap_steps late or now
         if due and data_parallel:
             # the backend all-reduced this step's gradients: parameters already agree, nothing to average
@@ -177,7 +177,10 @@ class Synchronizer:
                 self.stats.record_sync(0, scheduled=True)
             return
         first = buckets[0] if buckets else 0
-        transform = None if self.synced is None else functools.partial(self.synced.advance, commit=commit, first=first)
+        # the sync's (lr_sum, step): an overlapped one's where it starts, else read as it lands (torchft heals first)
+        point = self.clock.point() if self.overlap is not None else self.clock.point
+        advance = None if self.synced is None else self.synced.advance
+        transform = advance and functools.partial(advance, commit=commit, first=first, point=point)
         with torch.no_grad():
             self.averager.ensure_views()
             if self.synced is not None:
@@ -294,4 +297,4 @@ class Synchronizer:
         without qsr_hf state: its averaged model); the synced state is taken from it."""
         self.clock.reset_to(step)
         if self.synced is not None:
-            self.synced.reset(self.averager.buckets)
+            self.synced.reset(self.averager.buckets, self.clock.lr_sum)

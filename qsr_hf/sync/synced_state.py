@@ -10,10 +10,14 @@ the plain average into the new synced values (the outer step on parameters; buff
 keep the plain average) and, when ``commit``, remembers them. An evaluation's average does not commit, so the view of
 the outer-updated model costs no copy of this state. The layout follows the averager's buckets (bucket ``i`` is
 slice ``i``); with ``on_cpu`` the state lives in host memory and is streamed through the device in chunks.
+
+Each bucket also remembers the clock's ``lr_sum`` at its last sync (``lr_marks``): the pseudo-gradient of its next sync
+covers the optimizer steps since then, whose summed lrs S_r scale the outer step under ``qsr_outer_scaling="round_lr"``
+(a fragment's bucket: since that fragment's last sync).
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +27,7 @@ from qsr_hf.sync.outer import OuterStep
 
 
 CHUNK = 1 << 22  # values per streamed chunk (16 MiB in fp32)
+Point = tuple[float, int] | Callable[[], tuple[float, int]] | None  # (clock's lr_sum, step) of a sync, or a getter
 
 
 def _runs(bucket: FlatBucket, plain: set[int]) -> list[tuple[int, int, bool]]:
@@ -87,6 +92,7 @@ class SyncedState:
         count = 4 if self.streamed else 2  # pseudo-gradient and momentum work buffers, + staged anchor and momentum
         self._scratch = tuple(torch.empty(scratch, dtype=torch.float32, device=self.device) for _ in range(count))
         self.pseudo_grad_sq = 0.0  # squared norm of the pseudo-gradient at the last sync (this rank's part)
+        self.lr_marks = [0.0] * len(buckets)  # the clock's lr_sum at each bucket's last sync
         self.reset(buckets)
 
     @staticmethod
@@ -116,9 +122,11 @@ class SyncedState:
             )
 
     @torch.no_grad()
-    def reset(self, buckets: Sequence[FlatBucket]) -> None:
-        """Take the tensors' current values as the synced ones (only where every rank holds the same values)."""
+    def reset(self, buckets: Sequence[FlatBucket], lr_sum: float = 0.0) -> None:
+        """Take the tensors' current values as the synced ones (only where every rank holds the same values), at
+        the clock's ``lr_sum``."""
         self.check_layout(buckets)
+        self.lr_marks = [float(lr_sum)] * len(buckets)
         for bucket, anchor in zip(buckets, self.slices(), strict=True):
             if anchor.device == bucket.flat.device:
                 bucket.gather(anchor)
@@ -126,7 +134,9 @@ class SyncedState:
                 anchor.copy_(bucket.gather(torch.empty_like(bucket.flat, dtype=torch.float32)))
 
     @torch.no_grad()
-    def advance(self, index: int, averaged: torch.Tensor, commit: bool = True, first: int = 0) -> None:
+    def advance(
+        self, index: int, averaged: torch.Tensor, commit: bool = True, first: int = 0, point: Point = None
+    ) -> None:
         """Turn bucket ``index``'s plain average into the synced values, in place; remember them if ``commit``.
 
         Args:
@@ -135,9 +145,13 @@ class SyncedState:
             commit (`bool`, defaults to `True`): a sync (update the state); `False` for an evaluation's average.
             first (`int`, defaults to 0): the first bucket this average advances (a fragment's, ``qsr_fragments``):
                 the pseudo-gradient's norm is summed from there.
+            point (`tuple[float, int]` or a callable returning one, *optional*): the clock's ``(lr_sum, step)`` of
+                this sync (`SyncClock.point`; an overlapped one: where it started), read when the average arrives;
+                `None`: μ, unscaled (no ``qsr_outer_scaling`` / ``qsr_outer_momentum_warmup``).
         """
         if index == first:
             self.pseudo_grad_sq = 0.0
+        mu, work = self._round(index, point, commit)
         wide = averaged if averaged.dtype == torch.float32 else averaged.float()
         anchor, momentum = self.slices()[index], None
         if self.momentum is not None:
@@ -146,12 +160,30 @@ class SyncedState:
             step = max(1, min(CHUNK, end - start) if (self.streamed or outer) else end - start)
             for a in range(start, end, step):
                 b = min(a + step, end)
-                self._advance_chunk(wide[a:b], anchor[a:b], None if momentum is None else momentum[a:b], outer, commit)
+                part = None if momentum is None else momentum[a:b]
+                self._advance_chunk(wide[a:b], anchor[a:b], part, outer, commit, mu, work)
         if wide is not averaged:
             averaged.copy_(wide)
 
+    def _round(self, index: int, point: Point, commit: bool) -> tuple[float | None, float | None]:
+        # (μ_t, S_r) of bucket ``index``'s sync at ``point``; S_r = lr_sum now - lr_sum at its last sync
+        if self.outer is None or point is None:
+            return None, None
+        lr_sum, step = point() if callable(point) else point
+        work = lr_sum - self.lr_marks[index] if self.outer.round_lr else None
+        if commit:
+            self.lr_marks[index] = lr_sum
+        return self.outer.momentum_at(step), work
+
     def _advance_chunk(
-        self, avg: torch.Tensor, anchor: torch.Tensor, momentum: torch.Tensor | None, outer: bool, commit: bool
+        self,
+        avg: torch.Tensor,
+        anchor: torch.Tensor,
+        momentum: torch.Tensor | None,
+        outer: bool,
+        commit: bool,
+        mu: float | None = None,
+        work: float | None = None,
     ) -> None:
         if not outer:  # the plain average (buffers; every value when there is no outer optimizer)
             if commit:
@@ -163,7 +195,9 @@ class SyncedState:
             staged_anchor = self._scratch[2][:n].copy_(anchor, non_blocking=True)
             if momentum is not None:
                 staged_momentum = self._scratch[3][:n].copy_(momentum, non_blocking=True)
-        self.pseudo_grad_sq += self.outer.apply(avg, staged_anchor, staged_momentum, self._scratch[:2], commit)
+        self.pseudo_grad_sq += self.outer.apply(
+            avg, staged_anchor, staged_momentum, self._scratch[:2], commit, mu, work
+        )
         if self.streamed and commit:
             anchor.copy_(staged_anchor)
             if momentum is not None:
@@ -175,10 +209,12 @@ class SyncedState:
         return math.sqrt(self.pseudo_grad_sq)
 
     def state_dict(self) -> dict[str, Any]:
-        """The anchor and, with momentum, the momentum buffer (CPU copies)."""
+        """The anchor, with momentum the momentum buffer (CPU copies), with ``round_lr`` the buckets' ``lr_marks``."""
         state = {"anchor": self.anchor.to("cpu", copy=True)}
         if self.momentum is not None:
             state["momentum"] = self.momentum.to("cpu", copy=True)
+        if self.outer is not None and self.outer.round_lr:
+            state["lr_marks"] = list(self.lr_marks)
         return state
 
     @torch.no_grad()
@@ -200,7 +236,20 @@ class SyncedState:
                     f"{tuple(mine.shape)}: was it saved from another model or world size?"
                 )
             mine.copy_(state[name])
+        if self.outer is not None and self.outer.round_lr:
+            marks = state.get("lr_marks")
+            if marks is None or len(marks) != len(self.lr_marks):
+                raise ValueError(
+                    f"the saved QSR state has {'no' if marks is None else len(marks)} lr marks, qsr_outer_scaling="
+                    f"'round_lr' needs {len(self.lr_marks)}: resume with the settings it was saved with"
+                )
+            self.lr_marks = [float(m) for m in marks]
 
     def tensors(self) -> list[torch.Tensor]:
-        """The state's tensors (for checksums)."""
-        return [t for t in (self.anchor, self.momentum) if t is not None]
+        """The state's tensors (for checksums); with ``round_lr`` the lr marks too."""
+        marks = (
+            [torch.tensor(self.lr_marks, dtype=torch.float64)]
+            if self.outer is not None and self.outer.round_lr
+            else []
+        )
+        return [t for t in (self.anchor, self.momentum) if t is not None] + marks
