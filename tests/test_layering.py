@@ -29,6 +29,7 @@ PURE = [
     "core/config_checks.py",
     "core/field_checks.py",
     "core/accounting.py",
+    "core/wire.py",
     "sync/fragments.py",
     "analysis/planner.py",
     "analysis/scaling.py",

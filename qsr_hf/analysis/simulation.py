@@ -29,8 +29,9 @@ from qsr_hf.analysis.sharding import LossFn, OptimizerFn, SchedulerFn, shard_bat
 from qsr_hf.core.accounting import SyncStats
 from qsr_hf.core.clock import SyncClock
 from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.wire import wire_bytes
 from qsr_hf.sync.averaging import reduce_dtype
-from qsr_hf.sync.compressed import compressed_average, compressed_sync_bytes
+from qsr_hf.sync.compressed import compressed_average
 from qsr_hf.sync.fragments import due_after_step, in_sync, partition
 from qsr_hf.sync.outer import OuterStep
 from qsr_hf.sync.tensor_selection import averaged_tensors
@@ -87,6 +88,11 @@ class LocalTrainingSimulation:
                 "qsr_overlap_auto=True depends on measured transfer times, which a simulation has none of: "
                 "set qsr_overlap_steps to the depth to simulate and qsr_overlap_auto=False"
             )
+        if config.qsr_compress_format != "bf16" or config.qsr_compress_error_feedback:
+            raise ValueError(
+                "the simulation keeps bf16 compression only (its blocks and residuals would need the averager's flat "
+                "layout): set qsr_compress_format='bf16' and qsr_compress_error_feedback=False"
+            )
         self.config = config
         self.num_workers = num_workers
         self.replicas = [copy.deepcopy(model) for _ in range(num_workers)]
@@ -112,7 +118,7 @@ class LocalTrainingSimulation:
             pairs = zip(self._anchor, self._outer_tensor, strict=True)
             self._momentum = [torch.zeros_like(a).view(-1) if o else None for a, o in pairs]
         if config.qsr_compress_delta:
-            self.bytes_per_sync = compressed_sync_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
+            self.bytes_per_sync = wire_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # overlap: the average in flight
         self._pending_age = 0  # optimizer steps since it was started
 

@@ -12,6 +12,7 @@ step, config fingerprint, manifest) and builds the same state from them:
   ``param_groups`` (lr, ...) are rank 0's, as in the Trainer's ``optimizer.pt``;
 - the synced state (outer optimizer anchor and momentum, compression anchor): equal in every file (checked), taken
   as it is, so the next sync's outer step also covers the interrupted round's progress;
+- the compression residuals (``qsr_compress_error_feedback``): per rank, no mapping N -> M: reset to zero;
 - the schedule: a new round starts at the checkpoint's step (rounds done and counters are rank 0's).
 
 Every rank logs what was reset. Engines that save their own per-rank state (DeepSpeed, node workers, FSDP2 shards)
@@ -174,6 +175,7 @@ def resume_resized(
         f"optimizer state reset to the mean of the {saved} saved states (floating tensors averaged, step counters "
         f"equal); the round in progress ({ended}) ends and a new round starts at step {step}"
         + ("; synced state (outer optimizer / compression anchor) kept" if merged["qsr"]["synced"] else "")
+        + ("; compression residuals (error feedback) reset to zero" if "compression" in states[0] else "")
         + f"; {own}",
         main_process_only=False,
     )

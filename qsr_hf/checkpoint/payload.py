@@ -1,5 +1,6 @@
 """What one rank's state file holds (the one place to read it): its optimizer state, its averaged tensors, the
-schedule position and the backend's per-rank state, with the run's world size, step and config fingerprint."""
+schedule position, the backend's per-rank state and the compression residual (``qsr_compress_error_feedback``: this
+rank's own), with the run's world size, step and config fingerprint."""
 
 from typing import Any
 
@@ -7,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from qsr_hf.runtime.synchronizer import Synchronizer
+from qsr_hf.sync.compressed import CompressedAverager
 
 
 def run_meta(synchronizer: Synchronizer) -> dict[str, int]:
@@ -27,6 +29,9 @@ def local_state(synchronizer: Synchronizer, optimizer: torch.optim.Optimizer) ->
         "qsr": synchronizer.state_dict(),
         "tensors": [t.detach().to("cpu", copy=True) for t in synchronizer.local_tensors()],
     }
+    averager = synchronizer.averager
+    if isinstance(averager, CompressedAverager) and averager.residual is not None:
+        state["compression"] = averager.state_dict()
     engine_state = synchronizer.engine.local_state_dict()
     if engine_state:
         state["engine"] = engine_state
@@ -49,3 +54,5 @@ def load_local_state(synchronizer: Synchronizer, state: dict[str, Any], optimize
         synchronizer.engine.load_local_state_dict(state["engine"])
     synchronizer.after_average()
     synchronizer.load_state_dict(state["qsr"])
+    if isinstance(synchronizer.averager, CompressedAverager):
+        synchronizer.averager.load_state_dict(state.get("compression"))  # none (elastic): a zero residual

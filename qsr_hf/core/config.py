@@ -19,10 +19,13 @@ Worker = Literal["process", "node"]
 OnNonfinite = Literal["error", "skip_rank"]
 OuterOptimizer = Literal["none", "sgd", "nesterov"]
 OuterScaling = Literal["none", "round_lr"]
+CompressFormat = Literal["bf16", "int8", "fp8"]
 RULES: list[str] = list(typing.get_args(Rule))
 # how a checkpoint is resumed, not what is trained: left out of the fingerprint that state files record, so toggling
 # it keeps a checkpoint readable (and fingerprints of configs from before the field existed unchanged)
 RESUME_POLICY = ("qsr_elastic_resume",)
+# fields added after checkpoints existed, at their default: left out of the fingerprint (older checkpoints stay readable)
+OMITTED_AT_DEFAULT = {("qsr_compress_format", "bf16"), ("qsr_compress_error_feedback", False)}
 
 
 @dataclass
@@ -74,9 +77,12 @@ class QSRConfig:
             and step times (the steps the slowest rank's average took), the same on every rank, then keep it.
         qsr_compress_delta (`bool`, defaults to `False`):
             Average the round's parameter change instead of the parameters: each rank sends its change since the last
-            average (an fp32 anchor, the same on every rank) in bf16, the mean is summed in fp32 and sent back in bf16
-            (an all-to-all plus an all-gather: 2 instead of 4 bytes per parameter in all-reduce terms). Adds bf16
-            rounding of the change (`qsr_hf.sync.compressed`); not in the paper nor the official code. DDP only.
+            average (an fp32 anchor, equal on every rank) in ``qsr_compress_format``, the fp32 mean is sent back in it
+            (bf16 2, int8 1.016 instead of 4 B/param; `qsr_hf.sync.compressed`). Not in the paper; DDP only.
+        qsr_compress_format (`str`, defaults to `"bf16"`):
+            ``bf16``, ``int8`` (an fp32 scale absmax/127 per 256 values) or ``fp8`` (e4m3fn, absmax/448): `wire_codec`.
+        qsr_compress_error_feedback (`bool`, defaults to `False`):
+            Each rank adds what encoding its change lost to its next change; saved in each rank's state file.
         qsr_fragments (`int`, defaults to 1):
             F: average the model in F parts of about equal size, part f after step ⌈(f+1)H/F⌉ of each round
             (Streaming DiLoCo's pattern: F smaller bursts per round). DDP only; see `qsr_hf.sync.fragments`.
@@ -173,11 +179,10 @@ class QSRConfig:
     )
     qsr_compress_delta: bool = field(
         default=False,
-        metadata={
-            "help": "Average the round's parameter change in bf16 (fp32 anchor and fp32 sums): 2 instead of 4 bytes "
-            "per parameter per sync, plus bf16 rounding of the change. Not in the paper; DDP only; off by default."
-        },
+        metadata={"help": "Average the round's change in qsr_compress_format; not in the paper; DDP only."},
     )
+    qsr_compress_format: CompressFormat = field(default="bf16", metadata={"help": "Wire format: bf16, int8, fp8."})
+    qsr_compress_error_feedback: bool = field(default=False, metadata={"help": "Keep and resend encoding residuals."})
     qsr_fragments: int = field(default=1, metadata={"help": "F: average the model in F parts at staggered steps."})
     qsr_worker: Worker = field(
         default="process",
@@ -187,7 +192,6 @@ class QSRConfig:
         default=None,
         metadata={"help": "Processes per node for qsr_worker='node'; defaults to LOCAL_WORLD_SIZE."},
     )
-
     qsr_outer_optimizer: OuterOptimizer = field(
         default="none",
         metadata={"help": "Outer optimizer on the averaged round change: none (the paper), sgd or nesterov (DiLoCo)."},
@@ -265,7 +269,8 @@ class QSRConfig:
         Returns:
             `int`: the digest; ranks compare it to catch a run started with different QSR settings per rank.
         """
-        fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_POLICY}
+        items = self.to_dict().items()
+        fields = {k: v for k, v in items if k not in RESUME_POLICY and (k, v) not in OMITTED_AT_DEFAULT}
         canonical = json.dumps(fields, sort_keys=True)
         return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big") >> 2
 

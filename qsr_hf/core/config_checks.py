@@ -10,6 +10,8 @@ class Settings(Protocol):
 
     qsr_average_optimizer_state: bool
     qsr_compress_delta: bool
+    qsr_compress_format: str
+    qsr_compress_error_feedback: bool
     qsr_fragments: int
     qsr_outer_lr: float
     qsr_outer_momentum: float
@@ -37,8 +39,7 @@ def check_options(config: Settings) -> None:
         )
     check_overlap(config)
     check_fragments(config)
-    if config.qsr_compress_delta:
-        check_compress_delta(config)
+    check_compress_delta(config)
     check_outer_optimizer(config)
 
 
@@ -96,7 +97,17 @@ def _refuse_conflicts(setting: str, off: str, conflicts: dict[str, str], config:
 
 
 def check_compress_delta(config: Settings) -> None:
-    """Refuse the combinations ``qsr_compress_delta`` does not work with, naming the field to change."""
+    """Refuse the combinations ``qsr_compress_delta`` does not work with, and its options without it, naming the
+    field to change."""
+    for name, off in (("qsr_compress_format", "bf16"), ("qsr_compress_error_feedback", False)):
+        value = getattr(config, name)
+        if value != off and not config.qsr_compress_delta:
+            raise ValueError(
+                f"{name}={value!r} sets how qsr_compress_delta sends the round's change, but qsr_compress_delta="
+                f"False sends the parameters in full: set qsr_compress_delta=True, or {name}={off!r}"
+            )
+    if not config.qsr_compress_delta:
+        return
     conflicts = {
         "qsr_overlap_sync": "not implemented: the compressed average is blocking",
         "qsr_average_optimizer_state": "bf16 changes of Adam's second moments can round below zero",

@@ -46,7 +46,10 @@ def build_parts(
     plain = {id(b) for b in engine.module.buffers()}  # averaged plainly under an outer optimizer
     synced = None
     if config.qsr_compress_delta:
-        averager = CompressedAverager(tensors, engine.process_group, outer, plain)
+        feedback = config.qsr_compress_error_feedback
+        averager = CompressedAverager(
+            tensors, engine.process_group, outer, plain, config.qsr_compress_format, feedback
+        )
         synced = averager.synced
     else:
         averager = make_averager(tensors, "copy" if config.qsr_overlap_sync else "inplace")

@@ -1,94 +1,99 @@
-"""`CompressedAverager`: average the round's parameter change in bf16 with fp32 sums (``qsr_compress_delta``).
+"""`CompressedAverager`: average the round's parameter change in a wire format with fp32 sums (``qsr_compress_delta``).
 
 Not in the paper nor the official code, which average the parameters in fp32. Every rank keeps an fp32 *anchor*: the
-tensors' value after the last average, the same on every rank. A sync over K ranks and N values:
+tensors' value after the last average, the same on every rank. ``qsr_compress_format`` picks the format
+(`qsr_hf.sync.wire_codec`: ``bf16``, or ``int8`` / ``fp8`` with an fp32 scale per block of 256 values); every format
+takes the same steps. A sync over K ranks and N values:
 
-1. delta = tensors (as fp32) - anchor, cast to bf16, padded with zeros to Np = K x ceil(N / K) values;
-2. ``all_to_all_single``: rank j receives chunk j (Np / K values) of every rank's delta;
-3. rank j sums the K chunks in fp32, in rank order, divides by the number of ranks that count, casts to bf16;
-4. ``all_gather_single``: every rank receives the K averaged bf16 chunks;
-5. anchor += averaged delta (in fp32); the tensors := anchor (cast to their dtype). With an outer optimizer
-   (``qsr_outer_optimizer``) the averaged delta is its pseudo-gradient: the anchor takes the outer step instead.
+1. delta = tensors (as fp32) - anchor (+ this rank's residual, with ``qsr_compress_error_feedback``), zero-padded to
+   Np values (`qsr_hf.core.wire.padded_numel`: K equal chunks of whole blocks), encoded chunk by chunk;
+2. ``all_to_all_single``: rank j receives chunk j of every rank's encoded delta (values and scales in one buffer);
+3. rank j decodes the K chunks to fp32, sums them in rank order, divides by the number of ranks that count, and
+   encodes that mean chunk (int8 / fp8: new scales from the mean);
+4. ``all_gather_single``: every rank receives the K encoded mean chunks and decodes them to fp32;
+5. anchor += mean delta (in fp32); the tensors := anchor (cast to their dtype). With an outer optimizer
+   (``qsr_outer_optimizer``) the mean delta is its pseudo-gradient: the anchor takes the outer step instead.
+
+With error feedback each rank keeps what step 1's encoding lost (its residual: the sent delta minus its decoded
+value) and adds it to the next round's delta; an evaluation's average (not committed) leaves it as it was. A rank
+left out by ``skip_rank`` sends zeros and its residual becomes zero. The residual is this rank's own state: it is
+saved in this rank's state file (`qsr_hf.checkpoint.payload`), not compared across ranks.
 
 The anchor is the run's `SyncedState` (the one copy of the last synced values, shared with the outer optimizer).
+Every rank adds the same decoded values to the same anchor, so the tensors are bitwise identical after a sync.
 
-Every rank adds the same bf16 values to the same anchor, so the tensors are bitwise identical after a sync.
+**Bytes.** The all-to-all's input and the all-gather's output hold B = `qsr_hf.core.wire.wire_bytes` (N, K) bytes
+each: bf16 2 Np, int8 / fp8 Np + 4 Np / 256 (:attr:`CompressedAverager.collective_bytes` = 2B). On the wire one
+rank sends (K-1)/K of each, 2 (K-1)/K x B: what a ring all-reduce of a B-byte buffer sends. So `SyncStats` records a
+compressed sync as B (:attr:`CompressedAverager.bytes_per_sync`), comparable with a plain fp32 sync's 4 N: bf16
+0.5 of it, int8 / fp8 (1 + 1/64) / 4 = 0.254 (plus padding). An all-gather of every rank's encoded delta instead
+(one collective, one rounding less) sends (K-1) x B per rank: the same at K = 2, more beyond, growing with K.
 
-**Bytes.** The all-to-all's input and the all-gather's output hold 2 bytes per value each (4 B/param in all,
-:attr:`CompressedAverager.collective_bytes`). On the wire one rank sends (K-1)/K of each, 4 (K-1)/K B/param: what a
-ring all-reduce of a 2-byte-per-value buffer sends (it sends 2 (K-1)/K of its buffer). `SyncStats` counts parameter
-syncs and data-parallel gradients by their all-reduce buffer (4 B/param in fp32), so a compressed sync is recorded
-as 2 B/param (:attr:`CompressedAverager.bytes_per_sync`): half a plain fp32 sync, which keeps ``comm_volume_vs_ddp``
-comparable with the other rows.
-
-**Rounding.** Per value, with delta_k rank k's change and u = 2^-8 (bf16's unit roundoff), the result differs from
-anchor + mean_k(delta_k) computed exactly by at most ``ROUNDING_BOUND`` = 2u (1 + u) max_k |delta_k| (two bf16
+**Rounding (bf16).** Per value, with delta_k rank k's change and u = 2^-8 (bf16's unit roundoff), the result differs
+from anchor + mean_k(delta_k) computed exactly by at most ``ROUNDING_BOUND`` = 2u (1 + u) max_k |delta_k| (two bf16
 roundings: each delta, then their mean) plus fp32 rounding of the sum and of the anchor update (a few 2^-24 of the
-values). The rounding scales with the change of one round, not with the parameters.
+values). int8 rounds each value to within half a step, absmax / 254 of its block, twice (delta, mean).
 """
 
-import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from qsr_hf.core.wire import padded_numel, wire_bytes
 from qsr_hf.sync.averaging import ParameterAverager, Transform
 from qsr_hf.sync.flat_buckets import FlatBucket
 from qsr_hf.sync.outer import OuterStep
 from qsr_hf.sync.synced_state import SyncedState
+from qsr_hf.sync.wire_codec import WireCodec
 
 
-WIRE_DTYPE = torch.bfloat16
-ROUNDING_BOUND = 2 * 2**-8 * (1 + 2**-8)  # times max_k |delta_k|, per value (see the module docstring)
-
-
-def padded_numel(numel: int, world_size: int) -> int:
-    """``numel`` rounded up to a multiple of ``world_size`` (equal chunks for the all-to-all)."""
-    return world_size * math.ceil(numel / world_size)
-
-
-def compressed_sync_bytes(numel: int, world_size: int) -> int:
-    """Bytes one compressed sync of ``numel`` values records: 2 per padded value (the module docstring says why)."""
-    return padded_numel(numel, world_size) * WIRE_DTYPE.itemsize
+ROUNDING_BOUND = 2 * 2**-8 * (1 + 2**-8)  # bf16: times max_k |delta_k|, per value (see the module docstring)
 
 
 def mean_delta(deltas: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
-    """Sum bf16 deltas in fp32, in the order given (rank order), divide by ``divisor``; return the mean in bf16.
+    """Sum decoded deltas in fp32, in the order given (rank order), and divide by ``divisor`` (the ranks that count).
 
     Args:
-        deltas (`Sequence[torch.Tensor]`): one bf16 tensor per rank, same shape.
+        deltas (`Sequence[torch.Tensor]`): one tensor per rank (fp32, or bf16: exact in fp32), same shape.
         divisor (`int`): the number of ranks that count.
 
     Returns:
-        `torch.Tensor`: the mean, cast to bf16.
+        `torch.Tensor`: the fp32 mean (encoded again before it is sent back).
     """
     total = deltas[0].to(torch.float32, copy=True)
     for delta in deltas[1:]:
-        total.add_(delta)  # bf16 -> fp32 is exact; the sum is fp32
-    return total.div_(divisor).to(WIRE_DTYPE)
+        total.add_(delta)  # the sum is fp32
+    return total.div_(divisor)
 
 
-def compressed_average(anchor: torch.Tensor, values: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
+def compressed_average(
+    anchor: torch.Tensor, values: Sequence[torch.Tensor], divisor: int, fmt: str = "bf16"
+) -> torch.Tensor:
     """The new anchor a sync gives, computed in one process from every rank's values (simulation, tests).
 
-    The same arithmetic as [`CompressedAverager`] (whose chunks only split it between ranks): anchor + the bf16
-    mean of the ranks' bf16 changes ``value - anchor``.
+    The same arithmetic as [`CompressedAverager`] (whose chunks of whole blocks only split it between ranks): anchor
+    + the encoded-and-decoded mean of the ranks' encoded-and-decoded changes ``value - anchor`` (flat, blocks from the
+    first value; no error feedback).
 
     Args:
         anchor (`torch.Tensor`): fp32 anchor.
         values (`Sequence[torch.Tensor]`): each rank's current values, in rank order (any float dtype).
         divisor (`int`): the number of ranks that count.
+        fmt (`str`, defaults to `"bf16"`): the wire format (``qsr_compress_format``).
 
     Returns:
         `torch.Tensor`: the new fp32 anchor; the tensors become it, cast to their dtype.
     """
-    return anchor + mean_delta([(v.to(torch.float32) - anchor).to(WIRE_DTYPE) for v in values], divisor)
+    codec = WireCodec(fmt)
+    deltas = [codec.round_trip(v.to(torch.float32) - anchor) for v in values]
+    return anchor + codec.round_trip(mean_delta(deltas, divisor))
 
 
 class CompressedAverager:
-    """Average tensors across a process group by their change since the last average, sent in bf16.
+    """Average tensors across a process group by their change since the last average, sent in a wire format.
 
     Same call shape as [`ParameterAverager`] (``average(divisor=None) -> int``); its copy-mode buckets hold the
     layout and an fp32 copy of the tensors (the staged deltas). The anchor is set from the tensors at construction,
@@ -104,11 +109,14 @@ class CompressedAverager:
             The data-parallel group; `None` means the default (WORLD) group.
         outer ([`OuterStep`], *optional*): an outer optimizer applied to the averaged change (see `SyncedState`).
         plain (`set[int]`, *optional*): ``id()`` of tensors that take the plain average under ``outer`` (buffers).
+        fmt (`str`, defaults to `"bf16"`): the wire format, ``qsr_compress_format`` (`qsr_hf.sync.wire_codec`).
+        error_feedback (`bool`, defaults to `False`): keep this rank's encoding residual and add it to the next
+            round's delta (``qsr_compress_error_feedback``).
 
     Example:
 
     ```python
-    averager = CompressedAverager(averaged_tensors(model, average_buffers=True))  # ranks identical here
+    averager = CompressedAverager(averaged_tensors(model, average_buffers=True), fmt="int8")  # ranks identical here
     ...  # local steps
     bytes_recorded = averager.average()  # tensors = anchor + the mean change; bitwise equal on every rank
     ```
@@ -122,6 +130,8 @@ class CompressedAverager:
         process_group: ProcessGroup | None = None,
         outer: OuterStep | None = None,
         plain: set[int] | None = None,
+        fmt: str = "bf16",
+        error_feedback: bool = False,
     ) -> None:
         self._layout = ParameterAverager(tensors, process_group, fp32_average=True, mode="copy")
         self.process_group = process_group
@@ -133,13 +143,18 @@ class CompressedAverager:
                 "qsr_compress_delta averages fp32/bf16/fp16 tensors on one device, got accumulation dtypes "
                 f"{sorted(map(str, wide))} on {sorted(map(str, devices))}; set qsr_compress_delta=False"
             )
+        self.codec = WireCodec(fmt)
         self.numel = sum(b.flat.numel() for b in self.buckets)
-        size = padded_numel(self.numel, self.world_size)
+        size = padded_numel(self.numel, self.world_size, fmt)
+        self._chunk = size // self.world_size
         device = devices.pop()
         self.synced = SyncedState(self.buckets, outer, plain, pad_to=size)  # the anchor, taken now
-        self._send = torch.zeros(size, dtype=WIRE_DTYPE, device=device)  # the padding stays zero
-        self._received = torch.empty(size, dtype=WIRE_DTYPE, device=device)
-        self._gathered = torch.empty(size, dtype=WIRE_DTYPE, device=device)
+        self._delta = torch.zeros(size, dtype=torch.float32, device=device)  # the padding stays zero
+        self.residual = torch.zeros(size, dtype=torch.float32, device=device) if error_feedback else None
+        self._send, self._received, self._gathered = (
+            self.codec.buffer(self.world_size, self._chunk, device) for _ in range(3)
+        )
+        self._mine = self.codec.buffer(1, self._chunk, device)
         self._staged = False
 
     @property
@@ -164,13 +179,13 @@ class CompressedAverager:
 
     @property
     def bytes_per_sync(self) -> int:
-        """Bytes one sync records in `SyncStats`: 2 per padded value (the all-reduce-equivalent, see above)."""
-        return compressed_sync_bytes(self.numel, self.world_size)
+        """Bytes one sync records in `SyncStats`: the all-to-all's input (the all-reduce equivalent, see above)."""
+        return wire_bytes(self.numel, self.world_size, self.codec.fmt)
 
     @property
     def collective_bytes(self) -> int:
-        """Bytes of the two collectives' buffers: the all-to-all's bf16 input plus the all-gather's bf16 output."""
-        return 2 * self._send.numel() * WIRE_DTYPE.itemsize
+        """Bytes of the two collectives' buffers: the all-to-all's input plus the all-gather's output."""
+        return self._send.numel() + self._gathered.numel()
 
     def ensure_views(self) -> None:
         """Rebuild the buckets if a tensor was replaced; refuse if the layout the anchor follows changed."""
@@ -184,17 +199,41 @@ class CompressedAverager:
         return self.stage()
 
     def stage(self) -> list[torch.Tensor]:
-        """Compute this rank's fp32 deltas (tensors - anchor) into the buckets' buffers and return them.
+        """Compute this rank's fp32 deltas (tensors - anchor, + the residual with error feedback) into the buckets'
+        buffers and return them.
 
         The non-finite check reads them, and a rank that must not count zeroes them (a zero delta). The next
         :meth:`average` sends what they hold; calling :meth:`stage` again before it changes nothing.
         """
         if not self._staged:
             self.ensure_views()
-            for bucket, anchor in zip(self.buckets, self.synced.slices(), strict=True):
-                bucket.gather(bucket.flat).sub_(anchor)
+            residuals = self.synced.slices(self.residual) if self.residual is not None else None
+            for index, (bucket, anchor) in enumerate(zip(self.buckets, self.synced.slices(), strict=True)):
+                delta = bucket.gather(bucket.flat).sub_(anchor)
+                if residuals is not None:
+                    delta.add_(residuals[index])
             self._staged = True
         return [b.flat for b in self.buckets]
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's own state: with error feedback its residual (a CPU copy); else nothing."""
+        return {} if self.residual is None else {"residual": self.residual.to("cpu", copy=True)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore what :meth:`state_dict` returned; `None` (an elastic resume: residuals of other ranks) zeroes it."""
+        if self.residual is None:
+            return
+        saved = None if state is None else state.get("residual")
+        if saved is None:
+            self.residual.zero_()
+        elif tuple(saved.shape) != tuple(self.residual.shape):
+            raise ValueError(
+                f"the saved compression residual has shape {tuple(saved.shape)}, this run needs "
+                f"{tuple(self.residual.shape)}: was it saved from another model, world size or qsr_compress_format?"
+            )
+        else:
+            self.residual.copy_(saved)
 
     @torch.no_grad()
     def average(self, divisor: int | None = None, transform: Transform = None) -> int:
@@ -206,6 +245,7 @@ class CompressedAverager:
                 number of ranks that do.
             transform (`Callable[[int, torch.Tensor], None]`, *optional*): what turns each bucket's plain average
                 (anchor + mean change, fp32) into the new values; defaults to the synced state's committed step.
+                The residual (error feedback) changes only when it commits (`SyncedState.committed`).
 
         Returns:
             `int`: bytes recorded for this sync (:attr:`bytes_per_sync`).
@@ -213,20 +253,26 @@ class CompressedAverager:
         if divisor is not None and (isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1):
             raise ValueError(f"divisor must be a positive int (the number of ranks that count), got {divisor!r}")
         divisor = self.world_size if divisor is None else divisor
-        offset = 0
-        for flat in self.stage():
-            self._send[offset : offset + flat.numel()].copy_(flat)  # round to nearest bf16
-            offset += flat.numel()
+        for flat, delta in zip(self.stage(), self.synced.slices(self._delta), strict=True):
+            delta.copy_(flat)
         self._staged = False
+        rows, codec = self._delta.view(self.world_size, self._chunk), self.codec
+        codec.encode(rows, self._send)
+        if self.residual is not None:
+            rows.sub_(codec.decode(self._send, self._chunk))  # what the encoding lost: the next residual
         dist.all_to_all_single(self._received, self._send, group=self.process_group)
-        mine = mean_delta(self._received.view(self.world_size, -1).unbind(0), divisor)
+        mine = mean_delta(codec.decode(self._received, self._chunk).unbind(0), divisor)
+        codec.encode(mine.view(1, -1), self._mine)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name before torch 2.10
-        gather(self._gathered, mine, group=self.process_group)
+        gather(self._gathered, self._mine, group=self.process_group)
+        means = codec.decode(self._gathered, self._chunk).view(-1)
         transform = transform or self.synced.advance
         for index, (bucket, anchor, mean) in enumerate(
-            zip(self.buckets, self.synced.slices(), self.synced.slices(self._gathered), strict=True)
+            zip(self.buckets, self.synced.slices(), self.synced.slices(means), strict=True)
         ):
             torch.add(anchor, mean, out=bucket.flat)  # the staged buffer is free again: the plain average
             transform(index, bucket.flat)  # commits it as the new anchor (or the outer step's result)
             bucket.scatter(bucket.flat)
+        if self.residual is not None and self.synced.committed:
+            self.residual.copy_(self._delta)
         return self.bytes_per_sync

@@ -93,6 +93,7 @@ class SyncedState:
         self._scratch = tuple(torch.empty(scratch, dtype=torch.float32, device=self.device) for _ in range(count))
         self.pseudo_grad_sq = 0.0  # squared norm of the pseudo-gradient at the last sync (this rank's part)
         self.lr_marks = [0.0] * len(buckets)  # the clock's lr_sum at each bucket's last sync
+        self.committed = True  # whether the last advance committed (a sync; not an evaluation's average)
         self.reset(buckets)
 
     @staticmethod
@@ -151,6 +152,7 @@ class SyncedState:
         """
         if index == first:
             self.pseudo_grad_sq = 0.0
+        self.committed = commit
         mu, work = self._round(index, point, commit)
         wide = averaged if averaged.dtype == torch.float32 else averaged.float()
         anchor, momentum = self.slices()[index], None
