@@ -19,6 +19,7 @@ from qsr_hf.analysis.planner import (
     alpha_for_comm_budget,
     alpha_for_switch_fraction,
     plan,
+    sync_bytes,
     synced_state_bytes_per_param,
 )
 from qsr_hf.analysis.scaling import NodeLayout, predict_node_modes, predict_wall_clock
@@ -29,16 +30,16 @@ PLAN_HELP = "replay a sync rule over an lr schedule: round lengths, syncs, commu
 REPORT_HELP = "draw a finished run's figure (loss, syncs, H per round, communication) and embed it in its model card"
 TRAIN_HELP = "train a YAML recipe with Trainer + QSRCallback (run it under `accelerate launch` for several processes)"
 # QSRConfig fields that `plan` accepts as flags; type, choices and help come from the dataclass
-_PLAN_CONFIG_FIELDS = ("qsr_rule", "qsr_alpha", "qsr_h_base", "qsr_h_max", "qsr_switch_step")
+_PLAN_CONFIG_FIELDS = ("qsr_rule", "qsr_alpha", "qsr_h_base", "qsr_h_max", "qsr_switch_step", "qsr_compress_format")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    types = {"qsr_rule": str, "qsr_alpha": float, "qsr_h_base": int, "qsr_h_max": int, "qsr_switch_step": int}
+    types = {"qsr_alpha": float, "qsr_h_base": int, "qsr_h_max": int, "qsr_switch_step": int}
     for f in dataclasses.fields(QSRConfig):
         if f.name in _PLAN_CONFIG_FIELDS:
             flag = "--" + f.name.removeprefix("qsr_").replace("_", "-")
             p.add_argument(
-                flag, dest=f.name, type=types[f.name], choices=typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else None,
+                flag, dest=f.name, type=types.get(f.name, str), choices=typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else None,
                 help=f"{f.metadata['help']} Default: the recipe's, else {f.default}.",
             )  # fmt: skip
 
@@ -144,6 +145,7 @@ def _from_flags(ns: argparse.Namespace) -> tuple[QSRConfig, list[float], int]:
 
 def _override(config: QSRConfig, ns: argparse.Namespace) -> dict[str, Any]:
     flags = {name: getattr(ns, name) for name in _PLAN_CONFIG_FIELDS}
+    flags["qsr_compress_delta"] = True if ns.qsr_compress_format is not None else None  # a format: compressed
     return {**config.to_dict(), **{k: v for k, v in flags.items() if v is not None}}
 
 
@@ -205,7 +207,7 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
             fields["qsr_alpha"] = alpha_for_switch_fraction(probe, lrs, ns.target_switch, warmup)
     config = QSRConfig(**fields)
     result = plan(config, lrs, warmup)
-    summary = _summary(config, result, lrs)
+    summary = {**_summary(config, result, lrs), **sync_bytes(config, ns.model_params, ns.workers)}
     modes = _node_modes(result, ns)
     wall = _wall_clock(result, ns)
     if wall is not None:
@@ -224,6 +226,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
             print(f"{row['step']:>10} {row['lr']:>12.4g} {row['H']:>8}")
         print(f"last rounds: {summary['last_rounds']}")
         print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_volume_vs_ddp:.3f}%")
+        size = f", {summary['sync_bytes']} B per sync" if "sync_bytes" in summary else ""
+        print(f"sync format: {summary['sync_format']}, {summary['sync_bytes_per_param']:.4g} B/param{size}")
         if summary["synced_state_bytes_per_param"]:
             where = "host memory" if config.qsr_outer_state_on_cpu else "the device"
             print(f"extra memory per parameter: {summary['synced_state_bytes_per_param']} B on {where} (synced state)")

@@ -116,3 +116,10 @@ def test_train_pushes_once_at_the_end_with_the_qsr_card(tmp_path, fake_api, monk
     assert processor.image_mean and processor.image_std
     card_data = ModelCard.load(out / "README.md").data
     assert card_data.eval_results[0].metric_value == pytest.approx(metrics["eval_top1"])
+
+
+def test_model_card_shows_the_sync_format_and_bytes():
+    qsr = {**QSR, "qsr_compress_delta": True, "qsr_compress_format": "int8"}
+    card = hub.build_model_card("m", "d", qsr, FACTS, SUMMARY, EVAL).content
+    assert "int8 deltas, 1.016 B/param per sync (fp32: 4)" in card
+    assert "sync format" not in hub.build_model_card("m", "d", QSR, FACTS, SUMMARY, EVAL).content

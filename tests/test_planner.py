@@ -7,6 +7,7 @@ from qsr_hf.analysis.lr_schedule import lr_sequence
 from qsr_hf.analysis.planner import alpha_for_comm_budget, alpha_for_switch_fraction, synced_state_bytes_per_param
 from qsr_hf.analysis.scaling import predict_wall_clock
 from qsr_hf.cli import plan_main
+from qsr_hf.core.wire import wire_bytes
 
 
 VIT_STEPS, VIT_WARMUP = (
@@ -119,3 +120,18 @@ def test_plan_cli_constant_recipe_prints_memory(capsys):
     out = capsys.readouterr().out
     assert summary["syncs"] == 176 and "alpha=- " in out
     assert "extra memory per parameter: 8 B on the device" in out
+
+
+@pytest.mark.parametrize(("workers", "fmt"), [(2, "int8"), (3, "int8"), (3, "fp8"), (8, "bf16")])
+def test_plan_cli_shows_the_sync_format_and_its_bytes(capsys, workers, fmt):
+    # the bytes come from qsr_hf.core.wire, the formula the averager sizes its buffers with (test_compression_formats)
+    n = 86_600_000
+    flags = ["--peak-lr", "0.008", "--total-steps", "1000", "--alpha", "0.0175", "--compress-format", fmt]
+    wall = ["--workers", str(workers), "--model-params", str(n), "--bandwidth-gbps", "1", "--compute-s-per-step", "1"]
+    summary = plan_main([*flags, *wall])
+    assert summary["sync_format"] == fmt and summary["sync_bytes"] == wire_bytes(n, workers, fmt)
+    assert summary["sync_bytes_vs_fp32"] <= (0.27 if fmt != "bf16" else 0.5 + 1e-6)
+    assert summary["sync_bytes_per_param"] == (1 + 4 / 256 if fmt != "bf16" else 2)
+    assert f"sync format: {fmt}" in capsys.readouterr().out
+    plain = plan_main(["--peak-lr", "0.008", "--total-steps", "1000", "--alpha", "0.0175"])
+    assert plain["sync_format"] == "fp32" and plain["sync_bytes_vs_fp32"] == 1

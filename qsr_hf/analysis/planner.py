@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from qsr_hf.core.clock import SyncClock
 from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.wire import bytes_per_value, wire_bytes
 
 
 @dataclass
@@ -142,3 +143,25 @@ def alpha_for_switch_fraction(
         return first is None or first > target
 
     return _bisect_alpha(config, lrs, warmup_steps, too_small)
+
+
+def sync_bytes(config: QSRConfig, numel: float | None = None, world_size: int | None = None) -> dict[str, object]:
+    """What one sync sends, as `SyncStats` records it (the all-reduce-equivalent buffer): the wire format and its
+    bytes per parameter (scales included, padding left out: `qsr_hf.core.wire`), against fp32's 4; with ``numel``
+    and ``world_size`` the bytes of one sync of ``numel`` values over that many ranks, padding included.
+
+    Returns:
+        `dict`: ``sync_format``, ``sync_bytes_per_param``, ``sync_bytes_vs_fp32`` and maybe ``sync_bytes``.
+    """
+    fmt = config.qsr_compress_format if config.qsr_compress_delta else "fp32"
+    per_param = 4.0 if fmt == "fp32" else bytes_per_value(fmt)
+    out: dict[str, object] = {
+        "sync_format": fmt,
+        "sync_bytes_per_param": per_param,
+        "sync_bytes_vs_fp32": per_param / 4,
+    }
+    if numel is not None and world_size is not None:
+        n = int(numel)
+        out["sync_bytes"] = 4 * n if fmt == "fp32" else wire_bytes(n, world_size, fmt)
+        out["sync_bytes_vs_fp32"] = out["sync_bytes"] / (4 * n)
+    return out

@@ -12,6 +12,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import TrainingArguments
 
+from qsr_hf.core.wire import bytes_per_value
+
 
 _RULES: dict[str, str] = {
     "qsr": "QSR: H = max(H_base, ⌊(α/η)²⌋)",
@@ -137,6 +139,9 @@ def build_model_card(
     comm = dict(qsr_summary)
     if ratio is not None:
         comm["communication vs data-parallel"] = f"{100 * float(ratio):.2f}%"
+    if qsr_config.get("qsr_compress_delta"):  # the round's change in a wire format (qsr_hf.sync.compressed)
+        fmt = str(qsr_config.get("qsr_compress_format", "bf16"))
+        comm["sync format"] = f"{fmt} deltas, {bytes_per_value(fmt):.4g} B/param per sync (fp32: 4)"
     results = {
         k.removeprefix("eval_"): v for k, v in eval_metrics.items() if not k.endswith(("_per_second", "runtime"))
     }
