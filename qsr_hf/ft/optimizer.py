@@ -52,6 +52,7 @@ class ReplicaSynchronizer(Synchronizer):
             checksum=self._start_checksum,
             on_nonfinite=config.qsr_on_nonfinite,
             max_attempts=engine.max_attempts,
+            replica=engine.replica,
         )
 
     def _start_checksum(self) -> int:
@@ -125,7 +126,8 @@ class FTLocalOptimizer(LocalOptimizer):
     Build it on every process of every replica group after the model is built (same seed everywhere): the
     constructor joins the replica groups. On a fresh start it waits until ``min_replicas`` groups are up; a group
     (re)started while the others train waits for their next sync, receives a live peer's schedule position,
-    counters, outer-optimizer state and inner optimizer state, and the average of that sync. Read the step to
+    counters, outer-optimizer state and inner optimizer state, and the average of that sync. Every sync's quorum holds a
+    majority of the job's replica groups ([`make_manager`]), and its members are logged. Read the step to
     continue from in :attr:`global_step` and the batch to read in :meth:`batch_index`.
 
     Args:
@@ -138,7 +140,7 @@ class FTLocalOptimizer(LocalOptimizer):
     Example:
 
     ```python
-    manager = make_manager(replica_id=0, min_replicas=2)
+    manager = make_manager(replica_id=0, num_replica_groups=3)  # a sync needs a majority: 2 of 3
     optimizer = FTLocalOptimizer(torch.optim.AdamW(model.parameters()), model, QSRConfig(), manager=manager)
     while optimizer.global_step < total:
         x, y = batches[optimizer.batch_index() % len(batches)]
