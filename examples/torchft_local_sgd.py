@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kill-after", type=int, default=-1, help="SIGKILL this process after that many steps")
     parser.add_argument("--sleep-after", type=int, default=-1, help="sleep --sleep seconds after that many steps")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--on-nonfinite", default="error", choices=["error", "skip_rank"], help="qsr_on_nonfinite")
     parser.add_argument("--outer", default="none", choices=["none", "sgd", "nesterov"], help="qsr_outer_optimizer")
     parser.add_argument("--save-at", type=int, default=-1, help="save the local state after that optimizer step")
     parser.add_argument("--save-dir", default=None, help="checkpoint folder (one sub-folder per replica group)")
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
         num_replica_groups=args.replica_groups,
         allow_minority_quorum=args.allow_minority_quorum,
     )
-    config = QSRConfig(qsr_alpha=0.01, qsr_h_base=4, qsr_outer_optimizer=args.outer)
+    config = QSRConfig(
+        qsr_alpha=0.01, qsr_h_base=4, qsr_outer_optimizer=args.outer, qsr_on_nonfinite=args.on_nonfinite
+    )
     optimizer = FTLocalOptimizer(  # QSR: joins the replica groups (waits for a quorum)
         inner, model, config, manager=manager, lr_scheduler=scheduler, num_training_steps=args.steps
     )

@@ -14,6 +14,8 @@ group does the same, so all resume together; this saves the start-up of a second
 ``--die-in-sync STEP``: SIGKILL this process inside the round-end sync at optimizer step STEP, after its quorum and
 before its first collective: the other replica groups' collectives of that sync fail, and their commit with them.
 
+``--nan-at STEP``: write NaN into this replica's first parameter right before its round-end sync at STEP.
+
 ``--joined-file PATH``: write PATH once this replica group has joined (after its start sync).
 
 ``--stall-at STEP --stall-until PROGRESS``: before its round-end sync at optimizer step STEP (before its quorum),
@@ -72,6 +74,7 @@ def main() -> dict:
     parser.add_argument("--stall-when", default=None)
     parser.add_argument("--stall-until", default=None)
     parser.add_argument("--stall-at", type=int, default=-1)
+    parser.add_argument("--nan-at", type=int, default=-1)
     probes, rest = parser.parse_known_args()
     trace, current, stalled = [], {}, []
     average, allreduce = ReplicaSynchronizer.average, torchft.manager.Manager.allreduce
@@ -80,6 +83,9 @@ def main() -> dict:
         current.update(kind=kind, step=self.clock.step)
         if kind == ROUND_END and self.clock.step == probes.stall_at:
             _wait_past(Path(probes.stall_until), probes.stall_at - 1)
+        if kind == ROUND_END and self.clock.step == probes.nan_at:
+            with torch.no_grad():
+                next(self.engine.module.parameters()).view(-1)[0] = float("nan")
         before = _snapshot(self)
         average(self, kind, commit, buckets)
         trace.append(

@@ -365,3 +365,48 @@ def test_slow_replica_with_fresh_joiners_cannot_split_the_run(tmp_path):
     assert stall_at not in {step for step, _, _ in records[1]["syncs"]}
     assert _check_heals(traces) >= 3  # the two fresh joiners and the slow replica
     assert all("Traceback" not in text for text in logs)
+
+
+@pytest.mark.timeout(240)
+def test_nonfinite_replica_error_and_skip_rank(tmp_path):
+    """A replica group whose values are NaN at a sync (the non-finite branch of `ReplicaAverager._commit`): with
+    ``qsr_on_nonfinite="error"`` every replica stops with the message; with ``"skip_rank"`` the finite replicas are
+    averaged (the Nesterov outer step on their mean) and the non-finite one receives that average."""
+    at, common = 8, ["--outer", "nesterov", "--step-time", "0.02"]
+    lighthouse, address = _lighthouse()
+    procs = []
+    try:  # "error": 2 replica groups, NaN in replica 1 at the sync at step 8
+        procs = [
+            _replica(i, address, tmp_path / f"e{i}.json", *common, *(["--nan-at", str(at)] if i else []), steps=16)
+            for i in range(2)
+        ]
+        logs = [_finish(p, 120) for p in procs]
+    finally:
+        _stop(procs, lighthouse)
+    for proc, text in zip(procs, logs, strict=True):
+        assert proc.returncode == 1, text[-3000:]
+        assert f"1 replica group(s) hold NaN/inf at optimizer step {at}" in text, text[-3000:]
+    lighthouse, address = _lighthouse()
+    try:  # "skip_rank": 3 replica groups, NaN in replica 2
+        procs = [
+            _replica(i, address, tmp_path / f"r{i}.json", *common, "--on-nonfinite", "skip_rank",
+                     *(["--nan-at", str(at)] if i == 2 else []), steps=16)
+            for i in range(3)
+        ]  # fmt: skip
+        _run(procs, 120)
+    finally:
+        _stop(procs, lighthouse)
+    records, traces = _results(tmp_path, [0, 1, 2])
+    syncs = [next(e for e in t if e["step"] == at and e["called_at"] == at) for t in traces]
+    assert not torch.isfinite(syncs[2]["before"][0]).all() and all(
+        torch.isfinite(s["before"][0]).all() for s in syncs[:2]
+    )
+    assert all(s["contributors"] == 2 and len(s["members"]) == 3 for s in syncs), [s["members"] for s in syncs]
+    anchor, momentum = syncs[0]["before"][1:]
+    mean = (syncs[0]["before"][0] + syncs[1]["before"][0]) / 2
+    ref_params, ref_momentum = nesterov_reference(anchor, mean, momentum)
+    for s in syncs:  # the non-finite replica received the finite ones' average, bitwise as they hold it
+        assert all(torch.equal(a, b) for a, b in zip(s["after"], syncs[0]["after"], strict=True))
+    torch.testing.assert_close(syncs[0]["after"][0], ref_params, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(syncs[0]["after"][2], ref_momentum, rtol=1e-5, atol=1e-6)
+    assert len({r["final"] for r in records}) == 1

@@ -177,6 +177,12 @@ class ReplicaAverager(ParameterAverager):
             )
         if not contributors:
             raise RuntimeError("qsr_hf: no replica group in the quorum holds values to average (all were joining)")
+        if nonfinite:
+            logger.warning(
+                f"qsr_hf: {nonfinite} replica group(s) hold NaN/inf at optimizer step {self.values()[1]}: averaging the "
+                f"{contributors} finite one(s), which every replica receives (qsr_on_nonfinite='skip_rank')",
+                main_process_only=False,
+            )
         self.replicas, self.replica_rank = self.manager.num_participants(), self.manager.participating_rank()
         self.contributors, self.healed = contributors, False
         self.members = [int(v) - 1 for v in counts[2:].tolist()]

@@ -19,9 +19,24 @@ from qsr_hf.frontends.local_optimizer import LocalOptimizer
 from qsr_hf.ft.averaging import ReplicaAverager
 from qsr_hf.ft.engine import ReplicaEngine
 from qsr_hf.runtime.checks import agreement_values, parameters_must_agree
+from qsr_hf.runtime.paths import SyncPath
 from qsr_hf.runtime.synchronizer import Synchronizer
-from qsr_hf.sync.agreement import ROUND_END, START, SyncPoint, tensors_checksum
-from qsr_hf.sync.averaging import AveragerMode
+from qsr_hf.sync.agreement import ROUND_END, START, SyncPoint, exchange, tensors_checksum
+from qsr_hf.sync.averaging import AveragerMode, Transform
+
+
+class ReplicaPath(SyncPath):
+    """The separate checks inside the replica group, without its non-finite policy: NaN/inf is judged across the
+    replica groups by the `ReplicaAverager` (``qsr_on_nonfinite``), so that every replica stops together ("error") or
+    the non-finite one receives the others' average ("skip_rank"), instead of the non-finite replica stopping alone
+    while the others wait out their quorum timeout (the processes of a DDP replica group hold the same values)."""
+
+    def average(
+        self, kind: SyncPoint, storage: list[torch.Tensor], transform: Transform, buckets: list[int] | None = None
+    ) -> int | None:
+        """Check inside the replica group, then the fault-tolerant sync."""
+        exchange(agreement_values(self.rt, kind))
+        return self._average(None, transform, buckets)
 
 
 class ReplicaSynchronizer(Synchronizer):
@@ -36,6 +51,7 @@ class ReplicaSynchronizer(Synchronizer):
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         super().__init__(engine, config, warmup_steps, total_steps, optimizer)
+        self.path = ReplicaPath(self)  # NaN/inf is decided across the replica groups (`ReplicaAverager`)
         self.optimizer = optimizer
         # data position: global batches read before the quorum at `quorum_step`, read `k` per step since then
         self.data = {"batches": 0, "quorum_step": 0, "replicas": 1, "rank": 0}
