@@ -45,12 +45,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--replica-id", type=int, required=True)
     parser.add_argument("--lighthouse", default=None, help="defaults to $TORCHFT_LIGHTHOUSE")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--min-replicas", type=int, default=2)
+    parser.add_argument("--replica-groups", type=int, default=3, help="replica groups of the job")
+    parser.add_argument("--min-replicas", type=int, default=None, help="defaults to a majority of --replica-groups")
+    parser.add_argument("--allow-minority-quorum", action="store_true", help="UNSAFE: accept a minority quorum")
     parser.add_argument("--quorum-timeout", type=float, default=600.0)
     parser.add_argument("--step-time", type=float, default=0.0, help="seconds slept per step (a slower model)")
     parser.add_argument("--kill-after", type=int, default=-1, help="SIGKILL this process after that many steps")
     parser.add_argument("--sleep-after", type=int, default=-1, help="sleep --sleep seconds after that many steps")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--on-nonfinite", default="error", choices=["error", "skip_rank"], help="qsr_on_nonfinite")
     parser.add_argument("--outer", default="none", choices=["none", "sgd", "nesterov"], help="qsr_outer_optimizer")
     parser.add_argument("--save-at", type=int, default=-1, help="save the local state after that optimizer step")
     parser.add_argument("--save-dir", default=None, help="checkpoint folder (one sub-folder per replica group)")
@@ -72,8 +75,17 @@ def main(argv: list[str] | None = None) -> dict:
         model = nn.parallel.DistributedDataParallel(model)
     # lr 0.01 -> 0.003: with alpha = 0.01 QSR's H = max(4, (alpha / lr)^2) grows from 4 to 11
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1 - 0.7 * s / args.steps)
-    manager = make_manager(args.replica_id, args.lighthouse, args.min_replicas, quorum_timeout=args.quorum_timeout)
-    config = QSRConfig(qsr_alpha=0.01, qsr_h_base=4, qsr_outer_optimizer=args.outer)
+    manager = make_manager(  # QSR: a sync needs a majority of the job's replica groups (one model, not two)
+        args.replica_id,
+        args.lighthouse,
+        args.min_replicas,
+        quorum_timeout=args.quorum_timeout,
+        num_replica_groups=args.replica_groups,
+        allow_minority_quorum=args.allow_minority_quorum,
+    )
+    config = QSRConfig(
+        qsr_alpha=0.01, qsr_h_base=4, qsr_outer_optimizer=args.outer, qsr_on_nonfinite=args.on_nonfinite
+    )
     optimizer = FTLocalOptimizer(  # QSR: joins the replica groups (waits for a quorum)
         inner, model, config, manager=manager, lr_scheduler=scheduler, num_training_steps=args.steps
     )

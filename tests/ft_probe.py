@@ -13,19 +13,34 @@ group does the same, so all resume together; this saves the start-up of a second
 
 ``--die-in-sync STEP``: SIGKILL this process inside the round-end sync at optimizer step STEP, after its quorum and
 before its first collective: the other replica groups' collectives of that sync fail, and their commit with them.
+
+``--nan-at STEP``: write NaN into this replica's first parameter right before its round-end sync at STEP.
+
+``--joined-file PATH``: write PATH once this replica group has joined (after its start sync).
+
+``--stall-at STEP --stall-until PROGRESS``: before its round-end sync at optimizer step STEP (before its quorum),
+block until the step in PROGRESS is at least STEP: the others committed that sync without this replica.
+
+``--stall-when PATH --stall-until PROGRESS``: after the first sync that ends once PATH exists, block until the
+optimizer step in PROGRESS (another replica's ``--progress``) is past this replica's step: the others then committed
+a sync without this replica (it was slower than the lighthouse's join timeout), by events rather than a sleep.
+
+Each trace entry also holds ``optim``, a checksum of the inner optimizer's state after the sync (a replica that heals
+takes its peer's), and ``members``, the replica groups of the sync's quorum.
 """
 
 import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torchft.manager
 
 from qsr_hf.ft.optimizer import ReplicaSynchronizer
-from qsr_hf.sync.agreement import ROUND_END
+from qsr_hf.sync.agreement import ROUND_END, START, tensors_checksum
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -37,32 +52,61 @@ def _snapshot(sync: ReplicaSynchronizer) -> list[torch.Tensor]:
     return [params, *(t.clone() for t in (sync.synced.tensors() if sync.synced is not None else []))]
 
 
+def _optimizer_checksum(sync: ReplicaSynchronizer) -> int:
+    states = sync.optimizer.state_dict()["state"] if sync.optimizer is not None else {}
+    tensors = [torch.as_tensor(v) for i in sorted(states) for _, v in sorted(states[i].items())]
+    return tensors_checksum(tensors)
+
+
+def _wait_past(progress: Path, step: int) -> None:
+    # an event, not a duration: another replica's progress file says it committed a sync after `step`
+    while not (progress.exists() and progress.read_text() and int(progress.read_text()) > step):
+        time.sleep(0.05)
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trace", default=None)
     parser.add_argument("--die-in-sync", type=int, default=-1)
     parser.add_argument("--progress", default=None)
     parser.add_argument("--resumed-out", default=None)
+    parser.add_argument("--joined-file", default=None)
+    parser.add_argument("--stall-when", default=None)
+    parser.add_argument("--stall-until", default=None)
+    parser.add_argument("--stall-at", type=int, default=-1)
+    parser.add_argument("--nan-at", type=int, default=-1)
     probes, rest = parser.parse_known_args()
-    trace, current = [], {}
+    trace, current, stalled = [], {}, []
     average, allreduce = ReplicaSynchronizer.average, torchft.manager.Manager.allreduce
 
     def traced(self, kind, commit=True, buckets=None):
         current.update(kind=kind, step=self.clock.step)
+        if kind == ROUND_END and self.clock.step == probes.stall_at:
+            _wait_past(Path(probes.stall_until), probes.stall_at - 1)
+        if kind == ROUND_END and self.clock.step == probes.nan_at:
+            with torch.no_grad():
+                next(self.engine.module.parameters()).view(-1)[0] = float("nan")
         before = _snapshot(self)
         average(self, kind, commit, buckets)
         trace.append(
             {
-                "kind": kind,
+                "kind": int(kind),  # a plain int: the test loads the trace with weights_only=True
                 "called_at": current["step"],
                 "step": self.clock.step,
                 "contributors": self.averager.contributors,
                 "before": before,
                 "after": _snapshot(self),
+                "optim": _optimizer_checksum(self),
+                "members": list(self.averager.members),
             }
         )
         if probes.progress:
             Path(probes.progress).write_text(str(self.clock.step))
+        if probes.joined_file and kind == START:
+            Path(probes.joined_file).write_text(str(self.clock.step))
+        if probes.stall_when and not stalled and Path(probes.stall_when).exists():
+            stalled.append(self.clock.step)
+            _wait_past(Path(probes.stall_until), self.clock.step)
 
     def dying(self, *args, **kwargs):
         if current.get("kind") == ROUND_END and current.get("step") == probes.die_in_sync:

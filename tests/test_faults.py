@@ -422,3 +422,34 @@ def test_agreement_check_names_a_collective_mismatch(tmp_path):
         "the agreement check at the round end (optimizer step 8) met another collective" in message
         and "should_training_stop set on one rank only" in message
     ) or "the ranks disagree at different synchronization points" in message, message
+
+
+def _run_and_close(ddp, local, batches):
+    _steps(ddp, local, batches)
+    local.close()
+
+
+def _ends_early_on_separate_paths(rank, world_size):
+    """A rank that ends early, on the paths whose end-of-training check is its own exchange (not on the average)."""
+    out = {}
+    for name, extra in [("compress", {"qsr_compress_delta": True}), ("overlap", {"qsr_overlap_sync": True})]:
+        config = QSRConfig(qsr_rule="constant", qsr_h_base=4, **extra)
+        for case, steps in [("fewer_steps", 8 - rank), ("ends_early", 8 - 4 * rank)]:
+            ddp, _, local = _setup(config, 8)
+            out[f"{name}_{case}"] = _error(_run_and_close, ddp, local, rank_batches(rank, steps))
+    return out
+
+
+@pytest.fixture(scope="module")
+def separate_paths():
+    return run_distributed(_ends_early_on_separate_paths, world_size=2, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("path", ["compress", "overlap"])
+def test_a_rank_that_ends_early_stops_every_rank_on_separate_checks(separate_paths, path):
+    """Compression and overlap check the end in their own exchange (`SeparateChecks.check_end`): a rank that ends
+    early (one step short, or right after a sync) meets the other's sync there, and every rank raises (no hang)."""
+    _same_on_every_rank(separate_paths, f"{path}_fewer_steps", "optimizer step: rank 0 = 8, rank 1 = 7")
+    _same_on_every_rank(
+        separate_paths, f"{path}_ends_early", "optimizer step: rank 0 = 8, rank 1 = 4", "end of training"
+    )

@@ -3,7 +3,8 @@ groups of one gloo process each, running examples/torchft_local_sgd.py through t
 sync's tensors and can SIGKILL a replica inside a sync).
 
 - 3 replica groups with the Nesterov outer optimizer: one is SIGKILLed inside a sync (after the quorum, before its
-  collectives) and restarted, one sleeps past the lighthouse's join timeout. The survivors retry the failed sync from
+  collectives) and restarted, one stalls past the lighthouse's join timeout (until another replica committed a sync
+  without it). The survivors retry the failed sync from
   their own values; the run finishes without a restart of the others; every sync is torch's SGD(nesterov) on the
   contributors' mean; the restarted replica takes a live peer's outer state; every replica ends bitwise equal.
 - A resume of every replica group from its `save_local_state` folder, written inside a round, is bitwise the
@@ -37,7 +38,13 @@ RETRY = re.compile(r"the sync at optimizer step (\d+) did not commit \(attempt 1
 
 
 def _replica(
-    replica: int, lighthouse: str, out: Path, *extra: str, steps: int = STEPS, env: dict[str, str] | None = None
+    replica: int,
+    lighthouse: str,
+    out: Path,
+    *extra: str,
+    steps: int = STEPS,
+    env: dict[str, str] | None = None,
+    groups: int = 3,
 ) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -49,7 +56,7 @@ def _replica(
     cmd = [
         sys.executable, str(ROOT / "tests/ft_probe.py"), "--replica-id", str(replica), "--lighthouse", lighthouse,
         "--steps", str(steps), "--quorum-timeout", "40", "--out", str(out), "--trace", str(out.with_suffix(".pt")),
-        *extra,
+        "--replica-groups", str(groups), *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -62,10 +69,10 @@ def _finish(proc: subprocess.Popen, timeout: float) -> str:
         return proc.communicate()[0] + f"\n[test] killed after {timeout} s"
 
 
-def _lighthouse(join_timeout_ms: int = 1000) -> tuple[subprocess.Popen, str]:
+def _lighthouse(join_timeout_ms: int = 1000, min_replicas: int = 2) -> tuple[subprocess.Popen, str]:
     port = free_port()
     lighthouse = subprocess.Popen(
-        ["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", "2", "--join_timeout_ms",
+        ["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", str(min_replicas), "--join_timeout_ms",
          str(join_timeout_ms), "--heartbeat_timeout_ms", "1000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -123,54 +130,79 @@ def _wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float
         time.sleep(0.2)
 
 
+def _check_heals(traces: list[list[dict]]) -> int:
+    """Every replica that healed at a sync (it ran the sync at one step and left it at its peer's: a restarted
+    replica at its start, a slow one that was dropped) holds a peer's inner optimizer (AdamW) state bitwise after it.
+    Returns how many heals were checked."""
+    heals = 0
+    for i, trace in enumerate(traces):
+        for e in (e for e in trace if e["called_at"] != e["step"]):
+            peers = {p["optim"] for j, t in enumerate(traces) if j != i for p in t if p["step"] == e["step"]}
+            assert e["optim"] in peers, f"replica {i} healed at step {e['step']} without a peer's optimizer state"
+            heals += 1
+    return heals
+
+
 @pytest.mark.timeout(240)
 def test_death_in_sync_sleep_and_rejoin(tmp_path):
+    """Sequenced by events, not durations: whichever replica is slow to a quorum (the start included), the test
+    asserts what the library guarantees (a replica that heals holds its peer's state bitwise, every sync is the
+    outer step on its contributors' mean, one model at the end)."""
     lighthouse, address = _lighthouse()
+    progress, joined = tmp_path / "progress", tmp_path / "joined"
     procs, nesterov = [], ["--step-time", "0.1", "--outer", "nesterov"]
     try:
         procs = [
-            _replica(0, address, tmp_path / "r0.json", *nesterov, "--progress", str(tmp_path / "progress")),
-            _replica(1, address, tmp_path / "r1.json", *nesterov, "--sleep-after", "75", "--sleep", "2.5"),
+            _replica(0, address, tmp_path / "r0.json", *nesterov, "--progress", str(progress)),
+            # once the restarted replica has joined, replica 1 stalls until replica 0 committed a sync without it
+            _replica(1, address, tmp_path / "r1.json", *nesterov, "--stall-when", str(joined),
+                     "--stall-until", str(progress)),
             _replica(2, address, tmp_path / "killed.json", *nesterov, "--die-in-sync", str(DIE_AT)),
-        ]
+        ]  # fmt: skip
         log = _finish(procs[2], 90)
         assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
         # restarted once the survivors are past the failed sync: rejoins at their next sync
-        _wait_for_step(tmp_path / "progress", DIE_AT, procs[0], 60)
-        procs[2] = _replica(2, address, tmp_path / "r2.json", *nesterov)
+        _wait_for_step(progress, DIE_AT, procs[0], 60)
+        procs[2] = _replica(2, address, tmp_path / "r2.json", *nesterov, "--joined-file", str(joined))
         logs = _run(procs, 150)
     finally:
         _stop(procs, lighthouse)
     (r0, r1, r2), traces = _results(tmp_path, [0, 1, 2])
     replicas = {step: n for record in (r0, r1) for step, n, _ in record["syncs"]}
-    # the death inside the sync at DIE_AT failed both survivors' commit; they retried it from their own values
-    # without the dead replica (a survivor that is slow to retry is dropped from the retry and heals later)
-    retried = [{int(s) for s in RETRY.findall(text)} for text in logs[:2]]
-    assert retried == [{DIE_AT}, {DIE_AT}], (retried, logs[0][-3000:])
-    assert replicas[DIE_AT] < 3, (r0["syncs"], r1["syncs"])
+    # the death inside a sync failed the commit of every survivor in its quorum (at least one: min_replicas = 2);
+    # they retried that sync from their own values without the dead replica. It is the sync at DIE_AT unless the
+    # dying replica was dropped from that quorum for being slow (it then dies inside the next one it joins)
+    retried = set().union(*({int(s) for s in RETRY.findall(text)} for text in logs[:2]))
+    assert len(retried) == 1 and min(retried) >= DIE_AT, (retried, logs[0][-3000:])
+    (failed,) = retried
+    assert replicas[failed] < 3, (r0["syncs"], r1["syncs"])
     # ... at once: they skipped the rest of the failed sync's collectives together (no gloo timeout waited out)
     assert not any("Timed out waiting" in text for text in logs), logs[0][-3000:]
-    # survivors went on without a restart: later syncs averaged 3 replicas again
-    assert 3 in replicas.values(), r0["syncs"]
     # the restarted replica joined mid-run at a sync, from a live peer's state
-    assert r2["joined_at"] > DIE_AT and r2["joined_at"] in replicas, (r2["joined_at"], r0["syncs"])
-    # ... and took that peer's optimizer state (AdamW's step count is the peer's, not a fresh optimizer's)
-    # (a survivor slow to retry the failed sync is dropped from the retry and heals from the other at DIE_AT)
-    assert r2["adam_steps_at_join"] == [r2["joined_at"]] * 4 and r0["adam_steps_at_join"] in ([], [DIE_AT] * 4)
+    assert r2["joined_at"] >= failed and r2["joined_at"] in replicas, (r2["joined_at"], r0["syncs"])
+    # ... and took that peer's optimizer state (AdamW's step count is the peer's, not a fresh optimizer's); a replica
+    # that started with the others has a fresh AdamW, one slow to the first quorum joined from a peer too
+    assert r2["adam_steps_at_join"] == [r2["joined_at"]] * 4
+    for record in (r0, r1):
+        assert record["adam_steps_at_join"] == ([record["joined_at"]] * 4 if record["joined_at"] else [])
+    # every heal (the restarted replica, the stalled one, any replica slow to a quorum) holds a peer's AdamW state
+    # bitwise after the sync where it healed
+    assert _check_heals(traces) >= 2
     # ... and its outer state: after the join sync its anchor and momentum are bitwise a peer's (momentum != 0)
     (join,) = [e for e in traces[2] if e["kind"] == START]
     peers = [e for t in traces[:2] for e in t if e["step"] == join["step"] and e["called_at"] == join["step"]]
     assert join["step"] == r2["joined_at"] and peers and join["contributors"] == peers[0]["contributors"]
     assert all(torch.equal(a, b) for a, b in zip(join["after"], peers[0]["after"], strict=True))
     assert join["after"][2].abs().sum() > 0 and join["before"][2].abs().sum() == 0
-    # the slow one (slept 2.5 s > the lighthouse's 1 s join timeout) was dropped: the others averaged 2 replicas at
-    # syncs it missed after the restarted one was back; it then healed at a sync and ends equal (below)
+    # the stalled replica was dropped: replica 0 averaged without it at a sync after the restarted one was back; it
+    # then healed at a later sync (a jump: called at one step, left at its peers') and ends equal (below)
     replicas0 = {step: n for step, n, _ in r0["syncs"]}
     dropped = {step for step, n in replicas0.items() if step > r2["joined_at"] and n == 2}
     assert dropped - {step for step, _, _ in r1["syncs"]}, (r0["syncs"], r1["syncs"])
-    # every sync is the Nesterov outer step on its contributors' mean, with 3 contributors and at the retried sync
+    assert any(e["called_at"] < e["step"] for e in traces[1] if e["kind"] != START), "the stalled replica never healed"
+    # every sync is the Nesterov outer step on its contributors' mean, the retried one included, some with several
     checked = _check_outer_steps(traces)
-    assert DIE_AT in checked and 3 in checked.values(), checked
+    assert failed in checked and max(checked.values()) >= 2, checked
     # equal parameters and outer state (anchor, momentum) after each sync, and bitwise equal at the end
     by_step: dict[int, list] = {}
     for trace in traces:
@@ -239,7 +271,7 @@ def test_ddp_replica_groups_kill_and_rejoin(tmp_path):
         return [
             _replica(g, address, tmp_path / f"{name}_rank{r}.json", "--step-time", "0.1", "--outer", "nesterov",
                      *(["--progress", str(tmp_path / "progress")] if (g, r) == (0, 0) else []),
-                     env={"RANK": str(r), "WORLD_SIZE": "2", "MASTER_PORT": str(ports[g])}, steps=60)
+                     env={"RANK": str(r), "WORLD_SIZE": "2", "MASTER_PORT": str(ports[g])}, steps=60, groups=2)
             for r in range(2)
         ]  # fmt: skip
 
@@ -269,3 +301,112 @@ def test_ddp_replica_groups_kill_and_rejoin(tmp_path):
     replicas = {step: n for step, n, _ in records[0, 0]["syncs"]}
     joined = records[1, 0]["joined_at"]
     assert replicas[joined] == 1 and {n for step, n in replicas.items() if step != joined} == {2}, replicas
+
+
+def test_quorum_needs_a_majority_of_the_replica_groups():
+    """The majority rule, without processes: min_replicas defaults to more than half of the job's replica groups, a
+    lower value is refused with why and what to change, and the opt-out is explicit."""
+    from qsr_hf.ft.manager import quorum_size, replica_number
+
+    assert [quorum_size(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+    assert quorum_size(4, 4) == 4
+    with pytest.raises(ValueError, match=r"min_replicas=2 of 4 replica groups is not a majority.*min_replicas >= 3"):
+        quorum_size(4, 2)
+    with pytest.raises(ValueError, match="allow_minority_quorum=True"):
+        quorum_size(3, 1)
+    assert quorum_size(4, 2, allow_minority_quorum=True) == 2
+    with pytest.raises(ValueError):
+        quorum_size(3, 4)
+    assert [replica_number(r) for r in (3, "replica_12", "x")] == [3, 12, -1]
+
+
+@pytest.mark.timeout(240)
+def test_slow_replica_with_fresh_joiners_cannot_split_the_run(tmp_path):
+    """The quorum-split setting (issue 29): 4 replica groups; one dies and is restarted while a fourth starts fresh,
+    and a trained replica is slower than the join timeout at that sync. A quorum needs a majority (3 of 4): the
+    others commit the sync with the two fresh joiners; the slow one cannot lead a quorum of its own with a fresh
+    joiner, so it heals at its next sync and every replica ends with the same model. (With min_replicas=2, the
+    setting of the soak in NOTES.md, two disjoint quorums could each commit the sync: one model per quorum.)"""
+    lighthouse, address = _lighthouse(min_replicas=3)
+    progress, stall_at = tmp_path / "progress", 12  # r2 dies at step 10: the next sync is the round end at 12
+    common = ["--step-time", "0.05", "--outer", "nesterov"]
+    procs = []
+    try:
+        procs = [
+            _replica(0, address, tmp_path / "r0.json", *common, "--progress", str(progress), steps=40, groups=4),
+            _replica(1, address, tmp_path / "r1.json", *common, "--stall-at", str(stall_at),
+                     "--stall-until", str(progress), steps=40, groups=4),
+            _replica(2, address, tmp_path / "killed.json", *common, "--kill-after", "10", steps=40, groups=4),
+        ]  # fmt: skip
+        log = _finish(procs[2], 90)
+        assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
+        procs[2:] = [_replica(i, address, tmp_path / f"r{i}.json", *common, steps=40, groups=4) for i in (2, 3)]
+        logs = _run(procs, 150)
+    finally:
+        _stop(procs, lighthouse)
+    records, traces = _results(tmp_path, [0, 1, 2, 3])
+    # one model: every replica ends bitwise equal, after the same syncs
+    assert len({r["final"] for r in records}) == 1, [r["final"] for r in records]
+    assert len({r["stats"]["qsr/syncs"] for r in records}) == 1
+    # every committed sync's quorum held a majority, and its members agree across the replicas that ran it
+    members: dict[int, set] = {}
+    for trace in traces:
+        for e in trace:
+            assert len(e["members"]) >= 3 and len(set(e["members"])) == len(e["members"]), e["members"]
+            members.setdefault(e["step"], set()).add(tuple(sorted(e["members"])))
+    assert all(len(m) == 1 for m in members.values()), members
+    # the sync the slow replica missed: the others and the two fresh joiners (who contributed nothing)
+    assert members[stall_at] == {(0, 2, 3)}, members
+    (committed,) = [e for e in traces[0] if e["step"] == stall_at]
+    assert committed["contributors"] == 1
+    # the slow replica did not commit it on its own: it ran it later and healed into its peers' next sync
+    (slow,) = [e for e in traces[1] if e["called_at"] == stall_at]
+    assert slow["step"] > stall_at and 1 in slow["members"], slow["members"]
+    assert stall_at not in {step for step, _, _ in records[1]["syncs"]}
+    assert _check_heals(traces) >= 3  # the two fresh joiners and the slow replica
+    assert all("Traceback" not in text for text in logs)
+
+
+@pytest.mark.timeout(240)
+def test_nonfinite_replica_error_and_skip_rank(tmp_path):
+    """A replica group whose values are NaN at a sync (the non-finite branch of `ReplicaAverager._commit`): with
+    ``qsr_on_nonfinite="error"`` every replica stops with the message; with ``"skip_rank"`` the finite replicas are
+    averaged (the Nesterov outer step on their mean) and the non-finite one receives that average."""
+    at, common = 8, ["--outer", "nesterov", "--step-time", "0.02"]
+    lighthouse, address = _lighthouse()
+    procs = []
+    try:  # "error": 2 replica groups, NaN in replica 1 at the sync at step 8
+        procs = [
+            _replica(i, address, tmp_path / f"e{i}.json", *common, *(["--nan-at", str(at)] if i else []), steps=16)
+            for i in range(2)
+        ]
+        logs = [_finish(p, 120) for p in procs]
+    finally:
+        _stop(procs, lighthouse)
+    for proc, text in zip(procs, logs, strict=True):
+        assert proc.returncode == 1, text[-3000:]
+        assert f"1 replica group(s) hold NaN/inf at optimizer step {at}" in text, text[-3000:]
+    lighthouse, address = _lighthouse()
+    try:  # "skip_rank": 3 replica groups, NaN in replica 2
+        procs = [
+            _replica(i, address, tmp_path / f"r{i}.json", *common, "--on-nonfinite", "skip_rank",
+                     *(["--nan-at", str(at)] if i == 2 else []), steps=16)
+            for i in range(3)
+        ]  # fmt: skip
+        _run(procs, 120)
+    finally:
+        _stop(procs, lighthouse)
+    records, traces = _results(tmp_path, [0, 1, 2])
+    syncs = [next(e for e in t if e["step"] == at and e["called_at"] == at) for t in traces]
+    assert not torch.isfinite(syncs[2]["before"][0]).all() and all(
+        torch.isfinite(s["before"][0]).all() for s in syncs[:2]
+    )
+    assert all(s["contributors"] == 2 and len(s["members"]) == 3 for s in syncs), [s["members"] for s in syncs]
+    anchor, momentum = syncs[0]["before"][1:]
+    mean = (syncs[0]["before"][0] + syncs[1]["before"][0]) / 2
+    ref_params, ref_momentum = nesterov_reference(anchor, mean, momentum)
+    for s in syncs:  # the non-finite replica received the finite ones' average, bitwise as they hold it
+        assert all(torch.equal(a, b) for a, b in zip(s["after"], syncs[0]["after"], strict=True))
+    torch.testing.assert_close(syncs[0]["after"][0], ref_params, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(syncs[0]["after"][2], ref_momentum, rtol=1e-5, atol=1e-6)
+    assert len({r["final"] for r in records}) == 1

@@ -3,7 +3,8 @@
 One sync is one torchft step: ``start_quorum`` (the lighthouse's view of who is alive; a replica behind the others
 receives a live peer's state here), three collectives on the Manager's reconfigurable process group, then
 ``should_commit``. The collectives are a tiny int64 MAX all-reduce of ``[values, -values]`` (the agreement check among
-the live replicas: they agree where max == min), a float64 SUM of ``[contributes, non-finite]`` (the divisor) and one
+the live replicas: they agree where max == min), a float64 SUM of ``[contributes, non-finite, members...]`` (the
+divisor, and each member's replica number at its rank in the quorum: logged at every sync) and one
 SUM all-reduce per (device, dtype) bucket of a copy of the values. Nothing is written into the model before the
 Manager commits: when a replica dies mid-sync every survivor's commit fails, and the sync is retried from the
 untouched local values with the next quorum (the dead replica's round is lost, nobody else's). The collectives run
@@ -40,6 +41,8 @@ class ReplicaAverager(ParameterAverager):
         on_nonfinite (`str`): ``qsr_on_nonfinite``: ``"error"`` stops every replica on NaN/inf, ``"skip_rank"``
             averages the finite replicas.
         max_attempts (`int`, defaults to 5): failed commits (a replica died during the sync) before giving up.
+        replica (`int`, defaults to -1): this replica group's number (`qsr_hf.ft.manager.replica_number`), for the
+            log of each sync's members.
 
     Attributes:
         kind ([`SyncPoint`]): the point of the sync in progress (:meth:`begin`; a replica that heals takes its
@@ -48,6 +51,7 @@ class ReplicaAverager(ParameterAverager):
             commits, and receives the average of the others.
         contributors, replicas, replica_rank (`int`): of the last committed sync: replica groups averaged, replica
             groups in the quorum, this group's rank among them.
+        members (`list[int]`): of the last committed sync: the replica numbers of the quorum, by rank.
     """
 
     def __init__(
@@ -59,8 +63,11 @@ class ReplicaAverager(ParameterAverager):
         checksum: Callable[[], int],
         on_nonfinite: str,
         max_attempts: int = 5,
+        replica: int = -1,
     ) -> None:
         super().__init__(tensors, None, fp32_average, mode="inplace")
+        self.replica = replica
+        self.members: list[int] = []
         self.manager = manager
         self.max_attempts = max_attempts
         self.kind = START
@@ -131,7 +138,11 @@ class ReplicaAverager(ParameterAverager):
             header = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64)
             finite = all_finite([b.flat for b in self.buckets])
             contributes = not self.healed and finite
-            counts = torch.tensor([float(contributes), float(not finite)], dtype=torch.float64)
+            counts = torch.zeros(2 + self.manager.num_participants(), dtype=torch.float64)
+            counts[0], counts[1] = float(contributes), float(not finite)
+            rank = self.manager.participating_rank()
+            if rank is not None:
+                counts[2 + rank] = self.replica + 1.0  # the quorum's members, by rank (0: unknown)
             sent = [
                 b.flat.to(self._reduce_dtype(b.flat.dtype), copy=True) if contributes else torch.zeros_like(b.flat)
                 for b in self.buckets
@@ -166,8 +177,20 @@ class ReplicaAverager(ParameterAverager):
             )
         if not contributors:
             raise RuntimeError("qsr_hf: no replica group in the quorum holds values to average (all were joining)")
+        if nonfinite:
+            logger.warning(
+                f"qsr_hf: {nonfinite} replica group(s) hold NaN/inf at optimizer step {self.values()[1]}: averaging the "
+                f"{contributors} finite one(s), which every replica receives (qsr_on_nonfinite='skip_rank')",
+                main_process_only=False,
+            )
         self.replicas, self.replica_rank = self.manager.num_participants(), self.manager.participating_rank()
         self.contributors, self.healed = contributors, False
+        self.members = [int(v) - 1 for v in counts[2:].tolist()]
+        logger.info(
+            f"qsr_hf: {SyncPoint(self.kind).label} at optimizer step {self.values()[1]}: quorum of replica groups "
+            f"{self.members} ({contributors} contributed)",
+            main_process_only=False,
+        )
         if self.kind == START:
             return 0  # every replica starts from the same values (checked above): nothing to write
         for index, (bucket, wide) in enumerate(zip(self.buckets, sent, strict=True)):

@@ -41,6 +41,13 @@ class ReplicaEngine(Engine):
                 "qsr_hf needs a torchft Manager built with use_async_quorum=False: a joining replica must load its "
                 "peer's state before the sync's collectives (qsr_hf.ft.make_manager builds one)"
             )
+        if getattr(manager, "qsr_replica_groups", None) is None:
+            raise ValueError(
+                "qsr_hf needs the torchft Manager built by qsr_hf.ft.make_manager(replica_id, "
+                "num_replica_groups=N): it requires a majority of the job's N replica groups in every quorum, so that "
+                "two disjoint quorums cannot both commit a sync and end as two models"
+            )
+        self.replica: int = manager.qsr_replica  # this replica group's number, in each sync's log of members
 
     def check_config(self, config: QSRConfig) -> None:
         """Refuse what fault-tolerant syncs do not run: overlap, compression, post-local's data-parallel phase."""

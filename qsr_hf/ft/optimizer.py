@@ -19,9 +19,24 @@ from qsr_hf.frontends.local_optimizer import LocalOptimizer
 from qsr_hf.ft.averaging import ReplicaAverager
 from qsr_hf.ft.engine import ReplicaEngine
 from qsr_hf.runtime.checks import agreement_values, parameters_must_agree
+from qsr_hf.runtime.paths import SyncPath
 from qsr_hf.runtime.synchronizer import Synchronizer
-from qsr_hf.sync.agreement import ROUND_END, START, SyncPoint, tensors_checksum
-from qsr_hf.sync.averaging import AveragerMode
+from qsr_hf.sync.agreement import ROUND_END, START, SyncPoint, exchange, tensors_checksum
+from qsr_hf.sync.averaging import AveragerMode, Transform
+
+
+class ReplicaPath(SyncPath):
+    """The separate checks inside the replica group, without its non-finite policy: NaN/inf is judged across the
+    replica groups by the `ReplicaAverager` (``qsr_on_nonfinite``), so that every replica stops together ("error") or
+    the non-finite one receives the others' average ("skip_rank"), instead of the non-finite replica stopping alone
+    while the others wait out their quorum timeout (the processes of a DDP replica group hold the same values)."""
+
+    def average(
+        self, kind: SyncPoint, storage: list[torch.Tensor], transform: Transform, buckets: list[int] | None = None
+    ) -> int | None:
+        """Check inside the replica group, then the fault-tolerant sync."""
+        exchange(agreement_values(self.rt, kind))
+        return self._average(None, transform, buckets)
 
 
 class ReplicaSynchronizer(Synchronizer):
@@ -36,6 +51,7 @@ class ReplicaSynchronizer(Synchronizer):
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         super().__init__(engine, config, warmup_steps, total_steps, optimizer)
+        self.path = ReplicaPath(self)  # NaN/inf is decided across the replica groups (`ReplicaAverager`)
         self.optimizer = optimizer
         # data position: global batches read before the quorum at `quorum_step`, read `k` per step since then
         self.data = {"batches": 0, "quorum_step": 0, "replicas": 1, "rank": 0}
@@ -52,6 +68,7 @@ class ReplicaSynchronizer(Synchronizer):
             checksum=self._start_checksum,
             on_nonfinite=config.qsr_on_nonfinite,
             max_attempts=engine.max_attempts,
+            replica=engine.replica,
         )
 
     def _start_checksum(self) -> int:
@@ -125,7 +142,8 @@ class FTLocalOptimizer(LocalOptimizer):
     Build it on every process of every replica group after the model is built (same seed everywhere): the
     constructor joins the replica groups. On a fresh start it waits until ``min_replicas`` groups are up; a group
     (re)started while the others train waits for their next sync, receives a live peer's schedule position,
-    counters, outer-optimizer state and inner optimizer state, and the average of that sync. Read the step to
+    counters, outer-optimizer state and inner optimizer state, and the average of that sync. Every sync's quorum holds a
+    majority of the job's replica groups ([`make_manager`]), and its members are logged. Read the step to
     continue from in :attr:`global_step` and the batch to read in :meth:`batch_index`.
 
     Args:
@@ -138,7 +156,7 @@ class FTLocalOptimizer(LocalOptimizer):
     Example:
 
     ```python
-    manager = make_manager(replica_id=0, min_replicas=2)
+    manager = make_manager(replica_id=0, num_replica_groups=3)  # a sync needs a majority: 2 of 3
     optimizer = FTLocalOptimizer(torch.optim.AdamW(model.parameters()), model, QSRConfig(), manager=manager)
     while optimizer.global_step < total:
         x, y = batches[optimizer.batch_index() % len(batches)]
