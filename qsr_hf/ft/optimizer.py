@@ -42,6 +42,8 @@ class ReplicaPath(SyncPath):
 class ReplicaSynchronizer(Synchronizer):
     """The [`Synchronizer`] of a torchft replica group (built by [`FTLocalOptimizer`]; same arguments)."""
 
+    path_class = ReplicaPath  # NaN/inf is decided across the replica groups (`ReplicaAverager`)
+
     def __init__(
         self,
         engine: ReplicaEngine,
@@ -51,7 +53,6 @@ class ReplicaSynchronizer(Synchronizer):
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         super().__init__(engine, config, warmup_steps, total_steps, optimizer)
-        self.path = ReplicaPath(self)  # NaN/inf is decided across the replica groups (`ReplicaAverager`)
         self.optimizer = optimizer
         # data position: global batches read before the quorum at `quorum_step`, read `k` per step since then
         self.data = {"batches": 0, "quorum_step": 0, "replicas": 1, "rank": 0}

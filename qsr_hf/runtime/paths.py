@@ -164,9 +164,12 @@ def average_with_header(
     return averager.average(divisor, transform=transform, header=header, buckets=buckets)
 
 
-def choose_path(rt: SyncRuntime) -> SyncPath:
-    """The one [`SyncPath`] of ``rt``'s syncs, from its averager and overlap (called once, at construction)."""
+def choose_path(rt: SyncRuntime, path_class: type[SyncPath] | None = None) -> SyncPath:
+    """The one [`SyncPath`] of ``rt``'s syncs (called once, at construction): ``path_class`` when given (a runtime
+    with its own, such as torchft's), else from the averager and the overlap."""
     averager = rt.averager
+    if path_class is not None:
+        return path_class(rt)
     if rt.overlap is not None:
         return OverlappedChecks(rt)
     if (

@@ -21,7 +21,7 @@ from qsr_hf.core.logging_utils import get_logger
 from qsr_hf.engines import Engine
 from qsr_hf.runtime import checks as sync_checks
 from qsr_hf.runtime.parts import build_parts
-from qsr_hf.runtime.paths import choose_path
+from qsr_hf.runtime.paths import SyncPath, choose_path
 from qsr_hf.runtime.view import AveragedView
 from qsr_hf.sync import fragments
 from qsr_hf.sync.agreement import EXTRA_SYNC, FRAGMENT_SYNC, ROUND_END, START, SyncPoint
@@ -48,6 +48,8 @@ class Synchronizer:
             ``config.qsr_average_optimizer_state`` is set.
     """
 
+    path_class: type[SyncPath] | None = None  # a subclass's own sync path (torchft); None: from the settings
+
     def __init__(
         self,
         engine: Engine,
@@ -57,10 +59,8 @@ class Synchronizer:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         engine.check_support(config, optimizer)  # refuse what this backend cannot run, before anything is built
-        self.engine = engine
-        self.config = config
+        self.engine, self.config = engine, config
         self.clock = SyncClock(config.build_schedule(warmup_steps), total_steps)
-        self.warmup_steps = warmup_steps
         self.distributed = engine.world_size > 1
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         self.stats = SyncStats(
@@ -86,7 +86,7 @@ class Synchronizer:
                 "qsr_hf: single-process run, so there is nothing to synchronize; training runs as usual",
                 main_process_only=True,
             )
-        self.path = choose_path(self)  # how every sync checks and averages (folded, separate or overlapped)
+        self.path = choose_path(self, self.path_class)  # how every sync checks and averages, chosen once
 
     def _make_averager(self, tensors: Callable[[], list[torch.Tensor]], mode: AveragerMode) -> ParameterAverager:
         # the averager of a sync, from the engine (a subclass may build its own: torchft's ReplicaSynchronizer)
