@@ -13,8 +13,10 @@ group, and rank ``i`` of each group averages with rank ``i`` of the others. Kill
 mid-round: the others go on and average between themselves from the next sync.
 Start it again with the same command: it joins at the others' next sync with their state and ends equal to them.
 ``--kill-after`` and ``--sleep-after`` inject those faults (used by tests/test_torchft.py). ``--save-at`` writes
-each replica group's local state into its own folder; start every replica group with ``--resume`` to continue from
-it exactly (docs/fault-tolerance.md).
+each replica group's local state into its own folder under ``--save-dir``. When every replica group has died, start
+them again with the same ``--save-dir``: the first quorum resumes from the newest complete checkpoint in it (the lr
+scheduler is stepped to its step). ``--resume`` instead loads each replica group's own folder, all groups together,
+to continue exactly as if the run had not stopped (docs/fault-tolerance.md).
 """
 
 import argparse
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--on-nonfinite", default="error", choices=["error", "skip_rank"], help="qsr_on_nonfinite")
     parser.add_argument("--outer", default="none", choices=["none", "sgd", "nesterov"], help="qsr_outer_optimizer")
     parser.add_argument("--save-at", type=int, default=-1, help="save the local state after that optimizer step")
-    parser.add_argument("--save-dir", default=None, help="checkpoint folder (one sub-folder per replica group)")
+    parser.add_argument(
+        "--save-dir", default=None, help="checkpoint folder (one sub-folder per replica group); resumed when all died"
+    )
     parser.add_argument("--resume", default=None, help="checkpoint folder written by --save-at: continue from it")
     parser.add_argument("--out", default=None, help="write the per-sync record here (JSON)")
     args = parser.parse_args(argv)
@@ -86,8 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
     config = QSRConfig(
         qsr_alpha=0.01, qsr_h_base=4, qsr_outer_optimizer=args.outer, qsr_on_nonfinite=args.on_nonfinite
     )
-    optimizer = FTLocalOptimizer(  # QSR: joins the replica groups (waits for a quorum)
-        inner, model, config, manager=manager, lr_scheduler=scheduler, num_training_steps=args.steps
+    # QSR: joins the replica groups (waits for a quorum). When no live replica group is ahead (a new job, or every
+    # group died), the first quorum resumes from the newest complete checkpoint under --save-dir (any group's), or
+    # warns on every rank that it starts from scratch
+    optimizer = FTLocalOptimizer(
+        inner,
+        model,
+        config,
+        manager=manager,
+        checkpoint_dir=args.save_dir,
+        lr_scheduler=scheduler,
+        num_training_steps=args.steps,
     )
     if args.resume:  # QSR: every replica group resumes from its own folder, together
         folder = Path(args.resume) / f"replica_{args.replica_id}"

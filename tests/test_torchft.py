@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qsr_hf.checkpoint.files import read_state_file
 from qsr_hf.ft import is_torchft_available
 from qsr_hf.sync.agreement import ROUND_END, START
 from tests.testing_utils import free_port, nesterov_reference
@@ -410,3 +411,71 @@ def test_nonfinite_replica_error_and_skip_rank(tmp_path):
     torch.testing.assert_close(syncs[0]["after"][0], ref_params, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(syncs[0]["after"][2], ref_momentum, rtol=1e-5, atol=1e-6)
     assert len({r["final"] for r in records}) == 1
+
+
+@pytest.mark.timeout(300)
+def test_every_group_dead_resumes_the_newest_checkpoint_or_warns(tmp_path):
+    """Never silently back to step 0 (issue 29): both replica groups save (replica 0 at step 30, replica 1 at 26, each
+    into its own folder) and are then SIGKILLed at step 33. Started again with the folder, the first quorum finds nobody
+    ahead: both groups resume from the job's newest checkpoint (replica 0's, step 30), say so, and hold bitwise the
+    saved parameters and AdamW state after the start; they finish bitwise equal. Started again without a checkpoint,
+    every group warns that it starts from scratch."""
+    steps, ckpt = 40, tmp_path / "ckpt"
+    procs, lighthouses = [], []
+    try:
+        lighthouse, address = _lighthouse(join_timeout_ms=10000)
+        lighthouses.append(lighthouse)
+        procs = [
+            _replica(i, address, tmp_path / f"first{i}.json", "--save-at", str(save_at), "--save-dir", str(ckpt),
+                     "--kill-after", "33", "--outer", "nesterov", steps=steps, groups=2)
+            for i, save_at in enumerate([30, 26])
+        ]  # fmt: skip
+        for proc in procs:
+            log = _finish(proc, 120)
+            assert proc.returncode == -signal.SIGKILL, log[-3000:]
+        lighthouse.kill()
+        lighthouse.wait()
+        # every group dead; restart both with the checkpoint folder, and (beside them) both without any checkpoint
+        (resumed_lh, resumed_address), (scratch_lh, scratch_address) = (_lighthouse(10000) for _ in range(2))
+        lighthouses += [resumed_lh, scratch_lh]
+        procs = [
+            _replica(i, resumed_address, tmp_path / f"r{i}.json", "--save-dir", str(ckpt), "--outer", "nesterov",
+                     steps=steps, groups=2)
+            for i in range(2)
+        ] + [
+            _replica(i, scratch_address, tmp_path / f"s{i}.json", "--save-dir", str(tmp_path / "empty"),
+                     "--outer", "nesterov", steps=8, groups=2)
+            for i in range(2)
+        ]  # fmt: skip
+        logs = _run(procs, 150)
+    finally:
+        for lh in lighthouses:
+            _stop(procs, lh)
+    newest = ckpt / "replica_0"
+    saved = read_state_file(newest / "qsr_state_rank0.pt")
+    records, traces = _results(tmp_path, [0, 1])
+    for i in range(2):
+        assert f"resuming the job from its newest complete checkpoint {newest} at optimizer step 30" in logs[i]
+        assert records[i]["joined_at"] == 30 and records[i]["adam_steps_at_join"] == [30] * 4
+        (start,) = [e for e in traces[i] if e["kind"] == START]
+        assert start["step"] == 30
+        assert torch.equal(start["after"][0], torch.cat([t.reshape(-1) for t in saved["tensors"]]))
+        assert start["optim"] == _state_checksum(saved["optimizer"]["state"])
+        synced = saved["qsr"]["synced"]  # the outer optimizer's anchor and momentum
+        assert all(
+            torch.equal(a, b.reshape(-1))
+            for a, b in zip(start["after"][1:], [synced["anchor"], synced["momentum"]], strict=True)
+        )
+    assert records[0]["final"] == records[1]["final"]
+    for i in (2, 3):
+        assert "STARTS FROM SCRATCH at optimizer step 0" in logs[i], logs[i][-3000:]
+        assert "resuming" not in logs[i]
+    scratch = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in range(2)]
+    assert [r["joined_at"] for r in scratch] == [0, 0] and scratch[0]["final"] == scratch[1]["final"]
+
+
+def _state_checksum(states: dict) -> int:
+    """The checksum tests/ft_probe.py records of an inner optimizer's state (``optim``)."""
+    from qsr_hf.sync.agreement import tensors_checksum
+
+    return tensors_checksum([torch.as_tensor(v) for i in sorted(states) for _, v in sorted(states[i].items())])

@@ -221,3 +221,25 @@ def agree_to_resume(directory: str | os.PathLike, rows: list[ResumeRow], world_s
             + " (each rank logged why). Resume from another, complete checkpoint"
         )
     return True
+
+
+def newest_checkpoint(root: str | os.PathLike, expected: dict[str, int]) -> tuple[Path, int] | None:
+    """The newest complete qsr_hf checkpoint in ``root`` or a folder below it (one with a ``qsr_manifest.json``),
+    written with ``expected``'s ``world_size`` and ``config_fingerprint``; ties on the step go to the first path in
+    sorted order, so that every process scanning the same folders picks the same one.
+
+    Returns:
+        `tuple[Path, int]` or `None`: the folder and its manifest's digest (the checkpoint's identity), or `None`.
+    """
+    found = []
+    for manifest_path in sorted(Path(root).rglob(MANIFEST)):
+        manifest = _read_manifest(manifest_path.parent)
+        keys = ("world_size", "config_fingerprint")
+        if manifest is None or any(manifest.get(k) != expected[k] for k in keys):
+            logger.warning(f"qsr_hf: {manifest_path} is unreadable or from another run's settings: skipped")
+            continue
+        found.append((-int(manifest["step"]), str(manifest_path.parent), digest(manifest_path.read_bytes())))
+    if not found:
+        return None
+    _, folder, identity = min(found)
+    return Path(folder), identity

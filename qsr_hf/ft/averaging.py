@@ -43,6 +43,10 @@ class ReplicaAverager(ParameterAverager):
         max_attempts (`int`, defaults to 5): failed commits (a replica died during the sync) before giving up.
         replica (`int`, defaults to -1): this replica group's number (`qsr_hf.ft.manager.replica_number`), for the
             log of each sync's members.
+        fresh_start (`Callable[[], None]`, *optional*): called after the quorum of the start of training when no live
+            replica group is ahead (torchft's step is 0 on every member: a new job, or every replica group died), before
+            the start checksum is read: the synchronizer resumes the job's newest checkpoint there, or warns that it
+            starts from scratch.
 
     Attributes:
         kind ([`SyncPoint`]): the point of the sync in progress (:meth:`begin`; a replica that heals takes its
@@ -64,8 +68,10 @@ class ReplicaAverager(ParameterAverager):
         on_nonfinite: str,
         max_attempts: int = 5,
         replica: int = -1,
+        fresh_start: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(tensors, None, fp32_average, mode="inplace")
+        self._fresh_start = fresh_start
         self.replica = replica
         self.members: list[int] = []
         self.manager = manager
@@ -134,6 +140,8 @@ class ReplicaAverager(ParameterAverager):
         for attempt in range(1, self.max_attempts + 1):
             self.ensure_views()
             self._quorum()  # a replica behind the others loads a peer's state here (healed, kind = the peer's)
+            if self.kind == START and not self.healed and self.manager.current_step() == 0 and self._fresh_start:
+                self._fresh_start()  # nobody is ahead: the job's newest checkpoint, or a warned start from scratch
             values = [*self.values(), self._checksum() if self.kind == START else 0]
             header = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64)
             finite = all_finite([b.flat for b in self.buckets])

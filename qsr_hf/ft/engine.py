@@ -5,6 +5,7 @@ all-reduce stays on inside the group, as for ``qsr_worker="node"``). Averaging g
 (`qsr_hf.ft.averaging.ReplicaAverager`), never through the default process group, which is the replica group.
 """
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ class ReplicaEngine(Engine):
         model (`nn.Module`): the model, or its `DistributedDataParallel` wrapper inside the replica group.
         manager (`torchft.Manager`): this replica group's Manager (see `qsr_hf.ft.make_manager`).
         max_attempts (`int`, defaults to 5): failed commits of one sync before the run stops.
+        checkpoint_dir (`str` or `os.PathLike`, *optional*): the job's checkpoints (see [`FTLocalOptimizer`]).
 
     ``world_size`` is 2 whatever the live count, which only switches the [`Synchronizer`]'s averaging on: a
     fault-tolerant run always averages through the Manager, even while one replica group is alive; the live count of
@@ -32,10 +34,13 @@ class ReplicaEngine(Engine):
     world_size = 2
     can_average_optimizer_state = False  # a joining replica takes a peer's optimizer state instead (qsr_hf.ft)
 
-    def __init__(self, model: nn.Module, manager: Any, max_attempts: int = 5) -> None:
+    def __init__(
+        self, model: nn.Module, manager: Any, max_attempts: int = 5, checkpoint_dir: str | os.PathLike | None = None
+    ) -> None:
         super().__init__(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
         self.manager = manager
         self.max_attempts = max_attempts
+        self.checkpoint_dir = checkpoint_dir
         if getattr(manager, "_use_async_quorum", False):
             raise ValueError(
                 "qsr_hf needs a torchft Manager built with use_async_quorum=False: a joining replica must load its "

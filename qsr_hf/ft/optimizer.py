@@ -8,13 +8,18 @@ start of training is a sync (a quorum), where a replica that is behind the other
 
 import copy
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from qsr_hf.checkpoint.files import newest_checkpoint
+from qsr_hf.checkpoint.payload import run_meta
+from qsr_hf.checkpoint.resume import restore_local_state
 from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.logging_utils import get_logger
 from qsr_hf.frontends.local_optimizer import LocalOptimizer
 from qsr_hf.ft.averaging import ReplicaAverager
 from qsr_hf.ft.engine import ReplicaEngine
@@ -23,6 +28,9 @@ from qsr_hf.runtime.paths import SyncPath
 from qsr_hf.runtime.synchronizer import Synchronizer
 from qsr_hf.sync.agreement import ROUND_END, START, SyncPoint, exchange, tensors_checksum
 from qsr_hf.sync.averaging import AveragerMode, Transform
+
+
+logger = get_logger(__name__)
 
 
 class ReplicaPath(SyncPath):
@@ -56,6 +64,8 @@ class ReplicaSynchronizer(Synchronizer):
         self.optimizer = optimizer
         # data position: global batches read before the quorum at `quorum_step`, read `k` per step since then
         self.data = {"batches": 0, "quorum_step": 0, "replicas": 1, "rank": 0}
+        self._synced_at_before = self.synced_at
+        self._resumed_from: int | None = None  # at a fresh start: the resumed checkpoint's identity (0: none)
         engine.manager.register_state_dict_fn("qsr_hf", self._load_peer_state, self._peer_state)
 
     def _make_averager(self, tensors: Callable[[], list[torch.Tensor]], mode: AveragerMode) -> ReplicaAverager:
@@ -70,15 +80,43 @@ class ReplicaSynchronizer(Synchronizer):
             on_nonfinite=config.qsr_on_nonfinite,
             max_attempts=engine.max_attempts,
             replica=engine.replica,
+            fresh_start=self._fresh_start,
+        )
+
+    def _fresh_start(self) -> None:
+        # at the start quorum, nobody ahead (torchft step 0 on every member): never silently back to step 0
+        if self._resumed_from is not None:
+            return  # a retried start quorum: already resumed (or warned)
+        root, replica = self.engine.checkpoint_dir, self.engine.replica
+        found = None if root is None else newest_checkpoint(root, run_meta(self))
+        if found is None:
+            self._resumed_from = 0
+            where = "no checkpoint_dir was given" if root is None else f"no complete qsr_hf checkpoint in {root}"
+            logger.warning(
+                f"qsr_hf: replica group {replica}: no live replica group is ahead and {where}: this run STARTS FROM "
+                "SCRATCH at optimizer step 0 (if the job ran before, its progress is lost; pass checkpoint_dir to "
+                "FTLocalOptimizer to resume from the job's newest checkpoint)",
+                main_process_only=False,
+            )
+            return
+        folder, self._resumed_from = found
+        restore_local_state(self, folder, self.optimizer)
+        self._synced_at_before = self.synced_at
+        logger.warning(
+            f"qsr_hf: replica group {replica}: no live replica group is ahead: resuming the job from its newest "
+            f"complete checkpoint {folder} at optimizer step {self.clock.step}",
+            main_process_only=False,
         )
 
     def _start_checksum(self) -> int:
         # what the replicas must hold identically at the start: the synced state (outer optimizer) always, the
         # parameters when training starts or resumes at a sync (a resume inside a round holds each replica's own)
+        # (resumed from the job's checkpoint: every member loaded the same one, parameters included, which its
+        # identity in the checksum checks)
         tensors = [] if self.synced is None else self.synced.tensors()
-        if parameters_must_agree(self):
+        if parameters_must_agree(self) or self._resumed_from:
             tensors += [p for p in self.engine.module.parameters() if p.requires_grad]
-        return tensors_checksum(tensors)
+        return tensors_checksum(tensors) ^ (self._resumed_from or 0)
 
     def _peer_state(self) -> dict[str, Any]:
         # what a live peer sends a joining replica, at the quorum of a sync (before that sync's average)
@@ -94,15 +132,16 @@ class ReplicaSynchronizer(Synchronizer):
     def average(self, kind: SyncPoint, commit: bool = True, buckets: list[int] | None = None) -> None:
         """A fault-tolerant sync (see [`Synchronizer.average`]); ``kind=START`` is the join at the start.
         ``buckets`` is always `None` here (``qsr_fragments`` is refused with torchft)."""
-        synced_at = self.synced_at
+        self._synced_at_before = self.synced_at  # (a resume from the job's checkpoint at the quorum replaces it)
         self.averager.begin(kind)
         super().average(kind, commit, buckets)
         averager, data = self.averager, self.data
         if kind == START:  # the start is not counted by the base class; a join counts the peers' sync it joined
+            self._resumed_from = 0  # a later start (load_local_state) compares what it always does
             if averager.kind != START:
                 self.stats.record_sync(0, scheduled=averager.kind == ROUND_END)
             else:  # nothing was averaged (a resume inside a round keeps each replica's own values)
-                self.synced_at = synced_at
+                self.synced_at = self._synced_at_before
         data["batches"] += (self.clock.step - data["quorum_step"]) * data["replicas"]
         data.update(quorum_step=self.clock.step, replicas=averager.replicas, rank=averager.replica_rank)
         self.stats.record_replicas(averager.contributors)
@@ -151,6 +190,11 @@ class FTLocalOptimizer(LocalOptimizer):
         optimizer, model, config: as [`LocalOptimizer`] (``model``: unwrapped, or DDP inside the replica group).
         manager (`torchft.Manager`): this replica group's Manager, from [`make_manager`].
         max_attempts (`int`, defaults to 5): failed commits of one sync (replicas dying during it) before stopping.
+        checkpoint_dir (`str` or `os.PathLike`, *optional*): where the job's replica groups save their checkpoints
+            ([`save_local_state`], one folder per replica group below it). When no live replica group is ahead at the
+            start (a new job, or every replica group died), every replica group of the first quorum resumes from the
+            newest complete checkpoint found there (the same one for all: the start checks it), and logs it; without
+            one it warns, on every rank, that the run starts from scratch.
         **kwargs: ``lr_scheduler``, ``num_training_steps``, ``num_warmup_steps`` and QSR overrides, as
             [`LocalOptimizer`]. Pass ``lr_scheduler``: a joining replica's scheduler is then stepped to the step.
 
@@ -175,9 +219,11 @@ class FTLocalOptimizer(LocalOptimizer):
         *,
         manager: Any,
         max_attempts: int = 5,
+        checkpoint_dir: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, model, config, engine=ReplicaEngine(model, manager, max_attempts), **kwargs)
+        engine = ReplicaEngine(model, manager, max_attempts, checkpoint_dir)
+        super().__init__(optimizer, model, config, engine=engine, **kwargs)
 
     @property
     def global_step(self) -> int:
