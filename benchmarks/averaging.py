@@ -1,6 +1,6 @@
 """Time one parameter average across 2 gloo processes (loopback): qsr_hf vs accelerate vs torch vs the floor.
 
-    python benchmarks/averaging.py            # 11M, 87M (ViT-B/16), 204M parameters; ~3 min on 2 cores
+    python benchmarks/averaging.py            # 11M, 87M (ViT-B/16), 204M parameters; ~9 min, 15 GiB
     python benchmarks/averaging.py --quick    # 11M only
 
 Methods, each averaging the same fp32 parameters of a model with ViT shapes:
@@ -30,7 +30,12 @@ Methods, each averaging the same fp32 parameters of a model with ViT shapes:
   appended to its buffer; no other collective). ``folded_checks_vs_average`` = (``qsr_hf_checked`` - ``qsr_hf``) /
   ``qsr_hf``: what the checks add to a sync now.
 
-Each method has its own copy of the model; the methods are interleaved (order rotated every repetition) so that load
+Memory: the methods share three model copies (one flat buffer for the floors, one model for every qsr_hf row, one for
+the methods that re-bind ``p.data``), plus the outer step's 2 copies of state and copy mode's send buffer; with
+transient copies (torch's averager concatenates, gloo's scratch) a rank peaked at 9.3 fp32 copies of the model above
+its 0.4 GiB of imports (204M parameters: 7.5 GiB per rank, 15 GiB for the 2 ranks; before, one model per method: ~15
+copies, 12.5 GiB per rank, killed for memory on a 24 GB machine). Each rank's peak (``ru_maxrss``) is recorded as
+``peak_rss_gib_per_rank``. The methods are interleaved (order rotated every repetition) so that load
 drift on a shared machine hits all of them alike. Reported: the median over ``--reps`` repetitions (after one warm-up
 round) of the slower rank's time, and its ratio to the floor; also the minimum (best of N), which a loaded, shared
 machine disturbs least. Results go to ``benchmarks/results/averaging.json``.
@@ -101,6 +106,12 @@ def _worker(rank, world_size, shapes, reps, methods):
 
     accelerator = Accelerator(cpu=True)
     zero = torch.zeros(1)
+    import resource
+
+    def peak_rss_gib():  # this process's peak resident memory so far (ru_maxrss: KiB on Linux)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    base_rss_gib = peak_rss_gib()  # the imports (torch, transformers, accelerate), before any model copy
 
     def make_model():
         model = nn.Module()
@@ -110,27 +121,32 @@ def _worker(rank, world_size, shapes, reps, methods):
             p.grad = zero.expand(p.shape)
         return model
 
-    # one model per method, so that no method re-binds another's parameters (methods are interleaved below); the async
-    # rows reuse the blocking row's averager (same mode, same buffers): two fewer model copies in memory
-    shares = {"qsr_hf_async": "qsr_hf", "qsr_hf_copy_async": "qsr_hf_copy", "finite_check": "", "sync_checks": ""}
-    shares["qsr_hf_checked"] = ""
-    models = {m: make_model() for m in methods if not m.startswith("floor") and m not in shares}
+    # Three model copies in all, not one per method (issue 29: at 204M parameters a model per method held ~15 model
+    # copies per rank and the kernel killed the run on a 24 GB machine). Each method only needs its own buffers, not
+    # its own values: timings do not depend on the values, and every method leaves the ranks equal.
+    # - one flat buffer for both floors;
+    # - model "qsr" for every qsr_hf row: the in-place averager (its flat buffers), the async rows and the checks on
+    #   it, the outer step's synced state on its buckets (+2 copies), and copy mode over the same tensors (+1 send
+    #   buffer; copy mode leaves the tensors' storage where it is, so the in-place averager's views stay valid);
+    # - model "rebind" for the methods that re-bind ``p.data`` or work per parameter (torch's averager, accelerate,
+    #   per-parameter all_reduce): each works on whatever storage the parameters have when it runs.
+    uses = {"torch_periodic": "rebind", "accelerate_localsgd": "rebind", "per_param_inplace": "rebind"}
+    models = {name: make_model() for name in {uses.get(m, "qsr") for m in methods if not m.startswith("floor")}}
     numel = sum(p.numel() for p in next(iter(models.values())).parameters())
+    floor = torch.ones(numel) if any(m.startswith("floor") for m in methods) else None
     ops, averagers, build_s = {}, {}, None
     for method in methods:
-        model = models.get(method)
+        model = models.get(uses.get(method, "qsr"))
         if method == "floor":
-            floor = torch.ones(numel)
             ops[method] = lambda floor=floor: dist.all_reduce(floor)
         elif method == "floor_div":
-            floor_div = torch.ones(numel)
 
-            def all_reduce_div(buf=floor_div):
+            def all_reduce_div(buf=floor):
                 dist.all_reduce(buf)
                 buf.div_(world_size)
 
             ops[method] = all_reduce_div
-        elif method in ("qsr_hf", "qsr_hf_copy"):
+        elif method in ("qsr_hf", "qsr_hf_copy"):  # qsr_hf first: copy mode reads the tensors it re-bound
             t0 = time.perf_counter()
             averagers[method] = ParameterAverager(
                 list(model.parameters()), mode="copy" if "copy" in method else "inplace"
@@ -138,7 +154,8 @@ def _worker(rank, world_size, shapes, reps, methods):
             build_s = build_s or time.perf_counter() - t0
             ops[method] = averagers[method].average
         elif method == "qsr_hf_outer":
-            averager = ParameterAverager(list(model.parameters()))
+            averager = averagers["qsr_hf"]
+            averager.average()  # untimed: the anchor (synced values) must be equal on every rank, as in training
             state = SyncedState(averager.buckets, OuterStep(nesterov=True, lr=0.7, momentum=0.9))
             ops[method] = lambda averager=averager, state=state: averager.average(transform=state.advance)
         elif method == "finite_check":
@@ -160,8 +177,9 @@ def _worker(rank, world_size, shapes, reps, methods):
                 average_with_header(averager, agreement_values(averager), storage, unhealthy)
 
             ops[method] = checked
-        elif method in shares:
-            ops[method] = lambda averager=averagers[shares[method]]: averager.average(async_op=True).wait()
+        elif method in ("qsr_hf_async", "qsr_hf_copy_async"):
+            blocking = averagers[method.removesuffix("_async")]  # the blocking row's averager (same buffers)
+            ops[method] = lambda averager=blocking: averager.average(async_op=True).wait()
         elif method == "torch_periodic":
             with warnings.catch_warnings():  # "period 1: use DDP instead" - we time one average on purpose
                 warnings.simplefilter("ignore", UserWarning)
@@ -196,6 +214,8 @@ def _worker(rank, world_size, shapes, reps, methods):
     gathered = [torch.zeros_like(check) for _ in range(world_size)]
     dist.all_gather(gathered, check)
     return {
+        "peak_rss_gib": peak_rss_gib(),
+        "base_rss_gib": base_rss_gib,
         "numel": numel,
         "num_tensors": len(shapes),
         "times": times,
@@ -239,6 +259,13 @@ def main(argv=None):
             "floor_gbit_per_s": numel * 4 * 8 / med["floor"] / 1e9,
             "qsr_hf_one_time_build_s": max(r["qsr_hf_build_s"] for r in results),
             "params_equal_across_ranks_after": all(r["equal_after"] for r in results),
+            # peak resident memory of each rank's process (ru_maxrss), the part of it before any model copy (the
+            # imports), and the rest in fp32 copies of the model
+            "peak_rss_gib_per_rank": [round(r["peak_rss_gib"], 2) for r in results],
+            "base_rss_gib_per_rank": [round(r["base_rss_gib"], 2) for r in results],
+            "peak_model_copies": round(
+                max(r["peak_rss_gib"] - r["base_rss_gib"] for r in results) * 2**30 / (numel * 4), 1
+            ),
             "samples_s": {m: [r["times"][m] for r in results] for m in METHODS},
         }
         records.append(record)
@@ -264,7 +291,8 @@ def main(argv=None):
             f"{record['model']}: checks riding on the average add {record['folded_checks_vs_average']:.1%} to it "
             f"(of which the NaN/inf read pass {record['finite_check_vs_average']:.1%}); run separately with their "
             f"all-gather {record['separate_checks_vs_average']:.1%}; "
-            f"average + Nesterov outer step = {record['outer_vs_average']:.2f}x the average"
+            f"average + Nesterov outer step = {record['outer_vs_average']:.2f}x the average; peak memory per rank "
+            f"{max(record['peak_rss_gib_per_rank']):.2f} GiB ({record['peak_model_copies']} model copies above the imports)"
         )
     print(f"wrote {path}")
 
