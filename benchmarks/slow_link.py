@@ -19,7 +19,8 @@ with each method, one after the other, over each link setting:
   may take 3 steps to arrive (``qsr_overlap_steps=3``); ``qsr_overlap_auto``, ``constant_h4_overlap_auto``: the depth
   chosen from the first overlapped sync's measured times (``qsr_overlap_auto``); ``qsr_fragments4``,
   ``constant_h4_fragments4``: the model averaged in 4 fragments at staggered steps (``qsr_fragments=4``: with H = 4
-  one fragment every step). Not in the default run: ``--methods ... --name ...``.
+  one fragment every step); ``qsr_fragments4_overlap_auto``, ``constant_h4_fragments4_overlap_auto``: both, each
+  fragment's average in flight (Streaming DiLoCo's combination) at the automatic depth. Not in the default run: ``--methods ... --name ...``.
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=4)`.
 - ``torch_postlocal``: torch's `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=4)` + DDP
   `post_localSGD_hook` (no gradient all-reduce after the switch); switch at the end of lr warm-up (an assumption:
@@ -69,6 +70,8 @@ VARIANTS = [
     "constant_h4_overlap_auto",
     "qsr_fragments4",
     "constant_h4_fragments4",
+    "qsr_fragments4_overlap_auto",
+    "constant_h4_fragments4_overlap_auto",
 ]  # qsr_hf options (issues 14, 20), not run by default
 PAPER = {"steps": 93_600, "warmup": 10_000, "peak_lr": 0.008, "min_lr": 1e-6, "alpha": 0.0175, "h_base": 4}
 PEAK_LR = 1e-3
@@ -299,7 +302,7 @@ def train(method, rank, steps, ifname, accelerator):
         overlap, compress = "_overlap" in method, method.endswith("_compress")
         suffix = method.rsplit("_overlap", 1)[1] if overlap else ""
         auto, depth = suffix == "_auto", int(suffix) if suffix.isdigit() else 1
-        fragments = int(method.rsplit("_fragments", 1)[1]) if "_fragments" in method else 1
+        fragments = int(method.split("_fragments", 1)[1].split("_")[0]) if "_fragments" in method else 1
         config = dataclasses.replace(
             base,
             qsr_overlap_sync=overlap,

@@ -44,6 +44,20 @@ CONFIGS = {
     "qsr_fragments3_nesterov": QSRConfig(
         qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_fragments=3, qsr_outer_optimizer="nesterov"
     ),
+    # Streaming DiLoCo's full combination: each fragment's average in flight while training goes on, folded 3 steps
+    # after its step or at the next round end (several fragments in flight at once); and with the Nesterov step
+    "qsr_fragments3_overlap3": QSRConfig(
+        qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_fragments=3, qsr_overlap_sync=True, qsr_overlap_steps=3
+    ),
+    "qsr_fragments3_overlap2_nesterov": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_fragments=3,
+        qsr_overlap_sync=True,
+        qsr_overlap_steps=2,
+        qsr_outer_optimizer="nesterov",
+    ),
     # the outer step per unit of the round's inner-lr work (S_r from the lr warm-up's 0 on), its momentum ramped
     # over 12 steps; with fragments (each fragment's S_r since its own last sync) and with the overlap (S_r of the
     # round the average started from)

@@ -10,7 +10,8 @@ AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_
 `qsr_hf.sync.compressed.compressed_average`) are simulated too, also checked bitwise, and so is the outer
 optimizer (``qsr_outer_optimizer``: the same `qsr_hf.sync.outer.OuterStep` on each parameter tensor's average, with the
 clock's ``(lr_sum, step)`` for ``qsr_outer_scaling`` / ``qsr_outer_momentum_warmup`` as `SyncedState`), and
-``qsr_fragments`` (the same `qsr_hf.sync.fragments` partition of the averaged tensors and steps). Evaluations here never
+``qsr_fragments`` (the same `qsr_hf.sync.fragments` partition of the averaged tensors and steps; with the overlap,
+each fragment's average folded ``qsr_overlap_steps`` after its step, or at the next round end). Evaluations here never
 change the trajectory (the real library folds an overlapped average in flight before an evaluation).
 
 This module holds the local-training simulation; the data-parallel baseline is in `data_parallel.py` and the
@@ -119,8 +120,9 @@ class LocalTrainingSimulation:
             self._momentum = [torch.zeros_like(a).view(-1) if o else None for a, o in pairs]
         if config.qsr_compress_delta:
             self.bytes_per_sync = wire_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # overlap: the average in flight
-        self._pending_age = 0  # optimizer steps since it was started
+        # overlap: the averages in flight, each (step started, tensor indices, [(tensor, value sent in the summing
+        # dtype, its average)])
+        self._pending: list[tuple[int, set[int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
 
     def _bytes(self, chosen: list[int] | None) -> int:
         # bytes of one rank's all-reduces of the tensors ``chosen`` (indices; None: all), as ParameterAverager counts
@@ -170,28 +172,20 @@ class LocalTrainingSimulation:
         fragments = due_after_step(self.clock, self.config.qsr_fragments, h)
         chosen = None if fragments is None else [i for i, f in enumerate(self._fragment_of) if f in fragments]
         self.stats.record_steps(self.clock.step)
-        self._pending_age += 1
         last = self.clock.total_steps is not None and self.clock.step >= self.clock.total_steps
-        if self._pending_age >= self.config.qsr_overlap_steps or due:
-            self._fold_pending()  # overlap: qsr_overlap_steps late, or before the next round's average
+        self._fold_pending(None if due else chosen or [])  # overlap: as the Synchronizer's end_step
         if due and data_parallel:  # one gradient all-reduce; the replicas agree already: no average (as Synchronizer)
             self.stats.record_sync(self.stats.grad_bytes_per_step, scheduled=True)
             due = False
             if self._anchor and self.clock.step >= self.config.qsr_switch_step:
                 self._reset_anchor()  # local rounds start here (Synchronizer.end_step's reset)
-        elif due:
-            if self.config.qsr_overlap_sync and not last:  # (tensor, value sent in the summing dtype, average)
-                means = self._averages(commit=True)
-                self._pending = [
-                    (t, t.to(m.dtype, copy=True), m) for ts in self._tensors for t, m in zip(ts, means, strict=True)
-                ]
-                self._pending_age = 0
+        elif due or chosen:  # a round end, or (qsr_fragments) the fragments due inside the round
+            if self.config.qsr_overlap_sync and not last:
+                self._start(chosen)
             else:
                 self.average(chosen)
-            self.stats.record_sync(self.bytes_per_sync if chosen is None else self._bytes(chosen), scheduled=True)
-        elif chosen:  # qsr_fragments: the fragments due inside the round
-            self.average(chosen)
-            self.stats.record_sync(self._bytes(chosen), scheduled=False, fragment=True)
+            num_bytes = self.bytes_per_sync if chosen is None else self._bytes(chosen)
+            self.stats.record_sync(num_bytes, scheduled=due, fragment=not due)
         for scheduler in self.schedulers:
             scheduler.step()
         for optimizer in self.optimizers:
@@ -199,10 +193,25 @@ class LocalTrainingSimulation:
         return due
 
     @torch.no_grad()
-    def _fold_pending(self) -> None:
-        for t, sent, mean in self._pending:  # AverageHandle.wait's rule: the average + the local change since
-            t.copy_(mean + (t.to(sent.dtype) - sent))
-        self._pending = []
+    def _start(self, chosen: list[int] | None) -> None:
+        # OverlappedSync.start: the average (outer step included) of the tensors ``chosen`` (None: all), folded later
+        indices = range(len(self._tensors[0])) if chosen is None else chosen
+        pairs = list(zip(indices, self._averages(commit=True, chosen=chosen), strict=True))
+        sent = [(ts[i], ts[i].to(m.dtype, copy=True), m) for ts in self._tensors for i, m in pairs]
+        self._pending.append((self.clock.step, set(indices), sent))
+
+    @torch.no_grad()
+    def _fold_pending(self, sending: list[int] | None) -> None:
+        # OverlappedSync.step_done (``sending`` None: finish): fold those qsr_overlap_steps old and those of a tensor
+        # ``sending`` averages again, with AverageHandle.wait's rule
+        steps, kept = self.config.qsr_overlap_steps, []
+        for started, indices, flight in self._pending:
+            if sending is not None and self.clock.step - started < steps and indices.isdisjoint(sending):
+                kept.append((started, indices, flight))
+                continue
+            for t, sent, mean in flight:  # the average + the local change since the send
+                t.copy_(mean + (t.to(sent.dtype) - sent))
+        self._pending = kept
 
     def _data_parallel_gradients(self, shards: Sequence[Any], loss_fn: LossFn) -> None:
         # DDP: every forward starts from worker 0's buffers; each gradient times 1/K, summed in rank order

@@ -85,7 +85,7 @@ class QSRConfig:
             Each rank adds what encoding its change lost to its next change; saved in each rank's state file.
         qsr_fragments (`int`, defaults to 1):
             F: average the model in F parts of about equal size, part f after step ⌈(f+1)H/F⌉ of each round
-            (Streaming DiLoCo's pattern: F smaller bursts per round). DDP only; see `qsr_hf.sync.fragments`.
+            (Streaming DiLoCo's: F bursts per round; with ``qsr_overlap_sync`` each in flight). DDP only.
         qsr_worker (`str`, defaults to `"process"`):
             What one QSR worker is: ``process`` (the paper: every process takes its own local steps) or ``node``
             (hierarchical: the processes of a node all-reduce gradients every step, nodes average every H steps).

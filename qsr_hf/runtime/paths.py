@@ -5,8 +5,8 @@
 - [`FoldedChecks`]: the checks ride on the average's own collective (`qsr_hf.sync.header`) wherever the averaged
   selection has a float32/float64 bucket to carry them; the detailed all-gather runs only when the summed header
   shows a difference or a rank that does not count. A plain [`ParameterAverager`] over every rank (DDP, DeepSpeed).
-- [`OverlappedChecks`]: the separate checks, then a round end's average started without waiting
-  (``qsr_overlap_sync``) and folded in later; every other sync blocks.
+- [`OverlappedChecks`]: the separate checks, then a round end's or a fragment's average started without waiting
+  (``qsr_overlap_sync``) and folded in later (`qsr_hf.sync.overlap`); every other sync blocks.
 """
 
 from collections.abc import Callable, Sequence
@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from qsr_hf.runtime.checks import agreement_values, exclude_nonfinite, report_nonfinite
 from qsr_hf.runtime.protocol import SyncRuntime
-from qsr_hf.sync.agreement import END, ROUND_END, SyncPoint, all_finite, exchange
+from qsr_hf.sync.agreement import END, FRAGMENT_SYNC, ROUND_END, SyncPoint, all_finite, exchange
 from qsr_hf.sync.averaging import ParameterAverager, Transform
 
 
@@ -60,8 +60,9 @@ SeparateChecks = SyncPath
 
 
 class OverlappedChecks(SyncPath):
-    """The separate checks; a round end's average (not the last step's) starts overlapped (``qsr_overlap_sync``),
-    and with ``qsr_overlap_auto`` each rank's transfer and step times ride on the exchange until the depth is set."""
+    """The separate checks; a round end's or a fragment's average (not the last step's) starts overlapped
+    (``qsr_overlap_sync``; with ``qsr_fragments`` several may be in flight), and with ``qsr_overlap_auto`` each rank's
+    transfer and step times ride on the exchange until the depth is set."""
 
     def average(
         self, kind: SyncPoint, storage: list[torch.Tensor], transform: Transform, buckets: list[int] | None = None
@@ -70,7 +71,7 @@ class OverlappedChecks(SyncPath):
         rt, overlap = self.rt, self.rt.overlap
         clock = rt.clock
         last = clock.total_steps is not None and clock.step >= clock.total_steps
-        if kind != ROUND_END or last:
+        if kind not in (ROUND_END, FRAGMENT_SYNC) or last:
             return super().average(kind, storage, transform, buckets)
         measure = overlap.auto
         local = [int(not all_finite(storage))] + (overlap.measurement_us() if measure else [])
@@ -78,9 +79,10 @@ class OverlappedChecks(SyncPath):
         divisor = exclude_nonfinite(rt, [r for r, row in enumerate(rows) if row[0]], storage)
         if measure:
             overlap.choose([row[1:] for row in rows])
-        if divisor is not None:  # a rank left out: this sync blocks
+        if divisor is not None:  # a rank left out: this sync blocks, every average in flight folded in first
+            rt.finish_overlap()
             return self._average(divisor, transform, buckets)
-        overlap.start(transform)
+        overlap.start(transform, buckets)
         rt.stats.record_overlap_depth(overlap.steps)
         return None
 

@@ -126,15 +126,14 @@ class Synchronizer:
         self._set_gradient_sync(self._data_parallel_step(self.clock.step))
         if data_parallel and not self._data_parallel_step(self.clock.step) and self.synced is not None:
             self.synced.reset(self.averager.buckets, self.clock.lr_sum)  # the first local round: here, ranks equal
-        self.finish_overlap(scheduled=not due)  # overlap: the last average, qsr_overlap_steps late or now
+        chosen = self._due_buckets(h)  # the buckets to average now (None: all; qsr_fragments: the fragments due)
+        self.finish_overlap(scheduled=not due, sending=chosen)  # overlap: OverlappedSync.step_done, all at round ends
         if due and data_parallel:
             # the backend all-reduced this step's gradients: parameters already agree, nothing to average
             self.stats.record_sync(self.stats.grad_bytes_per_step if self.distributed else 0, scheduled=True)
             return False
-        if due:
-            self.average(ROUND_END, buckets=self._due_buckets(h))
-        elif chosen := self._due_buckets(h):  # qsr_fragments: the fragments due inside the round
-            self.average(FRAGMENT_SYNC, buckets=chosen)
+        if due or chosen:  # a round end, or (qsr_fragments) the fragments due inside the round
+            self.average(ROUND_END if due else FRAGMENT_SYNC, buckets=chosen)
         return due and self.distributed
 
     def _due_buckets(self, round_length: int) -> list[int] | None:
@@ -187,7 +186,7 @@ class Synchronizer:
                 self.synced.check_layout(self.averager.buckets)
             num_bytes = self.path.average(kind, self.averager.storage(buckets), transform, buckets)
             if num_bytes is None:  # started overlapped: folded in at a later end_step
-                self.stats.record_sync(self.averager.bytes_per_sync, scheduled)
+                self.stats.record_sync(self.averager.selection_bytes(buckets), scheduled, kind == FRAGMENT_SYNC)
                 return
             self.after_average()
         if buckets is None:  # the whole model: every rank holds the same tensors now
@@ -207,11 +206,12 @@ class Synchronizer:
         self.engine.after_restore()
         self.stats.record_intra_node(self.engine.take_intra_node_bytes())
 
-    def finish_overlap(self, scheduled: bool = False) -> None:
-        """Fold in an average still in flight (``qsr_overlap_sync``), if any; ``scheduled``: only once it is due."""
+    def finish_overlap(self, scheduled: bool = False, sending: list[int] | None = None) -> None:
+        """Fold in the averages in flight (``qsr_overlap_sync``), if any; ``scheduled``: only those that are due
+        (`OverlappedSync.step_done`, ``sending``: the buckets about to be averaged)."""
         if self.overlap is None:
             return
-        if self.overlap.step_done() if scheduled else self.overlap.finish():
+        if self.overlap.step_done(sending or ()) if scheduled else self.overlap.finish():
             with torch.no_grad():
                 self.after_average()
             if self.synced is not None and self.synced.outer is not None:

@@ -86,7 +86,7 @@ class ParameterAverager:
         self.mode = mode
         self.fragments = fragments
         self.bucket_fragments: list[int] = []  # the fragment of each bucket
-        self._in_flight: AverageHandle | None = None
+        self._in_flight: list[AverageHandle] = []  # started asynchronously, not yet waited (fragments: several)
         self.buckets = self._build()
 
     def _build(self) -> list[_Bucket]:
@@ -137,11 +137,11 @@ class ParameterAverager:
 
     def storage(self, buckets: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Where this rank's values to average live (zeroing them contributes nothing): the flat buffers of
-        ``buckets`` (`None`: all) in place, the tensors themselves in copy mode."""
+        ``buckets`` (`None`: all) in place, their tensors themselves in copy mode."""
+        chosen = range(len(self.buckets)) if buckets is None else buckets
         if self.mode == "inplace":
-            chosen = range(len(self.buckets)) if buckets is None else buckets
             return [self.buckets[i].flat for i in chosen]
-        return list(self.tensors)
+        return [t for i in chosen for t in self.buckets[i].tensors]
 
     @property
     def num_buckets(self) -> int:  # noqa: D102 - the collectives one sync issues
@@ -161,29 +161,23 @@ class ParameterAverager:
         return reduce_dtype(dtype, self.fp32_average)
 
     def ensure_views(self) -> None:
-        """Rebuild the buckets if a tensor was re-bound or replaced since they were built (e.g. by ``model.to``)."""
-        if self._in_flight is not None:
+        """Rebuild the buckets if a tensor was re-bound or replaced since they were built (e.g. by ``model.to``); with
+        averages in flight (fragments in flight) the buckets must not have changed."""
+        current = list(self._collect()) if self._collect is not None else self.tensors
+        kept = len(current) >= len(self.tensors) and all(a is b for a, b in zip(current, self.tensors, strict=False))
+        intact = bool(self.buckets) and all(b.intact() for b in self.buckets)
+        if kept and intact and len(current) == len(self.tensors):
+            return  # nothing changed: the one case allowed while averages are in flight
+        if self._in_flight:
             raise RuntimeError("an asynchronous average is in flight: call wait() on its handle first")
-        if self._collect is not None:
-            current = list(self._collect())
-            kept = len(current) >= len(self.tensors) and all(
-                a is b for a, b in zip(current, self.tensors, strict=False)
-            )
-            if kept and len(current) > len(self.tensors) and all(b.intact() for b in self.buckets):
-                # only new tensors (optimizer state created by the first step): regroup, nothing was broken
-                self.tensors = current
-                self.buckets = self._build()
-                return
-            if not kept:
-                self.tensors = current
-                self.buckets = []
-        if not self.buckets or not all(b.intact() for b in self.buckets):
+        self.tensors = current
+        if not (kept and intact):  # (kept and intact: only new tensors, the optimizer state of the first step)
             logger.warning(
                 "qsr_hf: averaged tensors were moved, re-cast or replaced since the last sync (model.to, a reloaded state); "
                 "rebuilding the flat buffers",
                 main_process_only=True,
             )
-            self.buckets = self._build()
+        self.buckets = self._build()
 
     @overload
     def average(
@@ -252,6 +246,8 @@ class ParameterAverager:
             raise ValueError("no selected bucket of this averager can carry a sync header (no float32/float64 values)")
         divisor = dist.get_world_size(self.process_group) if divisor is None else divisor
         selected = range(len(self.buckets)) if buckets is None else buckets
+        if any(not h.buckets.isdisjoint(selected) for h in self._in_flight):  # its send buffers are in use
+            raise RuntimeError("an asynchronous average of these buckets is in flight: wait() on its handle first")
         wires = [(i, self.buckets[i], self._reduce_dtype(self.buckets[i].dtype)) for i in selected]
         handle = AverageHandle(
             wires,
@@ -267,11 +263,11 @@ class ParameterAverager:
         )
         if not async_op:
             return handle.wait()
-        self._in_flight = handle
+        self._in_flight.append(handle)
         return handle
 
     def _finished(self, handle: AverageHandle) -> None:
-        self._in_flight = None if self._in_flight is handle else self._in_flight
+        self._in_flight = [h for h in self._in_flight if h is not handle]
 
     @torch.no_grad()
     def snapshot(self) -> list[torch.Tensor]:

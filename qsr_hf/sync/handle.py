@@ -87,6 +87,11 @@ class AverageHandle:
             self._pending.append((index, bucket, wide, work, sent))
 
     @property
+    def buckets(self) -> set[int]:
+        """The indices of the buckets this average has not yet written back."""
+        return {index for index, *_ in self._pending}
+
+    @property
     def arrived(self) -> bool:
         """Whether every collective has completed (:meth:`wait` would not block)."""
         return all(work is None or work.is_completed() for _, _, _, work, _ in self._pending)
