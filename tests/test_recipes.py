@@ -110,8 +110,10 @@ def test_llama_recipes_follow_diloco(recipe):
     assert data_args.block_size == 1024 and args.learning_rate == 4e-4 and args.max_steps == 88_000
     assert 8 * args.per_device_train_batch_size * args.gradient_accumulation_steps == 512
     outer = (qsr_config.qsr_outer_optimizer, qsr_config.qsr_outer_lr, qsr_config.qsr_outer_momentum)
-    if recipe.stem in ("diloco", "qsr_nesterov"):
-        assert outer == ("nesterov", 0.7, 0.9)  # DiLoCo's outer step
+    if recipe.stem == "diloco":
+        assert outer == ("nesterov", 0.7, 0.9)  # DiLoCo's outer step, as published
+    elif recipe.stem == "qsr_nesterov":
+        assert outer == ("nesterov", 0.7, 0.5)  # the setting benchmarks/lm_study.py picked for QSR
     else:
         assert outer[0] == "none"
     if recipe.stem == "diloco":
