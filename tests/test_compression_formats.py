@@ -106,7 +106,9 @@ def _flat(tensors, size):
 
 
 @pytest.mark.parametrize(
-    ("world_size", "fmt", "feedback"), [(2, "int8", True), (3, "int8", True), (3, "fp8", False), (3, "bf16", True)]
+    ("world_size", "fmt", "feedback"),
+    # fp8's codec is checked bitwise in the default run; its 3-rank sync with -m slow (time budget)
+    [(2, "int8", True), (3, "int8", True), pytest.param(3, "fp8", False, marks=pytest.mark.slow), (3, "bf16", True)],
 )
 def test_syncs_are_the_reference_mean_of_dequantized_deltas(world_size, fmt, feedback):
     results = run_distributed(_syncs, world_size=world_size, fmt=fmt, feedback=feedback)

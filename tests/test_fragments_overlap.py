@@ -149,7 +149,11 @@ def _run(rank, world_size, tmp, outer):
     return out
 
 
-@pytest.fixture(scope="module", params=[(2, "none"), (3, "none"), (2, "nesterov"), (3, "nesterov")], ids=str)
+# 2 ranks without and 3 ranks with the outer step in the default run; the other two with -m slow (time budget)
+SLOW_RUNS = [pytest.param(case, marks=pytest.mark.slow) for case in [(3, "none"), (2, "nesterov")]]
+
+
+@pytest.fixture(scope="module", params=[(2, "none"), (3, "nesterov"), *SLOW_RUNS], ids=str)
 def run(request, tmp_path_factory):
     world_size, outer = request.param
     tmp = str(tmp_path_factory.mktemp(f"fragments_overlap_{world_size}_{outer}"))

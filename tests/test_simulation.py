@@ -154,7 +154,16 @@ def one_thread():
 # constant, post_local, qsr_overlap and qsr_nesterov are also covered by constant_overlap2, post_local_nesterov,
 # qsr_overlap_nesterov (and test_overlap.py) and qsr_fragments3_nesterov (whose last sync steps the whole model):
 # slow, for the time budget
-SLOW = ("constant", "post_local", "qsr_overlap", "qsr_nesterov")
+SLOW = (
+    "constant",
+    "post_local",
+    "qsr_overlap",
+    "qsr_nesterov",
+    # covered in the default run by qsr_nesterov_round_lr and qsr_fragments3_overlap2_nesterov
+    "qsr_fragments3_nesterov_round_lr",
+    "qsr_overlap_sgd_round_lr",
+    "qsr_fragments3_overlap3",
+)
 
 
 @pytest.mark.parametrize(

@@ -322,6 +322,8 @@ def test_quorum_needs_a_majority_of_the_replica_groups():
 
 
 @pytest.mark.timeout(240)
+# slow (time budget): the majority rule itself is checked by test_quorum_needs_a_majority_of_the_replica_groups
+@pytest.mark.slow
 def test_slow_replica_with_fresh_joiners_cannot_split_the_run(tmp_path):
     """The quorum-split setting (issue 29): 4 replica groups; one dies and is restarted while a fourth starts fresh,
     and a trained replica is slower than the join timeout at that sync. A quorum needs a majority (3 of 4): the
@@ -414,6 +416,8 @@ def test_nonfinite_replica_error_and_skip_rank(tmp_path):
 
 
 @pytest.mark.timeout(300)
+# slow (time budget): a lighthouse, 2 groups killed and restarted twice
+@pytest.mark.slow
 def test_every_group_dead_resumes_the_newest_checkpoint_or_warns(tmp_path):
     """Never silently back to step 0 (issue 29): both replica groups save (replica 0 at step 30, replica 1 at 26, each
     into its own folder) and are then SIGKILLed at step 33. Started again with the folder, the first quorum finds nobody
