@@ -145,6 +145,10 @@ def _check_heals(traces: list[list[dict]]) -> int:
 
 
 @pytest.mark.timeout(240)
+# slow until issue 29 part 2 is finished: on 2026-12-06 it failed 1 of 3 full runs on "Timed out waiting" in a
+# survivor's log, which docs/fault-tolerance.md lists as possible when the death lands between the bucket
+# all-reduces; a flaky test must not gate CI. Run it with `python -m pytest -m slow tests/test_torchft.py`
+@pytest.mark.slow
 def test_death_in_sync_sleep_and_rejoin(tmp_path):
     """Sequenced by events, not durations: whichever replica is slow to a quorum (the start included), the test
     asserts what the library guarantees (a replica that heals holds its peer's state bitwise, every sync is the
