@@ -40,11 +40,16 @@ class SyncPath:
         Returns:
             `int` or `None`: bytes this rank contributed; `None` when the average was started overlapped.
         """
-        rt = self.rt
-        local = [int(not all_finite(storage))]
-        rows = exchange(agreement_values(rt, kind), local)
-        divisor = exclude_nonfinite(rt, [r for r, (bad,) in enumerate(rows) if bad], storage)
+        _, divisor = self._check(kind, storage)
         return self._average(divisor, transform, buckets)
+
+    def _check(
+        self, kind: SyncPoint, storage: list[torch.Tensor], extra: Sequence[int] = ()
+    ) -> tuple[list[list[int]], int | None]:
+        # the separate check: one all-gather of the agreement values, this rank's non-finite flag and ``extra``;
+        # returns every rank's [flag, *extra] and the divisor the non-finite policy calls for
+        rows = exchange(agreement_values(self.rt, kind), [int(not all_finite(storage)), *extra])
+        return rows, exclude_nonfinite(self.rt, [r for r, row in enumerate(rows) if row[0]], storage)
 
     def _average(self, divisor: int | None, transform: Transform, buckets: list[int] | None) -> int:
         if buckets is not None:  # only a ParameterAverager selects buckets (fragments are DDP only)
@@ -74,9 +79,7 @@ class OverlappedChecks(SyncPath):
         if kind not in (ROUND_END, FRAGMENT_SYNC) or last:
             return super().average(kind, storage, transform, buckets)
         measure = overlap.auto
-        local = [int(not all_finite(storage))] + (overlap.measurement_us() if measure else [])
-        rows = exchange(agreement_values(rt, kind), local)
-        divisor = exclude_nonfinite(rt, [r for r, row in enumerate(rows) if row[0]], storage)
+        rows, divisor = self._check(kind, storage, overlap.measurement_us() if measure else ())
         if measure:
             overlap.choose([row[1:] for row in rows])
         if divisor is not None:  # a rank left out: this sync blocks, every average in flight folded in first
