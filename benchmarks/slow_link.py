@@ -20,7 +20,10 @@ with each method, one after the other, over each link setting:
   chosen from the first overlapped sync's measured times (``qsr_overlap_auto``); ``qsr_fragments4``,
   ``constant_h4_fragments4``: the model averaged in 4 fragments at staggered steps (``qsr_fragments=4``: with H = 4
   one fragment every step); ``qsr_fragments4_overlap_auto``, ``constant_h4_fragments4_overlap_auto``: both, each
-  fragment's average in flight (Streaming DiLoCo's combination) at the automatic depth. Not in the default run: ``--methods ... --name ...``.
+  fragment's average in flight (Streaming DiLoCo's combination) at the automatic depth; ``qsr_int8``,
+  ``qsr_int8ef``: the round's change in int8 with per-row fp32 scales (``qsr_compress_format="int8"``, the second
+  with ``qsr_compress_error_feedback``); ``qsr_overlap_auto_int8``, ``qsr_fragments4_overlap_auto_int8``: int8
+  combined with the overlap / fragments in flight. Not in the default run: ``--methods ... --name ...``.
 - ``accelerate_localsgd``: `accelerate.local_sgd.LocalSGD(local_sgd_steps=4)`.
 - ``torch_postlocal``: torch's `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=4)` + DDP
   `post_localSGD_hook` (no gradient all-reduce after the switch); switch at the end of lr warm-up (an assumption:
@@ -72,10 +75,15 @@ VARIANTS = [
     "constant_h4_fragments4",
     "qsr_fragments4_overlap_auto",
     "constant_h4_fragments4_overlap_auto",
+    "qsr_int8",
+    "qsr_int8ef",
+    "qsr_overlap_auto_int8",
+    "qsr_fragments4_overlap_auto_int8",
 ]  # qsr_hf options (issues 14, 20), not run by default
 PAPER = {"steps": 93_600, "warmup": 10_000, "peak_lr": 0.008, "min_lr": 1e-6, "alpha": 0.0175, "h_base": 4}
 PEAK_LR = 1e-3
 D_IN, HIDDEN, CLASSES, BATCH = 1024, 2048, 10, 16
+UNSHAPED = "unshaped"  # --links value: no tc qdisc on the veth (the CPU-bound limit of a sync)
 SUBNET = "10.233.0"  # private /30 that exists only inside the two namespaces this script creates
 
 
@@ -126,6 +134,11 @@ class TwoHosts:
     def shape(self, rate, delay_ms):
         """Limit both directions to ``rate`` (tc syntax, e.g. 1gbit) with ``delay_ms`` one-way delay if possible."""
         notes = []
+        if rate == UNSHAPED:  # the veth at its own speed: what is left of a sync's time is CPU, not the link
+            for ns, dev in zip(self.ns, self.dev, strict=True):
+                sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+            qdisc = sh("ip", "netns", "exec", self.ns[0], "tc", "qdisc", "show", "dev", self.dev[0]).stdout.strip()
+            return {"rate": rate, "delay_ms": 0.0, "qdisc": qdisc, "notes": ["no rate limit, no delay"]}
         for ns, dev in zip(self.ns, self.dev, strict=True):
             tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root"]
             if self.netem is not False:
@@ -165,6 +178,8 @@ def normalize(methods, steps):
 
 
 def _rate_bps(rate):
+    if rate == UNSHAPED:
+        return math.inf
     units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1.0}
     for unit, scale in units.items():
         if rate.endswith(unit):
@@ -275,7 +290,7 @@ def train(method, rank, steps, ifname, accelerator):
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.distributed.optim import PostLocalSGDOptimizer
 
-    from qsr_hf import LocalOptimizer, QSRConfig
+    from qsr_hf import LocalOptimizer
 
     lrs, warmup, alpha = schedule(steps)
     batches, (x_eval, y_eval) = _data(rank, steps)
@@ -298,20 +313,9 @@ def train(method, rank, steps, ifname, accelerator):
         n_syncs = sum(1 for s in range(steps) if s >= warmup and (s - warmup) % 4 == 0)
         accounted = warmup * param_bytes + n_syncs * param_bytes
     elif method in ("qsr", "constant_h4", *VARIANTS):
-        base = QSRConfig(qsr_alpha=alpha, qsr_h_base=4) if method.startswith("qsr") else QSRConfig(qsr_rule="constant")
-        overlap, compress = "_overlap" in method, method.endswith("_compress")
-        suffix = method.rsplit("_overlap", 1)[1] if overlap else ""
-        auto, depth = suffix == "_auto", int(suffix) if suffix.isdigit() else 1
-        fragments = int(method.split("_fragments", 1)[1].split("_")[0]) if "_fragments" in method else 1
-        config = dataclasses.replace(
-            base,
-            qsr_overlap_sync=overlap,
-            qsr_overlap_steps=depth,
-            qsr_overlap_auto=auto,
-            qsr_compress_delta=compress,
-            qsr_fragments=fragments,
+        opt = LocalOptimizer(
+            opt, model, method_config(method, alpha), num_training_steps=steps, num_warmup_steps=warmup
         )
-        opt = LocalOptimizer(opt, model, config, num_training_steps=steps, num_warmup_steps=warmup)
     elif method == "accelerate_localsgd":
         local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4)
         avg = local_sgd._sync_and_avg_model_params
@@ -402,6 +406,34 @@ def train(method, rank, steps, ifname, accelerator):
     }
 
 
+def method_config(method: str, alpha: float):
+    """The QSRConfig a qsr_hf method name stands for: ``qsr`` or ``constant_h4``, then any of ``_fragmentsF``,
+    ``_overlap`` / ``_overlapK`` / ``_overlap_auto``, and one wire format ``_compress`` (bf16), ``_int8`` or
+    ``_int8ef`` (int8 with error feedback), in that order."""
+    from qsr_hf import QSRConfig
+
+    base = QSRConfig(qsr_alpha=alpha, qsr_h_base=4) if method.startswith("qsr") else QSRConfig(qsr_rule="constant")
+    tokens = method.removeprefix("qsr").removeprefix("constant_h4").split("_")[1:]
+    fields = {}
+    while tokens:
+        token = tokens.pop(0)
+        if token.startswith("fragments"):
+            fields["qsr_fragments"] = int(token.removeprefix("fragments"))
+        elif token.startswith("overlap"):
+            fields["qsr_overlap_sync"] = True
+            if tokens and tokens[0] == "auto":
+                fields["qsr_overlap_auto"] = bool(tokens.pop(0))
+            elif token != "overlap":
+                fields["qsr_overlap_steps"] = int(token.removeprefix("overlap"))
+        elif token in ("compress", "int8", "int8ef"):
+            fields["qsr_compress_delta"] = True
+            fields["qsr_compress_format"] = "bf16" if token == "compress" else "int8"
+            fields["qsr_compress_error_feedback"] = token == "int8ef"
+        else:
+            raise ValueError(f"unknown method token {token!r} in {method!r}")
+    return dataclasses.replace(base, **fields)
+
+
 def probe(param_numel, reps=3):
     """Time an all-reduce of one model's worth of fp32 over the link (what one sync costs)."""
     import torch
@@ -437,7 +469,9 @@ def worker(args):
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     parser = netns_parser(__doc__, 200, METHODS, 900, "seconds per link setting", VARIANTS)
-    parser.add_argument("--links", nargs="+", default=["1gbit", "10gbit"], help="tc rates, e.g. 1gbit 10gbit")
+    parser.add_argument(
+        "--links", nargs="+", default=["1gbit", "10gbit"], help=f"tc rates, e.g. 1gbit 10gbit, or {UNSHAPED}"
+    )
     parser.add_argument("--delay-ms", type=float, default=0.5, help="one-way delay per direction (needs netem)")
     parser.add_argument("--name", default="slow_link", help="results/<name>.json")
     args = parser.parse_args(argv)
@@ -501,6 +535,10 @@ def main(argv=None):
             param_bytes = results[0]["methods"][args.methods[0]]["param_bytes"]
             normalize(methods, args.steps)
             for r in methods.values():
+                # per sync (DDP: per gradient all-reduce): what one rank put on the veth, and the time the syncs
+                # added to the run beyond compute (normalize's comm_s: what the overlap did not hide)
+                r["wire_mb_per_sync"] = sum(r["iface_tx_mb_per_rank"]) / 2 / r["syncs"]
+                r["exposed_comm_s_per_sync"] = r["comm_s"] / r["syncs"]
                 if "ddp" in methods:
                     r["ratio_to_ddp"] = r["wall_s"] / methods["ddp"]["wall_s"]
                     r["normalized_ratio_to_ddp"] = r["normalized_wall_s"] / methods["ddp"]["normalized_wall_s"]
@@ -526,6 +564,8 @@ def main(argv=None):
                         f"{sum(r['iface_tx_mb_per_rank']) / 2:.0f}",
                         f"{1e3 * r['compute_step_s']:.0f}",
                         f"{r['comm_s']:.1f}",
+                        f"{r['wire_mb_per_sync']:.1f}",
+                        f"{r['exposed_comm_s_per_sync']:.2f}",
                         f"{r['normalized_wall_s']:.1f}",
                         f"{r.get('normalized_ratio_to_ddp', float('nan')):.2f}",
                         f"{r['eval_loss']:.3f}",
@@ -566,6 +606,8 @@ def main(argv=None):
             "MB on veth/rank",
             "compute step ms",
             "comm s",
+            "MB on veth/sync",
+            "exposed s/sync",
             "normalized wall s",
             "norm. / ddp",
             "eval loss",

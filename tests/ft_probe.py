@@ -18,6 +18,15 @@ before its first collective: the other replica groups' collectives of that sync 
 
 ``--joined-file PATH``: write PATH once this replica group has joined (after its start sync).
 
+``--started-file PATH``: write PATH when this replica group reaches its start sync (before its quorum).
+
+``--hold-start PATH [PATH ...]``: before the start sync (after writing ``--started-file``), block until every PATH
+exists: replica groups started together wait for each other's start (a loaded machine can start one process seconds
+after the others, who would otherwise form the first quorum and finish a short run without it).
+
+``--hold-from STEP --hold-until PATH``: before the first round-end sync at optimizer step STEP or later (before its
+quorum), block until PATH exists (e.g. a restarted replica's ``--started-file``): the run cannot end before it.
+
 ``--stall-at STEP --stall-until PROGRESS``: before its round-end sync at optimizer step STEP (before its quorum),
 block until the step in PROGRESS is at least STEP: the others committed that sync without this replica.
 
@@ -75,14 +84,26 @@ def main() -> dict:
     parser.add_argument("--stall-until", default=None)
     parser.add_argument("--stall-at", type=int, default=-1)
     parser.add_argument("--nan-at", type=int, default=-1)
+    parser.add_argument("--started-file", default=None)
+    parser.add_argument("--hold-from", type=int, default=-1)
+    parser.add_argument("--hold-until", default=None)
+    parser.add_argument("--hold-start", nargs="+", default=[])
     probes, rest = parser.parse_known_args()
-    trace, current, stalled = [], {}, []
+    trace, current, stalled, held = [], {}, [], []
     average, allreduce = ReplicaSynchronizer.average, torchft.manager.Manager.allreduce
 
     def traced(self, kind, commit=True, buckets=None):
         current.update(kind=kind, step=self.clock.step)
         if kind == ROUND_END and self.clock.step == probes.stall_at:
             _wait_past(Path(probes.stall_until), probes.stall_at - 1)
+        if kind == START and probes.started_file:
+            Path(probes.started_file).write_text(str(self.clock.step))
+        while kind == START and not all(Path(path).exists() for path in probes.hold_start):
+            time.sleep(0.05)  # an event: the other replica groups' --started-file
+        if kind == ROUND_END and 0 <= probes.hold_from <= self.clock.step and not held:
+            held.append(self.clock.step)
+            while not Path(probes.hold_until).exists():  # an event: the other replica's file
+                time.sleep(0.05)
         if kind == ROUND_END and self.clock.step == probes.nan_at:
             with torch.no_grad():
                 next(self.engine.module.parameters()).view(-1)[0] = float("nan")

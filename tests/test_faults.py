@@ -4,10 +4,13 @@ Each multi-process run goes through several cases on one process group (a case t
 at the same collective, so the group stays usable) and is bounded by run_distributed's timeout: a hang fails fast.
 """
 
+import contextlib
 import logging
 import os
 import pickle
+import re
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -407,16 +410,26 @@ def _agreement_meets_another_collective(rank, world_size, tmp):
             exchange([ROUND_END, 8] + [0] * (len(COMMON) - 2))
         except RuntimeError as error:
             Path(tmp, "rank0.txt").write_text(str(error))
-    else:  # stopped early: the Trainer's own end-of-training gather (store_flos), which gloo aborts on
-        dist.all_gather([torch.zeros(1, dtype=torch.float64) for _ in range(2)], torch.zeros(1, dtype=torch.float64))
+    else:  # stopped early: the Trainer's own end-of-training gather (store_flos), which gloo aborts on, or blocks
+        # until the process group's timeout: 5 s here (started or ended before rank 0's exchange, it fails that too)
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=5))
+        with contextlib.suppress(RuntimeError):
+            dist.all_gather(
+                [torch.zeros(1, dtype=torch.float64) for _ in range(2)], torch.zeros(1, dtype=torch.float64)
+            )
 
 
 def test_agreement_check_names_a_collective_mismatch(tmp_path):
     # a Trainer rank that stops early (should_training_stop on one rank only) meets the other rank's agreement check
-    # inside another collective: gloo aborts (or blocks) that rank in C++ with its own message; the rank at the sync
-    # says why, whichever way gloo pairs the two collectives (an error, or rows that disagree)
-    with pytest.raises(RuntimeError, match=r"ranks \[1\] did not report"):
-        run_distributed(_agreement_meets_another_collective, tmp=str(tmp_path), timeout=20)
+    # inside another collective: gloo aborts rank 1 in C++ with its own message, or blocks it until the process
+    # group's timeout (5 s); the rank at the sync says why, whichever way gloo pairs the two collectives (an error, or rows
+    # that disagree). Nothing here waits on the clock but gloo's own timeout of a blocked collective.
+    try:
+        run_distributed(_agreement_meets_another_collective, tmp=str(tmp_path), timeout=TIMEOUT)
+    except RuntimeError as error:  # gloo aborted rank 1's process
+        assert re.search(r"ranks \[1\] did not report \(exit codes \{1: -?[1-9]", str(error)), error
     message = (tmp_path / "rank0.txt").read_text()
     assert (
         "the agreement check at the round end (optimizer step 8) met another collective" in message
