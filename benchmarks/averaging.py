@@ -198,8 +198,14 @@ def _worker(rank, world_size, shapes, reps, methods):
         else:
             raise ValueError(method)
 
+    def equal_across_ranks(model) -> bool:  # one value per parameter (a double sum), compared across ranks
+        check = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        gathered = [torch.zeros_like(check) for _ in range(world_size)]
+        dist.all_gather(gathered, check)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
     # interleave the methods, rotating their order, so that load drift on a shared machine hits all of them alike
-    times = {m: [] for m in methods}
+    times, equal = {m: [] for m in methods}, {}
     for i in range(reps + 1):  # round 0 is a warm-up
         order = methods[i % len(methods) :] + methods[: i % len(methods)]
         for method in order:
@@ -209,10 +215,8 @@ def _worker(rank, world_size, shapes, reps, methods):
             dt = time.perf_counter() - t0
             if i:
                 times[method].append(dt)
-    # sanity: every rank ends with the same parameters in every model
-    check = torch.stack([p.detach().double().sum() for m in models.values() for p in m.parameters()])
-    gathered = [torch.zeros_like(check) for _ in range(world_size)]
-    dist.all_gather(gathered, check)
+            if i == reps and not method.startswith("floor"):  # sanity, untimed: the ranks hold the same model after it
+                equal[method] = equal_across_ranks(models[uses.get(method, "qsr")])
     return {
         "peak_rss_gib": peak_rss_gib(),
         "base_rss_gib": base_rss_gib,
@@ -220,7 +224,7 @@ def _worker(rank, world_size, shapes, reps, methods):
         "num_tensors": len(shapes),
         "times": times,
         "qsr_hf_build_s": build_s,
-        "equal_after": all(torch.equal(g, gathered[0]) for g in gathered),
+        "equal_after": equal,
     }
 
 
@@ -258,7 +262,9 @@ def main(argv=None):
             "outer_vs_average": med["qsr_hf_outer"] / med["qsr_hf"],
             "floor_gbit_per_s": numel * 4 * 8 / med["floor"] / 1e9,
             "qsr_hf_one_time_build_s": max(r["qsr_hf_build_s"] for r in results),
-            "params_equal_across_ranks_after": all(r["equal_after"] for r in results),
+            "params_equal_across_ranks_after": all(all(r["equal_after"].values()) for r in results),
+            # the methods after whose last call (in the last round) the ranks' models differed
+            "unequal_after": sorted({m for r in results for m, ok in r["equal_after"].items() if not ok}),
             # peak resident memory of each rank's process (ru_maxrss), the part of it before any model copy (the
             # imports), and the rest in fp32 copies of the model
             "peak_rss_gib_per_rank": [round(r["peak_rss_gib"], 2) for r in results],

@@ -382,11 +382,12 @@ local.close()
 
 
 def test_a_rank_that_crashes_inside_a_round_stops_the_run(tmp_path):
-    # the other rank goes on with local steps and then waits at the next sync; accelerate launch (torchrun's agent)
-    # sees rank 1 fail and stops it at once instead of letting it wait for the process group's timeout
+    # the other rank goes on with local steps and then meets the dead rank at the next sync: its all-reduce fails
+    # ("connection closed") with qsr_hf's message, or accelerate launch (torchrun's agent) sees rank 1 fail and
+    # stops it (SIGTERM) first; either way it does not wait for the process group's timeout (30 min; the
+    # subprocess's own timeout, 5 min, fails the test if it does)
     import subprocess
     import sys
-    import time
 
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT)
@@ -395,11 +396,11 @@ def test_a_rank_that_crashes_inside_a_round_stops_the_run(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", "0",
         str(script),
     ]  # fmt: skip
-    start = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert out.returncode != 0
-    assert time.monotonic() - start < 90, "the surviving rank waited instead of being stopped"
     assert "injected failure on rank 1 inside a round" in out.stderr
+    stopped = "[rank0]: RuntimeError: qsr_hf: an average's all-reduce failed on this rank" in out.stderr
+    assert stopped or "closing signal SIGTERM" in out.stderr, out.stderr[-3000:]
 
 
 def _agreement_meets_another_collective(rank, world_size, tmp):
