@@ -30,6 +30,9 @@ METHODS = {
     "qsr_fragments4": "QSR, 4 fragments", "constant_h4_fragments4": "H = 4, 4 fragments",
     "qsr_process": "QSR, worker = process", "qsr_node_whole": "worker = node, whole model",
     "qsr_node_split": "worker = node, inter-node floor",
+    "qsr_fragments4_overlap_auto": "QSR, 4 fragments in flight", "qsr_int8": "QSR + int8 delta",
+    "qsr_int8ef": "QSR + int8 delta + error feedback", "qsr_overlap_auto_int8": "QSR + overlap auto + int8",
+    "qsr_fragments4_overlap_auto_int8": "QSR, 4 fragments in flight + int8",
 }  # fmt: skip
 
 
@@ -78,13 +81,22 @@ def step_overhead(d, fig):
 
 def slow_link(d, fig):
     links = d["links"]
-    axes = fig.subplots(len(links), 2, squeeze=False)
+    per_sync = all("exposed_comm_s_per_sync" in r for data in links.values() for r in data["methods"].values())
+    axes = fig.subplots(len(links), 3 if per_sync else 2, squeeze=False)
     for row, (link, data) in zip(axes, links.items(), strict=True):
         methods = data["methods"]
         labels = [METHODS.get(m, m) for m in methods]
-        highlight = [METHODS[m] for m in methods if m.startswith("qsr")]
+        highlight = [METHODS.get(m, m) for m in methods if m.startswith("qsr")]
         _barh(row[0], labels, [r["normalized_ratio_to_ddp"] for r in methods.values()], "", highlight=highlight)
         row[0].set_title(f"{link}: wall time / DDP (one common compute step)", fontsize=9)
+        if per_sync:  # what one sync puts on the wire, and what of its time the run still waits for
+            mb = [r["wire_mb_per_sync"] for r in methods.values()]
+            _barh(row[1], labels, mb, "", "{:.1f} MB", highlight=highlight)
+            row[1].set_title(f"{link}: MB on the wire per sync and rank", fontsize=9)
+            exposed = [r["exposed_comm_s_per_sync"] for r in methods.values()]
+            _barh(row[2], labels, exposed, "", "{:.2f} s", highlight=highlight)
+            row[2].set_title(f"{link}: exposed communication per sync", fontsize=9)
+            continue
         mb = [r["accounted_mb_per_rank"] for r in methods.values()]
         _barh(row[1], labels, mb, "", "{:.0f} MB", highlight=highlight)
         row[1].set_title(f"{link}: MB all-reduced per rank", fontsize=9)
@@ -255,6 +267,7 @@ FIGURES = {
     "slow_link_overlap_depth": (slow_link, (12, 3.5)),
     "slow_link_auto_fragments": (slow_link, (12, 3.5)),
     "slow_link_100mbit": (slow_link, (12, 3.8)),
+    "slow_link_streaming": (slow_link, (17, 9)),
     "slow_link_nodes": (slow_link_nodes, (12, 3)),
     "memory_hsdp": (memory_hsdp, (9, 2.5)),
     "scaling_check": (scaling_check, (8, 3)),
