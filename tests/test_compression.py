@@ -12,7 +12,8 @@ from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.core.wire import padded_numel
 from qsr_hf.engines.base import Engine
 from qsr_hf.runtime.synchronizer import Synchronizer
-from qsr_hf.sync.compressed import ROUNDING_BOUND, CompressedAverager, compressed_average, mean_delta
+from qsr_hf.sync.compressed import ROUNDING_BOUND, CompressedAverager
+from qsr_hf.sync.wire_codec import compressed_average, mean_delta
 
 
 SHAPES = [((3, 4), torch.float32), ((8,), torch.float32), ((5,), torch.bfloat16)]  # 25 values: padded to 26 / 27

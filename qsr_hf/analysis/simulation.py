@@ -7,7 +7,8 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 [`LocalOptimizer`] computes (``tests/test_simulation.py``). The data-parallel baseline is true data-parallel
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
 AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_hf.sync.overlap`) and ``qsr_compress_delta`` (with
-`qsr_hf.sync.compressed.compressed_average`) are simulated too, also checked bitwise, and so is the outer
+`qsr_hf.sync.wire_codec.compressed_average` over the tensors flat in the averager's layout: every format, error
+feedback, with the overlap too) are simulated too, also checked bitwise, and so is the outer
 optimizer (``qsr_outer_optimizer``: the same `qsr_hf.sync.outer.OuterStep` on each parameter tensor's average, with the
 clock's ``(lr_sum, step)`` for ``qsr_outer_scaling`` / ``qsr_outer_momentum_warmup`` as `SyncedState`), and
 ``qsr_fragments`` (the same `qsr_hf.sync.fragments` partition of the averaged tensors and steps; with the overlap,
@@ -32,10 +33,10 @@ from qsr_hf.core.clock import SyncClock
 from qsr_hf.core.config import QSRConfig
 from qsr_hf.core.wire import wire_bytes
 from qsr_hf.sync.averaging import reduce_dtype
-from qsr_hf.sync.compressed import compressed_average
 from qsr_hf.sync.fragments import due_after_step, in_sync, partition
 from qsr_hf.sync.outer import OuterStep
 from qsr_hf.sync.tensor_selection import averaged_tensors
+from qsr_hf.sync.wire_codec import compressed_average
 
 
 __all__ = ["DataParallelSimulation", "LocalTrainingSimulation", "shard_batch"]  # the first and last live next door
@@ -89,11 +90,6 @@ class LocalTrainingSimulation:
                 "qsr_overlap_auto=True depends on measured transfer times, which a simulation has none of: "
                 "set qsr_overlap_steps to the depth to simulate and qsr_overlap_auto=False"
             )
-        if config.qsr_compress_format != "bf16" or config.qsr_compress_error_feedback:
-            raise ValueError(
-                "the simulation keeps bf16 compression only (its blocks and residuals would need the averager's flat "
-                "layout): set qsr_compress_format='bf16' and qsr_compress_error_feedback=False"
-            )
         self.config = config
         self.num_workers = num_workers
         self.replicas = [copy.deepcopy(model) for _ in range(num_workers)]
@@ -118,8 +114,15 @@ class LocalTrainingSimulation:
         if self._outer is not None and self._outer.state_tensors:
             pairs = zip(self._anchor, self._outer_tensor, strict=True)
             self._momentum = [torch.zeros_like(a).view(-1) if o else None for a, o in pairs]
+        # compression: the tensors flat in the compressed averager's layout (grouped by dtype in order of appearance,
+        # as its buckets), its int8 / fp8 blocks running across tensors; each worker's residual (error feedback)
+        dtypes = dict.fromkeys(t.dtype for t in self._tensors[0])
+        self._flat_order = [i for d in dtypes for i, t in enumerate(self._tensors[0]) if t.dtype == d]
+        numel = sum(t.numel() for t in self._tensors[0])
+        feedback = config.qsr_compress_error_feedback
+        self._residuals = [torch.zeros(numel) for _ in range(num_workers)] if feedback else None
         if config.qsr_compress_delta:
-            self.bytes_per_sync = wire_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
+            self.bytes_per_sync = wire_bytes(numel, num_workers, config.qsr_compress_format)
         # overlap: the averages in flight, each (step started, tensor indices, [(tensor, value sent in the summing
         # dtype, its average)])
         self._pending: list[tuple[int, set[int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
@@ -236,9 +239,14 @@ class LocalTrainingSimulation:
         # then SyncedState.advance's: the outer step on parameter tensors, remembered when ``commit``. ``chosen``:
         # the indices of the tensors to average (qsr_fragments), None: all
         indices = range(len(self._tensors[0])) if chosen is None else chosen
-        if self.config.qsr_compress_delta:  # the whole model (qsr_fragments is refused with it)
-            groups = zip(*self._tensors, strict=True)
-            out = [compressed_average(a, g, len(g)) for a, g in zip(self._anchor, groups, strict=True)]
+        if self.config.qsr_compress_delta:  # the whole model (qsr_fragments is refused with it), flat
+            order = self._flat_order
+            flat = [torch.cat([ts[i].detach().float().reshape(-1) for i in order]) for ts in self._tensors]
+            anchor = torch.cat([self._anchor[i].reshape(-1) for i in order])
+            fmt = self.config.qsr_compress_format
+            mean = compressed_average(anchor, flat, self.num_workers, fmt, self._residuals, commit)
+            pieces = dict(zip(order, mean.split([self._anchor[i].numel() for i in order]), strict=True))
+            out = [pieces[i].view_as(self._anchor[i]) for i in indices]
         else:
             out = []
             for group in ([ts[i] for ts in self._tensors] for i in indices):

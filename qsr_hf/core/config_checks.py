@@ -109,7 +109,6 @@ def check_compress_delta(config: Settings) -> None:
     if not config.qsr_compress_delta:
         return
     conflicts = {
-        "qsr_overlap_sync": "not implemented: the compressed average is blocking",
         "qsr_average_optimizer_state": "bf16 changes of Adam's second moments can round below zero",
         "qsr_worker": "not implemented for the hierarchical engine",
     }

@@ -48,7 +48,7 @@ def build_parts(
     if config.qsr_compress_delta:
         feedback = config.qsr_compress_error_feedback
         averager = CompressedAverager(
-            tensors, engine.process_group, outer, plain, config.qsr_compress_format, feedback
+            tensors, engine.process_group, outer, plain, config.qsr_compress_format, feedback, config.qsr_overlap_sync
         )
         synced = averager.synced
     else:

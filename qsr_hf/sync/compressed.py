@@ -35,6 +35,7 @@ roundings: each delta, then their mean) plus fp32 rounding of the sum and of the
 values). int8 rounds each value to within half a step, absmax / 254 of its block, twice (delta, mean).
 """
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -44,52 +45,15 @@ from torch.distributed import ProcessGroup
 
 from qsr_hf.core.wire import padded_numel, wire_bytes
 from qsr_hf.sync.averaging import ParameterAverager, Transform
+from qsr_hf.sync.compressed_flight import CollectiveWorker, CompressedFlight
 from qsr_hf.sync.flat_buckets import FlatBucket
+from qsr_hf.sync.handle import write_back
 from qsr_hf.sync.outer import OuterStep
 from qsr_hf.sync.synced_state import SyncedState
-from qsr_hf.sync.wire_codec import WireCodec
+from qsr_hf.sync.wire_codec import WireCodec, mean_delta
 
 
 ROUNDING_BOUND = 2 * 2**-8 * (1 + 2**-8)  # bf16: times max_k |delta_k|, per value (see the module docstring)
-
-
-def mean_delta(deltas: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
-    """Sum decoded deltas in fp32, in the order given (rank order), and divide by ``divisor`` (the ranks that count).
-
-    Args:
-        deltas (`Sequence[torch.Tensor]`): one tensor per rank (fp32, or bf16: exact in fp32), same shape.
-        divisor (`int`): the number of ranks that count.
-
-    Returns:
-        `torch.Tensor`: the fp32 mean (encoded again before it is sent back).
-    """
-    total = deltas[0].to(torch.float32, copy=True)
-    for delta in deltas[1:]:
-        total.add_(delta)  # the sum is fp32
-    return total.div_(divisor)
-
-
-def compressed_average(
-    anchor: torch.Tensor, values: Sequence[torch.Tensor], divisor: int, fmt: str = "bf16"
-) -> torch.Tensor:
-    """The new anchor a sync gives, computed in one process from every rank's values (simulation, tests).
-
-    The same arithmetic as [`CompressedAverager`] (whose chunks of whole blocks only split it between ranks): anchor
-    + the encoded-and-decoded mean of the ranks' encoded-and-decoded changes ``value - anchor`` (flat, blocks from the
-    first value; no error feedback).
-
-    Args:
-        anchor (`torch.Tensor`): fp32 anchor.
-        values (`Sequence[torch.Tensor]`): each rank's current values, in rank order (any float dtype).
-        divisor (`int`): the number of ranks that count.
-        fmt (`str`, defaults to `"bf16"`): the wire format (``qsr_compress_format``).
-
-    Returns:
-        `torch.Tensor`: the new fp32 anchor; the tensors become it, cast to their dtype.
-    """
-    codec = WireCodec(fmt)
-    deltas = [codec.round_trip(v.to(torch.float32) - anchor) for v in values]
-    return anchor + codec.round_trip(mean_delta(deltas, divisor))
 
 
 class CompressedAverager:
@@ -112,6 +76,8 @@ class CompressedAverager:
         fmt (`str`, defaults to `"bf16"`): the wire format, ``qsr_compress_format`` (`qsr_hf.sync.wire_codec`).
         error_feedback (`bool`, defaults to `False`): keep this rank's encoding residual and add it to the next
             round's delta (``qsr_compress_error_feedback``).
+        overlap (`bool`, defaults to `False`): ``qsr_overlap_sync``: build the worker thread and process group that
+            ``average(async_op=True)`` runs on (`qsr_hf.sync.compressed_flight`; collective: on every rank).
 
     Example:
 
@@ -132,6 +98,7 @@ class CompressedAverager:
         plain: set[int] | None = None,
         fmt: str = "bf16",
         error_feedback: bool = False,
+        overlap: bool = False,
     ) -> None:
         self._layout = ParameterAverager(tensors, process_group, fp32_average=True, mode="copy")
         self.process_group = process_group
@@ -156,6 +123,8 @@ class CompressedAverager:
         )
         self._mine = self.codec.buffer(1, self._chunk, device)
         self._staged = False
+        self._worker = CollectiveWorker(process_group) if overlap else None  # qsr_overlap_sync: averages in flight
+        self._flight: CompressedFlight | None = None
 
     @property
     def buckets(self) -> list[FlatBucket]:
@@ -235,8 +204,19 @@ class CompressedAverager:
         else:
             self.residual.copy_(saved)
 
+    def selection_bytes(self, buckets: Sequence[int] | None = None) -> int:
+        """Bytes one sync records (``buckets`` must be `None`: see :meth:`storage`)."""
+        return self.bytes_per_sync
+
     @torch.no_grad()
-    def average(self, divisor: int | None = None, transform: Transform = None) -> int:
+    def average(
+        self,
+        divisor: int | None = None,
+        transform: Transform = None,
+        async_op: bool = False,
+        keep_local_change: bool = False,
+        buckets: Sequence[int] | None = None,
+    ) -> "int | CompressedFlight":
         """Average the staged (or current) deltas across the group and write anchor + mean delta into the tensors.
 
         Args:
@@ -246,33 +226,61 @@ class CompressedAverager:
             transform (`Callable[[int, torch.Tensor], None]`, *optional*): what turns each bucket's plain average
                 (anchor + mean change, fp32) into the new values; defaults to the synced state's committed step.
                 The residual (error feedback) changes only when it commits (`SyncedState.committed`).
+            async_op (`bool`, defaults to `False`): start it on the worker thread (built with ``overlap=True``) and
+                return a [`CompressedFlight`] whose ``wait()`` folds it in (`qsr_hf.sync.compressed_flight`).
+            keep_local_change (`bool`, defaults to `False`): with ``async_op``: the fold keeps the change made locally
+                since the send, ``anchor' + (now - sent)`` (`OverlappedSync`).
+            buckets: must be `None` (the whole model).
 
         Returns:
-            `int`: bytes recorded for this sync (:attr:`bytes_per_sync`).
+            `int` (bytes recorded for this sync, :attr:`bytes_per_sync`), or the [`CompressedFlight`].
         """
         if divisor is not None and (isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1):
             raise ValueError(f"divisor must be a positive int (the number of ranks that count), got {divisor!r}")
+        if buckets is not None or (async_op and self._worker is None) or (keep_local_change and not async_op):
+            raise ValueError(
+                "a compressed average is of every bucket; async_op needs CompressedAverager(overlap=True)"
+            )
+        if self._flight is not None:  # the buffers below are the worker's until it is folded
+            raise RuntimeError("a compressed average is in flight: wait() on it first")
         divisor = self.world_size if divisor is None else divisor
+        sent = [b.gather(torch.empty_like(b.flat)) for b in self.buckets] if keep_local_change else None
         for flat, delta in zip(self.stage(), self.synced.slices(self._delta), strict=True):
             delta.copy_(flat)
         self._staged = False
+        fold = functools.partial(self._write, transform=transform or self.synced.advance, sent=sent)
+        if not async_op:
+            fold(self._exchange(divisor, self.process_group))
+            return self.bytes_per_sync
+        self._flight = CompressedFlight(
+            self._worker.submit(functools.partial(self._exchange, divisor)), fold, self._land
+        )
+        return self._flight
+
+    def _land(self) -> None:
+        self._flight = None
+
+    def _exchange(self, divisor: int, group: ProcessGroup | None) -> torch.Tensor:
+        # steps 1 (the staged delta encoded; error feedback: what the encoding lost stays in it) to 4: the mean
+        # delta, flat fp32 (padded), equal on every rank. Reads and writes the averager's buffers only
         rows, codec = self._delta.view(self.world_size, self._chunk), self.codec
         codec.encode(rows, self._send)
         if self.residual is not None:
             rows.sub_(codec.decode(self._send, self._chunk))  # what the encoding lost: the next residual
-        dist.all_to_all_single(self._received, self._send, group=self.process_group)
+        dist.all_to_all_single(self._received, self._send, group=group)
         mine = mean_delta(codec.decode(self._received, self._chunk).unbind(0), divisor)
         codec.encode(mine.view(1, -1), self._mine)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name before torch 2.10
-        gather(self._gathered, self._mine, group=self.process_group)
-        means = codec.decode(self._gathered, self._chunk).view(-1)
-        transform = transform or self.synced.advance
+        gather(self._gathered, self._mine, group=group)
+        return codec.decode(self._gathered, self._chunk).view(-1)
+
+    @torch.no_grad()
+    def _write(self, means: torch.Tensor, transform: Transform, sent: list[torch.Tensor] | None) -> None:
+        # step 5: anchor + mean delta, transformed (committing the anchor), with the local change since the send
         for index, (bucket, anchor, mean) in enumerate(
             zip(self.buckets, self.synced.slices(), self.synced.slices(means), strict=True)
         ):
             torch.add(anchor, mean, out=bucket.flat)  # the staged buffer is free again: the plain average
-            transform(index, bucket.flat)  # commits it as the new anchor (or the outer step's result)
-            bucket.scatter(bucket.flat)
+            write_back(index, bucket, bucket.flat, transform, None if sent is None else sent[index])
         if self.residual is not None and self.synced.committed:
             self.residual.copy_(self._delta)
-        return self.bytes_per_sync
