@@ -212,7 +212,6 @@ def test_local_optimizer_resume_view_and_skip_rank(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"qsr_overlap_sync": True}, "qsr_overlap_sync=True .*set qsr_overlap_sync=False"),
         ({"qsr_average_optimizer_state": True}, "qsr_average_optimizer_state=True .*set qsr_average_optimizer_state"),
         ({"qsr_worker": "node"}, "qsr_worker='node' .*set qsr_worker='process'"),
     ],

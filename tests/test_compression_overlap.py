@@ -11,6 +11,7 @@ continue it bitwise.
 """
 
 import collections
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -30,15 +31,32 @@ from qsr_hf.analysis.simulation import LocalTrainingSimulation
 
 
 STEPS, H, K, CUT = 10, 3, 2, 4
-IN_FLIGHT = [False, False, True, True, False, True, True, False, True, False]  # after each step
-FOLDED = (5, 8, 10)
 
 
-def _config(fmt, feedback, outer, auto=False):
+class Expected(NamedTuple):
+    in_flight: list[bool]  # after each step
+    default_group: list[int]  # collectives on the main thread's (default) group at each step
+    worker_group: int  # collectives on the worker's group in the run: 2 per fragment exchanged in flight
+    exchanges: int  # all-to-alls in the run (as many all-gathers): in flight and blocking
+    folded: tuple[int, ...]  # the steps after which the anchor (and the residual) moves
+
+
+# sent after steps 3, 6, 9, folded after 5, 8 and 10; each started sync costs its agreement exchange on the default
+# group, none at a fold; the last step folds (no collective), then averages blocking: its exchange, all-to-all and
+# all-gather
+WHOLE = Expected([False, False, True, True, False, True, True, False, True, False], [0, 0, 1, 0, 0, 1, 0, 0, 1, 3],
+                 2 * 3, 4, (5, 8, 10))  # fmt: skip
+# F = 3 fragments, fragment f sent after step f + 1 of each round (9 sends), folded K steps later, at the round end or
+# before it is sent again: (sent, folded) (1, 3) (2, 3) (3, 5) (4, 6) (5, 6) (6, 8) (7, 9) (8, 9) (9, 10); two in
+# flight at the cut after step 4; the last step averages the whole model blocking: 3 fragments, each over its buffer
+FRAGMENTS = Expected([True] * 9 + [False], [1] * 9 + [1 + 2 * 3], 2 * 9, 9 + 3, (3, 5, 6, 8, 9, 10))
+
+
+def _config(fmt, feedback, outer, auto=False, fragments=1):
     return QSRConfig(
         qsr_rule="constant", qsr_h_base=H, qsr_overlap_sync=True, qsr_overlap_steps=K, qsr_overlap_auto=auto,
         qsr_compress_delta=True, qsr_compress_format=fmt, qsr_compress_error_feedback=feedback,
-        qsr_outer_optimizer=outer,
+        qsr_outer_optimizer=outer, qsr_fragments=fragments,
     )  # fmt: skip
 
 
@@ -62,6 +80,7 @@ def _run(rank, world_size, tmp, config):
     out["collectives"] = collections.Counter(name for name, _ in log)
     out["worker_group"] = averager._worker.group._get_sequence_number_for_group()
     out["depth"] = sync.overlap.state_dict()
+    out["bytes"] = sync.stats.bytes_averaged
     model, local = _model_and_optimizer(0, config, accelerator)
     for batch in batches[:CUT]:
         _step(model, local, batch)
@@ -93,53 +112,52 @@ def _simulate(config, world_size):
     for step in range(STEPS):
         sim.step([s[step] for s in shards], _loss)
         params.append([flat_params(m) for m in sim.replicas])
-    return params
+    return params, sim.stats.bytes_averaged
 
 
 CASES = {
-    "2-int8-ef-nesterov": (2, _config("int8", True, "nesterov")),
-    "3-int8-ef": (3, _config("int8", True, "none")),
-    "3-fp8-ef-nesterov": (3, _config("fp8", True, "nesterov")),
-    "2-bf16-sgd": (2, _config("bf16", False, "sgd")),
-    "3-bf16": (3, _config("bf16", False, "none")),
+    "2-int8-ef-nesterov": (2, _config("int8", True, "nesterov"), WHOLE),
+    "3-fragments3-int8-ef": (3, _config("int8", True, "none", fragments=3), FRAGMENTS),
+    "3-int8-ef": (3, _config("int8", True, "none"), WHOLE),
+    "3-fp8-ef-nesterov": (3, _config("fp8", True, "nesterov"), WHOLE),
+    "2-bf16-sgd": (2, _config("bf16", False, "sgd"), WHOLE),
+    "2-fragments3-bf16-nesterov": (2, _config("bf16", False, "nesterov", fragments=3), FRAGMENTS),
 }
-SLOW = ("3-fp8-ef-nesterov", "2-bf16-sgd", "3-bf16")  # the default run keeps one 2-rank and one 3-rank case
+# the default run keeps one 2-rank case and one 3-rank case (with fragments), the rest with -m slow (time budget)
+SLOW = ("3-int8-ef", "3-fp8-ef-nesterov", "2-bf16-sgd", "2-fragments3-bf16-nesterov")
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_compressed_average_in_flight_is_the_simulation_bitwise(case, tmp_path, one_thread):
-    world_size, config = CASES[case]
+    world_size, config, expected = CASES[case]
     results = run_distributed(_run, world_size=world_size, tmp=str(tmp_path), config=config)
-    simulated = _simulate(config, world_size)
+    simulated, simulated_bytes = _simulate(config, world_size)
     for k, r in enumerate(results):
-        assert r["in_flight"] == IN_FLIGHT
+        assert r["in_flight"] == expected.in_flight
         for step in range(STEPS):
             assert torch.equal(r["params"][step], simulated[step][k]), f"rank {k}, step {step + 1}: not the simulation"
-        # the main thread's group: one agreement exchange per sync started, none at a fold; the last step folds
-        # (no collective), then averages blocking: its exchange, the all-to-all and the all-gather
-        assert r["default_group"] == [0, 0, 1, 0, 0, 1, 0, 0, 1, 3], r["default_group"]
-        # the worker's group: the all-to-all and the all-gather of each average in flight, nothing else
-        assert r["worker_group"] == 2 * 3
-        assert r["collectives"]["all_to_all_single"] == r["collectives"]["all_gather_single"] == 4
-        # the anchor and (error feedback) the residual change at the fold, when the average is committed
+        assert r["bytes"] == simulated_bytes, "bytes recorded: each fragment's own wire buffer"
+        assert r["default_group"] == expected.default_group, r["default_group"]
+        assert r["worker_group"] == expected.worker_group, "the worker's group: its exchanges, nothing else"
+        assert r["collectives"]["all_to_all_single"] == r["collectives"]["all_gather_single"] == expected.exchanges
+        # the anchor and (error feedback) the residual change at a fold, when the average is committed
         for step in range(1, STEPS):
             moved = not torch.equal(r["anchor"][step], r["anchor"][step - 1])
-            assert moved == (step + 1 in FOLDED), f"rank {k}: the anchor moved after step {step + 1}: {moved}"
+            assert moved == (step + 1 in expected.folded), f"rank {k}: the anchor moved after step {step + 1}"
             if r["residual"][step] is not None:
                 changed = not torch.equal(r["residual"][step], r["residual"][step - 1])
-                assert changed == (step + 1 in FOLDED), f"rank {k}: residual after step {step + 1}"
+                assert changed == (step + 1 in expected.folded), f"rank {k}: residual after step {step + 1}"
         assert r["pending_at_cut"]
         for step, (continued, resumed) in enumerate(zip(r["continued"], r["resumed"], strict=True), CUT + 1):
             assert torch.equal(continued, resumed), f"rank {k}, step {step}: the resume differs"
     for r in results[1:]:
-        for step in FOLDED:
+        for step in expected.folded:
             assert torch.equal(r["anchor"][step - 1], results[0]["anchor"][step - 1]), f"anchors differ at {step}"
         assert not torch.equal(r["params"][4], results[0]["params"][4]), "a fold keeps each rank's local change"
         assert torch.equal(r["params"][-1], results[0]["params"][-1]), "training ends on a blocking average"
         assert torch.equal(r["resumed"][-1], results[0]["resumed"][-1])
 
 
-@pytest.mark.slow  # 11 s; the depth's measurement reads the flight's `arrived`, the rest is OverlappedSync's own
 def test_automatic_depth_with_compression(tmp_path):
     # measured times (loopback): every rank chooses the same depth; the anchors agree after every sync
     results = run_distributed(_run, world_size=2, tmp=str(tmp_path), config=_config("int8", True, "none", auto=True))

@@ -115,6 +115,29 @@ CONFIGS = {
         qsr_compress_format="fp8",
         qsr_compress_error_feedback=True,
     ),
+    # each fragment's change compressed over its own buffer (int8 blocks per fragment), at its own step; and the
+    # fragments' compressed averages in flight, the Nesterov step on arrival
+    "qsr_fragments3_int8ef": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_fragments=3,
+        qsr_compress_delta=True,
+        qsr_compress_format="int8",
+        qsr_compress_error_feedback=True,
+    ),
+    "qsr_fragments3_overlap2_int8ef_nesterov": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_fragments=3,
+        qsr_overlap_sync=True,
+        qsr_overlap_steps=2,
+        qsr_compress_delta=True,
+        qsr_compress_format="int8",
+        qsr_compress_error_feedback=True,
+        qsr_outer_optimizer="nesterov",
+    ),
     "qsr_overlap_sgd_round_lr": QSRConfig(
         qsr_rule="qsr",
         qsr_alpha=0.077,
@@ -194,6 +217,7 @@ SLOW = (
     # covered in the default run by qsr_int8ef and qsr_overlap2_int8ef_nesterov (and test_compression_overlap.py)
     "qsr_fp8",
     "qsr_overlap2_int8ef_nesterov",
+    "qsr_fragments3_overlap2_int8ef_nesterov",  # and on 3 ranks in test_compression_overlap.py
     "qsr_overlap_compress",
     "constant_overlap3_fp8ef",
 )

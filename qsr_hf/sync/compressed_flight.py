@@ -53,7 +53,7 @@ class CollectiveWorker:
         self.group = dist.new_group(backend=dist.get_backend(process_group))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsr-compressed")
 
-    def submit(self, work: Callable[[ProcessGroup], torch.Tensor]) -> concurrent.futures.Future:
+    def submit(self, work: Callable[[ProcessGroup], list[torch.Tensor]]) -> concurrent.futures.Future:
         """Run ``work(group)`` after the work submitted before it; its result through the returned future."""
         return self._pool.submit(work, self.group)
 
@@ -62,19 +62,22 @@ class CompressedFlight:
     """A compressed average started on a [`CollectiveWorker`]; :meth:`wait` folds it into the tensors (once).
 
     Args:
-        future (`concurrent.futures.Future`): the worker's result: the mean delta, flat fp32 (padded).
-        fold (`Callable[[torch.Tensor], None]`): writes the result into the tensors (the averager's write-back, with
-            the values sent and the transform of this average bound).
-        on_done (`Callable[[], None]`): called once it has been folded.
+        future (`concurrent.futures.Future`): the worker's result: the mean deltas (one per fragment exchanged).
+        fold (`Callable[[list[torch.Tensor]], None]`): writes the result into the tensors (the averager's
+            write-back, with the values sent and the transform of this average bound).
+        buckets (`set[int]`): the averager's buckets it averages (their buffers are in use until the fold).
+        on_done (`Callable[[CompressedFlight], None]`): called with it once it has been folded.
     """
 
     def __init__(
         self,
         future: concurrent.futures.Future,
-        fold: Callable[[torch.Tensor], None],
-        on_done: Callable[[], None],
+        fold: Callable[[list[torch.Tensor]], None],
+        buckets: set[int],
+        on_done: "Callable[[CompressedFlight], None]",
     ) -> None:
         self._future, self._fold, self._on_done = future, fold, on_done
+        self.buckets = buckets
         self.done = False
 
     @property
@@ -91,5 +94,5 @@ class CompressedFlight:
                     means = self._future.result()
                 self._fold(means)
             finally:
-                self._on_done()
+                self._on_done(self)
         return 0
