@@ -165,8 +165,8 @@ def _training(rank, world_size, tmp):
     averager = local.synchronizer.averager
     stage = averager.stage
 
-    def spy():  # what this rank's deltas hold when the average reads them (after any exclusion)
-        flats = stage()
+    def spy(buckets=None):  # what this rank's deltas hold when the average reads them (after any exclusion)
+        flats = stage(buckets)
         out["nan_deltas"] = torch.cat([f.clone() for f in flats])
         return flats
 

@@ -15,8 +15,10 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from test_compression import _model_and_optimizer, _step
+from test_compression_formats import reference_round_trip
 from testing_utils import (
     BNMLP,
     count_collectives,
@@ -39,17 +41,18 @@ class Expected(NamedTuple):
     worker_group: int  # collectives on the worker's group in the run: 2 per fragment exchanged in flight
     exchanges: int  # all-to-alls in the run (as many all-gathers): in flight and blocking
     folded: tuple[int, ...]  # the steps after which the anchor (and the residual) moves
+    first: tuple[int, int]  # the first fragment's (the model's) first average: sent after, folded after step
 
 
 # sent after steps 3, 6, 9, folded after 5, 8 and 10; each started sync costs its agreement exchange on the default
 # group, none at a fold; the last step folds (no collective), then averages blocking: its exchange, all-to-all and
 # all-gather
 WHOLE = Expected([False, False, True, True, False, True, True, False, True, False], [0, 0, 1, 0, 0, 1, 0, 0, 1, 3],
-                 2 * 3, 4, (5, 8, 10))  # fmt: skip
+                 2 * 3, 4, (5, 8, 10), (3, 5))  # fmt: skip
 # F = 3 fragments, fragment f sent after step f + 1 of each round (9 sends), folded K steps later, at the round end or
 # before it is sent again: (sent, folded) (1, 3) (2, 3) (3, 5) (4, 6) (5, 6) (6, 8) (7, 9) (8, 9) (9, 10); two in
 # flight at the cut after step 4; the last step averages the whole model blocking: 3 fragments, each over its buffer
-FRAGMENTS = Expected([True] * 9 + [False], [1] * 9 + [1 + 2 * 3], 2 * 9, 9 + 3, (3, 5, 6, 8, 9, 10))
+FRAGMENTS = Expected([True] * 9 + [False], [1] * 9 + [1 + 2 * 3], 2 * 9, 9 + 3, (3, 5, 6, 8, 9, 10), (1, 3))
 
 
 def _config(fmt, feedback, outer, auto=False, fragments=1):
@@ -76,10 +79,13 @@ def _run(rank, world_size, tmp, config):
             out["in_flight"].append(sync.overlap.pending)
             out["params"].append(flat_params(model.module))
             out["anchor"].append(averager.anchor.clone())
+            with torch.no_grad():
+                out["values"].append(torch.cat([b.gather(torch.empty_like(b.flat)) for b in averager.buckets]))
             out["residual"].append(None if averager.residual is None else averager.residual.clone())
     out["collectives"] = collections.Counter(name for name, _ in log)
     out["worker_group"] = averager._worker.group._get_sequence_number_for_group()
     out["depth"] = sync.overlap.state_dict()
+    out["segment0"] = (averager.segments[0].numel, averager.segments[0].size)  # the first fragment's values, padded
     out["bytes"] = sync.stats.bytes_averaged
     model, local = _model_and_optimizer(0, config, accelerator)
     for batch in batches[:CUT]:
@@ -150,6 +156,21 @@ def test_compressed_average_in_flight_is_the_simulation_bitwise(case, tmp_path, 
         assert r["pending_at_cut"]
         for step, (continued, resumed) in enumerate(zip(r["continued"], r["resumed"], strict=True), CUT + 1):
             assert torch.equal(continued, resumed), f"rank {k}, step {step}: the resume differs"
+    if config.qsr_outer_optimizer == "none":  # the first average against the codec written out in the test
+        numel, size = results[0]["segment0"]
+        sent, folded = expected.first
+        anchor = results[0]["anchor"][sent - 1][:numel]  # the start: nothing folded before
+        fmt = config.qsr_compress_format
+        deltas = [
+            reference_round_trip(F.pad(r["values"][sent - 1][:numel] - anchor, (0, size - numel)), fmt)
+            for r in results
+        ]
+        total = deltas[0].clone()
+        for d in deltas[1:]:
+            total += d  # fp32, rank order
+        reference = anchor + reference_round_trip(total / world_size, fmt)[:numel]
+        for r in results:
+            assert torch.equal(r["anchor"][folded - 1][:numel], reference), "not the reference mean of the codec"
     for r in results[1:]:
         for step in expected.folded:
             assert torch.equal(r["anchor"][step - 1], results[0]["anchor"][step - 1]), f"anchors differ at {step}"
@@ -158,6 +179,7 @@ def test_compressed_average_in_flight_is_the_simulation_bitwise(case, tmp_path, 
         assert torch.equal(r["resumed"][-1], results[0]["resumed"][-1])
 
 
+@pytest.mark.slow  # 11 s; the depth's measurement reads the flight's `arrived`, the rest is OverlappedSync's own
 def test_automatic_depth_with_compression(tmp_path):
     # measured times (loopback): every rank chooses the same depth; the anchors agree after every sync
     results = run_distributed(_run, world_size=2, tmp=str(tmp_path), config=_config("int8", True, "none", auto=True))

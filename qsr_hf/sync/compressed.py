@@ -175,6 +175,10 @@ class CompressedAverager:
     def _delta_view(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
         return self._segment_of[index].bucket_view(tensor, index)  # in the deltas' layout (the deltas, the residual)
 
+    def storage(self, buckets: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Where this rank's values to average live: its deltas (:meth:`stage`; zeroing them sends zeros)."""
+        return self.stage(buckets)
+
     @torch.no_grad()
     def stage(self, buckets: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Compute this rank's fp32 deltas of ``buckets`` (`None`: all; tensors - anchor, + the residual with error
@@ -194,8 +198,6 @@ class CompressedAverager:
                     delta.add_(self._delta_view(self.residual, index))
                 self._staged.add(index)
         return [self.buckets[i].flat for i in chosen]
-
-    storage = stage  # where this rank's values to average live (ParameterAverager's name): zeroing them sends zeros
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's own state: with error feedback its residual (a CPU copy); else nothing."""
@@ -219,10 +221,7 @@ class CompressedAverager:
 
     def selection_bytes(self, buckets: Sequence[int] | None = None) -> int:
         """Bytes one sync of ``buckets`` (`None`: all; whole fragments) records: its fragments' all-to-all inputs."""
-        return sum(s.bytes for s in self._segments(buckets))
-
-    def _segments(self, buckets: Sequence[int] | None) -> list[WireSegment]:
-        return select_segments(self.segments, buckets)
+        return sum(s.bytes for s in select_segments(self.segments, buckets))
 
     @torch.no_grad()
     def average(
@@ -255,13 +254,14 @@ class CompressedAverager:
             raise ValueError(f"divisor must be a positive int (the number of ranks that count), got {divisor!r}")
         if (async_op and self._worker is None) or (keep_local_change and not async_op):
             raise ValueError("async_op needs CompressedAverager(overlap=True); keep_local_change needs async_op")
-        segments = self._segments(buckets)
+        segments = select_segments(self.segments, buckets)
         chosen = [i for s in segments for i in s.buckets]
         if any(not f.buckets.isdisjoint(chosen) for f in self._flights):  # their buffers are the worker's
             raise RuntimeError("a compressed average of these buckets is in flight: wait() on it first")
         divisor = self.world_size if divisor is None else divisor
-        sent = {i: self.buckets[i].gather(torch.empty_like(self.buckets[i].flat)) for i in chosen}
-        sent = sent if keep_local_change else None
+        sent = None
+        if keep_local_change:  # the values sent, for the fold
+            sent = {i: self.buckets[i].gather(torch.empty_like(self.buckets[i].flat)) for i in chosen}
         for index, flat in zip(chosen, self.stage(chosen), strict=True):
             self._delta_view(self._delta, index).copy_(flat)
         self._staged.difference_update(chosen)

@@ -14,9 +14,10 @@ created collectively when the averager is built:
   group while an average is in flight; a second thread on that same group could interleave with them differently on
   each rank. On a group of its own, only the worker issues collectives, in start order, which every rank shares;
 - the main thread touches the average only at :meth:`CompressedFlight.wait` (the fold), where it waits on the
-  worker's future: every tensor the worker reads or writes (the encoded buffers and the staged delta) is the
-  averager's own, and no sync stages a new delta before the fold (`OverlappedSync` folds an average in flight before
-  the next sync of its buckets, and before every evaluation, checkpoint and the end of training).
+  worker's future: every tensor the worker reads or writes is the averager's own and belongs to the fragments in
+  flight (their wire buffers and their part of the staged deltas: `qsr_hf.sync.wire_segments`), and no sync stages
+  a new delta of those before the fold (`OverlappedSync` folds an average in flight before the next sync of its
+  buckets, and before every evaluation, checkpoint and the end of training; the averager refuses otherwise).
 
 The fold writes ``anchor' + (now - sent)`` into the tensors, ``anchor'`` being the new anchor (``anchor + mean``,
 through the outer step when there is one, on arrival) and ``sent`` the tensors' values when the average started; the
@@ -24,6 +25,8 @@ error-feedback residual changes only there, and only when the anchor is committe
 """
 
 import concurrent.futures
+import queue
+import threading
 from collections.abc import Callable
 
 import torch
@@ -51,11 +54,25 @@ class CollectiveWorker:
                 "copy of the default group): set qsr_overlap_sync=False for a data-parallel subgroup"
             )
         self.group = dist.new_group(backend=dist.get_backend(process_group))
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsr-compressed")
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # a daemon thread: a process that stops with an average in flight (an error on this rank, another rank gone)
+        # does not wait at exit for a collective that may never complete, as a ThreadPoolExecutor's thread would
+        threading.Thread(target=self._serve, name="qsr-compressed", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            future, work = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work(self.group))
+                except Exception as error:  # noqa: BLE001 - handed to the main thread, which raises it at the fold
+                    future.set_exception(error)
 
     def submit(self, work: Callable[[ProcessGroup], list[torch.Tensor]]) -> concurrent.futures.Future:
         """Run ``work(group)`` after the work submitted before it; its result through the returned future."""
-        return self._pool.submit(work, self.group)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((future, work))
+        return future
 
 
 class CompressedFlight:
