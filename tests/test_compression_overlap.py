@@ -187,3 +187,28 @@ def test_automatic_depth_with_compression(tmp_path):
     for step in range(STEPS):
         assert torch.equal(results[0]["anchor"][step], results[1]["anchor"][step]), f"step {step + 1}"
     assert torch.equal(results[0]["params"][-1], results[1]["params"][-1])
+
+
+def _ends_early(rank, world_size):
+    from test_faults import _error, _run_and_close, _setup
+
+    out = {}
+    config = _config("int8", False, "none")
+    # rank 1 runs one step fewer; ends 4 steps early at a round end; ends with an average in flight (step 6 of 10)
+    for case, steps, total in [
+        ("fewer_steps", 9 - rank, 9),
+        ("ends_early", 9 - 4 * rank, 9),
+        ("in_flight", 10 - 4 * rank, 10),
+    ]:
+        ddp, _, local = _setup(config, total)
+        out[case] = _error(_run_and_close, ddp, local, rank_batches(rank, steps))
+    return out
+
+
+@pytest.mark.slow  # three runs; the end checks are the overlap's (test_faults.py), this adds the worker thread
+def test_a_rank_that_ends_early_stops_every_rank_with_averages_in_flight():
+    # the compressed averages in flight complete on the worker's group (both ranks started them); the rank that ends
+    # early then meets the other's next sync in the agreement exchange: every rank stops, naming it, none hangs
+    for r in run_distributed(_ends_early, world_size=2, timeout=120):
+        for case, error in r.items():
+            assert error is not None and "disagree at different synchronization points" in error, (case, error)
