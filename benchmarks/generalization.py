@@ -10,6 +10,8 @@ seed, so differences between rules are paired. Writes benchmarks/results/general
     python benchmarks/generalization.py --variants   # QSR vs QSR + qsr_overlap_sync vs QSR + qsr_compress_delta
     python benchmarks/generalization.py --merge benchmarks/results/generalization_variants.json --rules qsr_overlap2
         # adds a rule (here: the average folded in 2 steps late) to a finished run, with its setup and seeds
+    python benchmarks/generalization.py --merge benchmarks/results/generalization_variants.json --rules qsr_int8 \
+        qsr_int8ef qsr_overlap2_int8   # int8 deltas, with error feedback, and in flight 2 steps late (issue 28)
 
 Data: /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist). Without it, the run falls back to
 scikit-learn's digits with a warning; those numbers say nothing about the paper's claim.
@@ -44,7 +46,8 @@ RESULTS = Path(__file__).parent / "results"
 RULES = ["ddp", "constant2", "constant4", "constant8", "post_local", "linear", "qsr", "cubic"]
 VARIANTS = ["ddp", "qsr", "qsr_overlap", "qsr_compress"]  # --variants: issue 14's overlap and compression
 DEPTHS = {"qsr_overlap2": 2, "qsr_overlap3": 3}  # qsr_overlap_steps (issue 20): the average arrives that late
-EXTRA = ["qsr_nesterov", *DEPTHS, "qsr_fragments4"]  # rules added to a finished --variants run with --merge
+INT8 = ["qsr_int8", "qsr_int8ef", "qsr_overlap2_int8"]  # qsr_compress_format="int8" (issue 28)
+EXTRA = ["qsr_nesterov", *DEPTHS, "qsr_fragments4", *INT8]  # rules added to a finished --variants run with --merge
 OUTER = {"qsr_outer_optimizer": "nesterov", "qsr_outer_lr": 0.7, "qsr_outer_momentum": 0.9}  # DiLoCo's outer step
 LABELS = {
     "ddp": "data-parallel",
@@ -61,6 +64,9 @@ LABELS = {
     "qsr_fragments4": "QSR + 4 fragments (staggered syncs)",
     "qsr_overlap2": "QSR + overlap, 2 steps late",
     "qsr_overlap3": "QSR + overlap, 3 steps late",
+    "qsr_int8": "QSR + int8 delta compression",
+    "qsr_int8ef": "QSR + int8 delta compression + error feedback",
+    "qsr_overlap2_int8": "QSR + int8 delta compression in flight, 2 steps late",
 }
 # the paper's ViT-B recipe: alpha = 0.0175 at peak lr 0.008 with H_base = 4, i.e. 1.09375 * peak_lr * sqrt(H_base)
 PAPER_ALPHA_RATIO = 0.0175 / (0.008 * math.sqrt(4))
@@ -163,6 +169,9 @@ def rule_configs(args, lrs: list[float], warmup_steps: int) -> dict[str, QSRConf
     for name, depth in DEPTHS.items():
         configs[name] = dataclasses.replace(configs["qsr_overlap"], qsr_overlap_steps=depth)
     configs["qsr_fragments4"] = dataclasses.replace(configs["qsr"], qsr_fragments=4)  # Streaming DiLoCo's pattern
+    configs["qsr_int8"] = dataclasses.replace(configs["qsr_compress"], qsr_compress_format="int8")
+    configs["qsr_int8ef"] = dataclasses.replace(configs["qsr_int8"], qsr_compress_error_feedback=True)
+    configs["qsr_overlap2_int8"] = dataclasses.replace(configs["qsr_int8"], qsr_overlap_sync=True, qsr_overlap_steps=2)
     return configs
 
 
@@ -304,7 +313,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + (": overlap and compression variants (issue 14)" if any(r["rule"] in VARIANTS[2:] for r in rows) else "")
         + (", outer optimizer (issue 18)" if any(r["rule"] == "qsr_nesterov" for r in rows) else "")
         + (", overlap depth (issue 20)" if any(r["rule"] in DEPTHS for r in rows) else "")
-        + (", fragments (issue 20)" if any(r["rule"] == "qsr_fragments4" for r in rows) else ""),
+        + (", fragments (issue 20)" if any(r["rule"] == "qsr_fragments4" for r in rows) else "")
+        + (", int8 compression (issue 28)" if any(r["rule"] in INT8 for r in rows) else ""),
         "",
         f"Command: `{meta['command']}`  ",
         machine + "  ",

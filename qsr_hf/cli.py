@@ -50,9 +50,7 @@ def _plan_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--peak-lr", type=float, help="learning rate after warm-up")
     p.add_argument("--total-steps", type=int, help="optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, optimizer steps")
-    p.add_argument(
-        "--decay", default="cosine", help="cosine (to --min-lr), linear, constant, step, or any transformers type"
-    )
+    p.add_argument("--decay", default="cosine", help="cosine (to --min-lr), linear, constant, step, or a HF type")
     p.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine decay")
     p.add_argument("--milestones", type=int, nargs="*", default=[], help="step decay: steps where lr *= --gamma")
     p.add_argument("--gamma", type=float, default=0.1, help="step decay factor")
@@ -227,7 +225,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
         print(f"last rounds: {summary['last_rounds']}")
         print(f"syncs: {result.syncs}  communication vs data-parallel: {100 * result.comm_volume_vs_ddp:.3f}%")
         size = f", {summary['sync_bytes']} B per sync" if "sync_bytes" in summary else ""
-        print(f"sync format: {summary['sync_format']}, {summary['sync_bytes_per_param']:.4g} B/param{size}")
+        note = f" ({summary['sync_note']})" if summary["sync_note"] else ""
+        print(f"sync format: {summary['sync_format']}, {summary['sync_bytes_per_param']:.4g} B/param{size}{note}")
         if summary["synced_state_bytes_per_param"]:
             where = "host memory" if config.qsr_outer_state_on_cpu else "the device"
             print(f"extra memory per parameter: {summary['synced_state_bytes_per_param']} B on {where} (synced state)")
@@ -240,8 +239,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
             print(
                 f"on {ns.nodes} nodes x {ns.procs_per_node}: data-parallel {modes['ddp_h']:.2f} h, QSR per process "
                 f"{modes['qsr_process_h']:.2f} h, per node {modes['qsr_node_h']:.2f} h (whole model per process "
-                f"{modes['qsr_node_whole_h']:.2f} h), FSDP2 in nodes "
-                f"{modes['qsr_fsdp2_h']:.2f} h; one sync at the inter-node floor {modes['sync_floor_s']:.3f} s"
+                f"{modes['qsr_node_whole_h']:.2f} h), FSDP2 in nodes {modes['qsr_fsdp2_h']:.2f} h; one sync at the "
+                f"inter-node floor {modes['sync_floor_s']:.3f} s"
             )
         if ns.plot:
             print(f"plot: {summary['plot']}")

@@ -12,7 +12,8 @@ from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.core.wire import padded_numel
 from qsr_hf.engines.base import Engine
 from qsr_hf.runtime.synchronizer import Synchronizer
-from qsr_hf.sync.compressed import ROUNDING_BOUND, CompressedAverager, compressed_average, mean_delta
+from qsr_hf.sync.compressed import ROUNDING_BOUND, CompressedAverager
+from qsr_hf.sync.wire_codec import compressed_average, mean_delta
 
 
 SHAPES = [((3, 4), torch.float32), ((8,), torch.float32), ((5,), torch.bfloat16)]  # 25 values: padded to 26 / 27
@@ -164,8 +165,8 @@ def _training(rank, world_size, tmp):
     averager = local.synchronizer.averager
     stage = averager.stage
 
-    def spy():  # what this rank's deltas hold when the average reads them (after any exclusion)
-        flats = stage()
+    def spy(buckets=None):  # what this rank's deltas hold when the average reads them (after any exclusion)
+        flats = stage(buckets)
         out["nan_deltas"] = torch.cat([f.clone() for f in flats])
         return flats
 
@@ -211,7 +212,6 @@ def test_local_optimizer_resume_view_and_skip_rank(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"qsr_overlap_sync": True}, "qsr_overlap_sync=True .*set qsr_overlap_sync=False"),
         ({"qsr_average_optimizer_state": True}, "qsr_average_optimizer_state=True .*set qsr_average_optimizer_state"),
         ({"qsr_worker": "node"}, "qsr_worker='node' .*set qsr_worker='process'"),
     ],

@@ -202,8 +202,8 @@ def test_int8_with_feedback_and_outer_step_resumes_bitwise(tmp_path):
         ({"qsr_compress_error_feedback": True}, "qsr_compress_error_feedback=True .*set qsr_compress_delta=True"),
         ({"qsr_compress_format": "int4", "qsr_compress_delta": True}, "qsr_compress_format"),
         (
-            {"qsr_compress_format": "int8", "qsr_compress_delta": True, "qsr_overlap_sync": True},
-            "qsr_overlap_sync=True .*set qsr_overlap_sync=False",
+            {"qsr_compress_format": "int8", "qsr_compress_delta": True, "qsr_average_optimizer_state": True},
+            "qsr_average_optimizer_state=True .*set qsr_average_optimizer_state=False",
         ),
     ],
 )

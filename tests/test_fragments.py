@@ -225,7 +225,6 @@ def test_due():
     ("kwargs", "match"),
     [
         ({"qsr_fragments": 0}, "qsr_fragments must be an integer >= 1"),
-        ({"qsr_compress_delta": True}, "qsr_fragments=2 does not work with qsr_compress_delta=True"),
         ({"qsr_average_optimizer_state": True}, "set qsr_average_optimizer_state=False or qsr_fragments=1"),
         ({"qsr_worker": "node"}, "qsr_fragments=2 does not work with qsr_worker='node'"),
     ],

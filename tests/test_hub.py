@@ -123,3 +123,6 @@ def test_model_card_shows_the_sync_format_and_bytes():
     card = hub.build_model_card("m", "d", qsr, FACTS, SUMMARY, EVAL).content
     assert "int8 deltas, 1.016 B/param per sync (fp32: 4)" in card
     assert "sync format" not in hub.build_model_card("m", "d", QSR, FACTS, SUMMARY, EVAL).content
+    qsr.update(qsr_compress_error_feedback=True, qsr_overlap_sync=True, qsr_overlap_steps=2)
+    card = hub.build_model_card("m", "d", qsr, FACTS, SUMMARY, EVAL).content
+    assert "int8 deltas, 1.016 B/param per sync (fp32: 4), error feedback, in flight" in card

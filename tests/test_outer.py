@@ -17,7 +17,7 @@ from torch import nn
 
 from qsr_hf import LocalOptimizer, QSRConfig
 from qsr_hf.sync.agreement import EXTRA_SYNC
-from qsr_hf.sync.compressed import compressed_average
+from qsr_hf.sync.wire_codec import compressed_average
 
 
 STEPS, H, CUT, VIEW = 10, 3, 5, 4  # syncs after steps 3, 6, 9, 10; save at 5, an evaluation view at 4 (mid-round)

@@ -4,7 +4,12 @@ import pytest
 
 from qsr_hf import QSRConfig, plan
 from qsr_hf.analysis.lr_schedule import lr_sequence
-from qsr_hf.analysis.planner import alpha_for_comm_budget, alpha_for_switch_fraction, synced_state_bytes_per_param
+from qsr_hf.analysis.planner import (
+    alpha_for_comm_budget,
+    alpha_for_switch_fraction,
+    sync_bytes,
+    synced_state_bytes_per_param,
+)
 from qsr_hf.analysis.scaling import predict_wall_clock
 from qsr_hf.cli import plan_main
 from qsr_hf.core.wire import wire_bytes
@@ -134,4 +139,15 @@ def test_plan_cli_shows_the_sync_format_and_its_bytes(capsys, workers, fmt):
     assert summary["sync_bytes_per_param"] == (1 + 4 / 256 if fmt != "bf16" else 2)
     assert f"sync format: {fmt}" in capsys.readouterr().out
     plain = plan_main(["--peak-lr", "0.008", "--total-steps", "1000", "--alpha", "0.0175"])
-    assert plain["sync_format"] == "fp32" and plain["sync_bytes_vs_fp32"] == 1
+    assert plain["sync_format"] == "fp32" and plain["sync_bytes_vs_fp32"] == 1 and plain["sync_note"] == ""
+
+
+def test_plan_names_error_feedback_and_the_average_in_flight():
+    # the same bytes per sync in flight; the plan says so next to the format (issue 28)
+    config = QSRConfig(
+        qsr_alpha=0.0175, qsr_compress_delta=True, qsr_compress_format="int8", qsr_compress_error_feedback=True,
+        qsr_overlap_sync=True, qsr_overlap_steps=2,
+    )  # fmt: skip
+    summary = sync_bytes(config, 86_600_000, 4)
+    assert summary["sync_note"] == "error feedback; in flight, folded in 2 step(s) later"
+    assert summary["sync_bytes"] == wire_bytes(86_600_000, 4, "int8")

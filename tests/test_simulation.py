@@ -78,6 +78,66 @@ CONFIGS = {
         qsr_outer_scaling="round_lr",
         qsr_outer_momentum_warmup=12,
     ),
+    # int8 changes with error feedback (blocks across tensors: the simulation flattens as the averager does); fp8
+    "qsr_int8ef": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_compress_delta=True,
+        qsr_compress_format="int8",
+        qsr_compress_error_feedback=True,
+    ),
+    "qsr_fp8": QSRConfig(
+        qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_compress_delta=True, qsr_compress_format="fp8"
+    ),
+    # the compressed average in flight (its two collectives on the worker thread), folded 2 steps late: int8 with
+    # error feedback and the Nesterov step on arrival; bf16 one step late; fp8 with error feedback, no outer step
+    "qsr_overlap2_int8ef_nesterov": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_overlap_sync=True,
+        qsr_overlap_steps=2,
+        qsr_compress_delta=True,
+        qsr_compress_format="int8",
+        qsr_compress_error_feedback=True,
+        qsr_outer_optimizer="nesterov",
+    ),
+    "qsr_overlap_compress": QSRConfig(
+        qsr_rule="qsr", qsr_alpha=0.077, qsr_h_base=2, qsr_overlap_sync=True, qsr_compress_delta=True
+    ),
+    "constant_overlap3_fp8ef": QSRConfig(
+        qsr_rule="constant",
+        qsr_h_base=4,
+        qsr_overlap_sync=True,
+        qsr_overlap_steps=3,
+        qsr_compress_delta=True,
+        qsr_compress_format="fp8",
+        qsr_compress_error_feedback=True,
+    ),
+    # each fragment's change compressed over its own buffer (int8 blocks per fragment), at its own step; and the
+    # fragments' compressed averages in flight, the Nesterov step on arrival
+    "qsr_fragments3_int8ef": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_fragments=3,
+        qsr_compress_delta=True,
+        qsr_compress_format="int8",
+        qsr_compress_error_feedback=True,
+    ),
+    "qsr_fragments3_overlap2_int8ef_nesterov": QSRConfig(
+        qsr_rule="qsr",
+        qsr_alpha=0.077,
+        qsr_h_base=2,
+        qsr_fragments=3,
+        qsr_overlap_sync=True,
+        qsr_overlap_steps=2,
+        qsr_compress_delta=True,
+        qsr_compress_format="int8",
+        qsr_compress_error_feedback=True,
+        qsr_outer_optimizer="nesterov",
+    ),
     "qsr_overlap_sgd_round_lr": QSRConfig(
         qsr_rule="qsr",
         qsr_alpha=0.077,
@@ -142,15 +202,6 @@ def _real_run(rank, world_size, config):
     return {"params": params, "synced": synced}
 
 
-@pytest.fixture
-def one_thread():
-    # the spawned ranks run with one thread; so does the simulation, to keep the kernels' reduction order the same
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # constant, post_local, qsr_overlap and qsr_nesterov are also covered by constant_overlap2, post_local_nesterov,
 # qsr_overlap_nesterov (and test_overlap.py) and qsr_fragments3_nesterov (whose last sync steps the whole model):
 # slow, for the time budget
@@ -163,6 +214,12 @@ SLOW = (
     "qsr_fragments3_nesterov_round_lr",
     "qsr_overlap_sgd_round_lr",
     "qsr_fragments3_overlap3",
+    # covered in the default run by qsr_int8ef and qsr_overlap2_int8ef_nesterov (and test_compression_overlap.py)
+    "qsr_fp8",
+    "qsr_overlap2_int8ef_nesterov",
+    "qsr_fragments3_overlap2_int8ef_nesterov",  # and on 3 ranks in test_compression_overlap.py
+    "qsr_overlap_compress",
+    "constant_overlap3_fp8ef",
 )
 
 

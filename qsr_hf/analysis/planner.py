@@ -150,15 +150,25 @@ def sync_bytes(config: QSRConfig, numel: float | None = None, world_size: int | 
     bytes per parameter (scales included, padding left out: `qsr_hf.core.wire`), against fp32's 4; with ``numel``
     and ``world_size`` the bytes of one sync of ``numel`` values over that many ranks, padding included.
 
+    ``sync_note`` names what does not change those bytes: error feedback (``qsr_compress_error_feedback``) and the
+    average in flight (``qsr_overlap_sync``, every format: the same bytes, sent while training goes on).
+
     Returns:
-        `dict`: ``sync_format``, ``sync_bytes_per_param``, ``sync_bytes_vs_fp32`` and maybe ``sync_bytes``.
+        `dict`: ``sync_format``, ``sync_bytes_per_param``, ``sync_bytes_vs_fp32``, ``sync_note`` and maybe
+        ``sync_bytes``.
     """
     fmt = config.qsr_compress_format if config.qsr_compress_delta else "fp32"
     per_param = 4.0 if fmt == "fp32" else bytes_per_value(fmt)
+    depth = "qsr_overlap_auto" if config.qsr_overlap_auto else f"{config.qsr_overlap_steps} step(s)"
+    notes = [
+        *(["error feedback"] if config.qsr_compress_error_feedback else []),
+        *([f"in flight, folded in {depth} later"] if config.qsr_overlap_sync else []),
+    ]
     out: dict[str, object] = {
         "sync_format": fmt,
         "sync_bytes_per_param": per_param,
         "sync_bytes_vs_fp32": per_param / 4,
+        "sync_note": "; ".join(notes),
     }
     if numel is not None and world_size is not None:
         n = int(numel)

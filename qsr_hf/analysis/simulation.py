@@ -7,7 +7,8 @@ and `SyncClock`; a sync uses [`ParameterAverager`]'s arithmetic: per averaged te
 [`LocalOptimizer`] computes (``tests/test_simulation.py``). The data-parallel baseline is true data-parallel
 training (one optimizer on the averaged gradient, like DDP), not local training with H = 1, which keeps per-worker
 AdamW moments. ``qsr_overlap_sync`` (folded ``qsr_overlap_steps`` late, as `qsr_hf.sync.overlap`) and ``qsr_compress_delta`` (with
-`qsr_hf.sync.compressed.compressed_average`) are simulated too, also checked bitwise, and so is the outer
+`qsr_hf.analysis.compression`: each fragment flat in the averager's layout; every format, error feedback, with the
+overlap and fragments too) are simulated too, also checked bitwise, and so is the outer
 optimizer (``qsr_outer_optimizer``: the same `qsr_hf.sync.outer.OuterStep` on each parameter tensor's average, with the
 clock's ``(lr_sum, step)`` for ``qsr_outer_scaling`` / ``qsr_outer_momentum_warmup`` as `SyncedState`), and
 ``qsr_fragments`` (the same `qsr_hf.sync.fragments` partition of the averaged tensors and steps; with the overlap,
@@ -25,14 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from qsr_hf.analysis.compression import SimulatedCompression
 from qsr_hf.analysis.data_parallel import DataParallelSimulation
 from qsr_hf.analysis.sharding import LossFn, OptimizerFn, SchedulerFn, shard_batch, trainable_bytes
 from qsr_hf.core.accounting import SyncStats
 from qsr_hf.core.clock import SyncClock
 from qsr_hf.core.config import QSRConfig
-from qsr_hf.core.wire import wire_bytes
 from qsr_hf.sync.averaging import reduce_dtype
-from qsr_hf.sync.compressed import compressed_average
 from qsr_hf.sync.fragments import due_after_step, in_sync, partition
 from qsr_hf.sync.outer import OuterStep
 from qsr_hf.sync.tensor_selection import averaged_tensors
@@ -89,11 +89,6 @@ class LocalTrainingSimulation:
                 "qsr_overlap_auto=True depends on measured transfer times, which a simulation has none of: "
                 "set qsr_overlap_steps to the depth to simulate and qsr_overlap_auto=False"
             )
-        if config.qsr_compress_format != "bf16" or config.qsr_compress_error_feedback:
-            raise ValueError(
-                "the simulation keeps bf16 compression only (its blocks and residuals would need the averager's flat "
-                "layout): set qsr_compress_format='bf16' and qsr_compress_error_feedback=False"
-            )
         self.config = config
         self.num_workers = num_workers
         self.replicas = [copy.deepcopy(model) for _ in range(num_workers)]
@@ -106,6 +101,10 @@ class LocalTrainingSimulation:
         self.stats = SyncStats(grad_bytes_per_step=trainable_bytes(model))
         self._fragment_of = partition([t.numel() for t in self._tensors[0]], config.qsr_fragments)
         self._synced_at = -1  # the step of the last whole-model average (qsr_fragments: see fragments.in_sync)
+        self._compression = None  # qsr_compress_delta: each fragment flat in the averager's layout
+        if config.qsr_compress_delta:
+            fmt, feedback = config.qsr_compress_format, config.qsr_compress_error_feedback
+            self._compression = SimulatedCompression(self._tensors[0], self._fragment_of, num_workers, fmt, feedback)
         self.bytes_per_sync = self._bytes(None)
         self._outer = OuterStep.from_config(config)
         plain = {id(b) for b in self.replicas[0].buffers()}  # buffers take the plain average under an outer step
@@ -118,14 +117,14 @@ class LocalTrainingSimulation:
         if self._outer is not None and self._outer.state_tensors:
             pairs = zip(self._anchor, self._outer_tensor, strict=True)
             self._momentum = [torch.zeros_like(a).view(-1) if o else None for a, o in pairs]
-        if config.qsr_compress_delta:
-            self.bytes_per_sync = wire_bytes(sum(t.numel() for t in self._tensors[0]), num_workers)
         # overlap: the averages in flight, each (step started, tensor indices, [(tensor, value sent in the summing
         # dtype, its average)])
         self._pending: list[tuple[int, set[int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
 
     def _bytes(self, chosen: list[int] | None) -> int:
         # bytes of one rank's all-reduces of the tensors ``chosen`` (indices; None: all), as ParameterAverager counts
+        if self._compression is not None:
+            return self._compression.bytes(range(len(self._tensors[0])) if chosen is None else chosen)
         tensors = self._tensors[0] if chosen is None else [self._tensors[0][i] for i in chosen]
         return sum(t.numel() * reduce_dtype(t.dtype, self.config.qsr_fp32_average).itemsize for t in tensors)
 
@@ -236,9 +235,8 @@ class LocalTrainingSimulation:
         # then SyncedState.advance's: the outer step on parameter tensors, remembered when ``commit``. ``chosen``:
         # the indices of the tensors to average (qsr_fragments), None: all
         indices = range(len(self._tensors[0])) if chosen is None else chosen
-        if self.config.qsr_compress_delta:  # the whole model (qsr_fragments is refused with it)
-            groups = zip(*self._tensors, strict=True)
-            out = [compressed_average(a, g, len(g)) for a, g in zip(self._anchor, groups, strict=True)]
+        if self._compression is not None:
+            out = self._compression.averages(self._tensors, self._anchor, indices, commit)
         else:
             out = []
             for group in ([ts[i] for ts in self._tensors] for i in indices):

@@ -76,9 +76,9 @@ class QSRConfig:
             With ``qsr_overlap_sync``: choose ``qsr_overlap_steps`` from the first overlapped sync's measured transfer
             and step times (the steps the slowest rank's average took), the same on every rank, then keep it.
         qsr_compress_delta (`bool`, defaults to `False`):
-            Average the round's parameter change instead of the parameters: each rank sends its change since the last
-            average (an fp32 anchor, equal on every rank) in ``qsr_compress_format``, the fp32 mean is sent back in it
-            (bf16 2, int8 1.016 instead of 4 B/param; `qsr_hf.sync.compressed`). Not in the paper; DDP only.
+            Average the round's change (since the last average: an fp32 anchor, equal on every rank), sent in
+            ``qsr_compress_format`` with an fp32 mean (bf16 2, int8 1.016 instead of 4 B/param). Not in the paper; DDP
+            only; works in flight (``qsr_overlap_sync``) and per fragment (`qsr_hf.sync.compressed`).
         qsr_compress_format (`str`, defaults to `"bf16"`):
             ``bf16``, ``int8`` (an fp32 scale absmax/127 per 256 values) or ``fp8`` (e4m3fn, absmax/448): `wire_codec`.
         qsr_compress_error_feedback (`bool`, defaults to `False`):

@@ -109,7 +109,6 @@ def check_compress_delta(config: Settings) -> None:
     if not config.qsr_compress_delta:
         return
     conflicts = {
-        "qsr_overlap_sync": "not implemented: the compressed average is blocking",
         "qsr_average_optimizer_state": "bf16 changes of Adam's second moments can round below zero",
         "qsr_worker": "not implemented for the hierarchical engine",
     }
@@ -122,7 +121,6 @@ def check_fragments(config: Settings) -> None:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"qsr_fragments must be an integer >= 1 (1: the whole model at each sync), got {count!r}")
     conflicts = {
-        "qsr_compress_delta": "not implemented: the compressed average sends the whole model",
         "qsr_average_optimizer_state": "not implemented: the optimizer state is not split into fragments",
         "qsr_worker": "not implemented for the hierarchical engine",
     }

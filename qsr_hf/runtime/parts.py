@@ -48,8 +48,9 @@ def build_parts(
     if config.qsr_compress_delta:
         feedback = config.qsr_compress_error_feedback
         averager = CompressedAverager(
-            tensors, engine.process_group, outer, plain, config.qsr_compress_format, feedback
-        )
+            tensors, engine.process_group, outer, plain, config.qsr_compress_format, feedback,
+            config.qsr_overlap_sync, config.qsr_fragments,
+        )  # fmt: skip
         synced = averager.synced
     else:
         averager = make_averager(tensors, "copy" if config.qsr_overlap_sync else "inplace")

@@ -22,12 +22,14 @@ saved in this rank's state file (`qsr_hf.checkpoint.payload`), not compared acro
 The anchor is the run's `SyncedState` (the one copy of the last synced values, shared with the outer optimizer).
 Every rank adds the same decoded values to the same anchor, so the tensors are bitwise identical after a sync.
 
+With ``qsr_fragments`` each fragment takes steps 1 to 4 over a buffer of its own (`qsr_hf.sync.wire_segments`); with
+``qsr_overlap_sync`` they run on a worker thread while training goes on (`qsr_hf.sync.compressed_flight`).
+
 **Bytes.** The all-to-all's input and the all-gather's output hold B = `qsr_hf.core.wire.wire_bytes` (N, K) bytes
-each: bf16 2 Np, int8 / fp8 Np + 4 Np / 256 (:attr:`CompressedAverager.collective_bytes` = 2B). On the wire one
-rank sends (K-1)/K of each, 2 (K-1)/K x B: what a ring all-reduce of a B-byte buffer sends. So `SyncStats` records a
-compressed sync as B (:attr:`CompressedAverager.bytes_per_sync`), comparable with a plain fp32 sync's 4 N: bf16
-0.5 of it, int8 / fp8 (1 + 1/64) / 4 = 0.254 (plus padding). An all-gather of every rank's encoded delta instead
-(one collective, one rounding less) sends (K-1) x B per rank: the same at K = 2, more beyond, growing with K.
+each: bf16 2 Np, int8 / fp8 Np + 4 Np / 256. One rank sends (K-1)/K of each, 2 (K-1)/K x B: what a ring all-reduce
+of a B-byte buffer sends. So `SyncStats` records a compressed sync as B (:attr:`CompressedAverager.bytes_per_sync`),
+comparable with a plain fp32 sync's 4 N: bf16 0.5 of it, int8 / fp8 (1 + 1/64) / 4 = 0.254 (plus padding). An
+all-gather of every rank's encoded delta instead sends (K-1) x B per rank: the same at K = 2, more beyond.
 
 **Rounding (bf16).** Per value, with delta_k rank k's change and u = 2^-8 (bf16's unit roundoff), the result differs
 from anchor + mean_k(delta_k) computed exactly by at most ``ROUNDING_BOUND`` = 2u (1 + u) max_k |delta_k| (two bf16
@@ -35,6 +37,7 @@ roundings: each delta, then their mean) plus fp32 rounding of the sum and of the
 values). int8 rounds each value to within half a step, absmax / 254 of its block, twice (delta, mean).
 """
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -42,54 +45,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from qsr_hf.core.wire import padded_numel, wire_bytes
+from qsr_hf.core.wire import padded_numel
 from qsr_hf.sync.averaging import ParameterAverager, Transform
+from qsr_hf.sync.compressed_flight import CollectiveWorker, CompressedFlight
 from qsr_hf.sync.flat_buckets import FlatBucket
+from qsr_hf.sync.handle import write_back
 from qsr_hf.sync.outer import OuterStep
 from qsr_hf.sync.synced_state import SyncedState
 from qsr_hf.sync.wire_codec import WireCodec
+from qsr_hf.sync.wire_segments import WireSegment, build_segments, select_segments
 
 
 ROUNDING_BOUND = 2 * 2**-8 * (1 + 2**-8)  # bf16: times max_k |delta_k|, per value (see the module docstring)
-
-
-def mean_delta(deltas: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
-    """Sum decoded deltas in fp32, in the order given (rank order), and divide by ``divisor`` (the ranks that count).
-
-    Args:
-        deltas (`Sequence[torch.Tensor]`): one tensor per rank (fp32, or bf16: exact in fp32), same shape.
-        divisor (`int`): the number of ranks that count.
-
-    Returns:
-        `torch.Tensor`: the fp32 mean (encoded again before it is sent back).
-    """
-    total = deltas[0].to(torch.float32, copy=True)
-    for delta in deltas[1:]:
-        total.add_(delta)  # the sum is fp32
-    return total.div_(divisor)
-
-
-def compressed_average(
-    anchor: torch.Tensor, values: Sequence[torch.Tensor], divisor: int, fmt: str = "bf16"
-) -> torch.Tensor:
-    """The new anchor a sync gives, computed in one process from every rank's values (simulation, tests).
-
-    The same arithmetic as [`CompressedAverager`] (whose chunks of whole blocks only split it between ranks): anchor
-    + the encoded-and-decoded mean of the ranks' encoded-and-decoded changes ``value - anchor`` (flat, blocks from the
-    first value; no error feedback).
-
-    Args:
-        anchor (`torch.Tensor`): fp32 anchor.
-        values (`Sequence[torch.Tensor]`): each rank's current values, in rank order (any float dtype).
-        divisor (`int`): the number of ranks that count.
-        fmt (`str`, defaults to `"bf16"`): the wire format (``qsr_compress_format``).
-
-    Returns:
-        `torch.Tensor`: the new fp32 anchor; the tensors become it, cast to their dtype.
-    """
-    codec = WireCodec(fmt)
-    deltas = [codec.round_trip(v.to(torch.float32) - anchor) for v in values]
-    return anchor + codec.round_trip(mean_delta(deltas, divisor))
 
 
 class CompressedAverager:
@@ -112,6 +79,8 @@ class CompressedAverager:
         fmt (`str`, defaults to `"bf16"`): the wire format, ``qsr_compress_format`` (`qsr_hf.sync.wire_codec`).
         error_feedback (`bool`, defaults to `False`): keep this rank's encoding residual and add it to the next
             round's delta (``qsr_compress_error_feedback``).
+        overlap (`bool`, defaults to `False`): ``qsr_overlap_sync``: build the worker thread and process group that
+            ``average(async_op=True)`` runs on (`qsr_hf.sync.compressed_flight`; collective: on every rank).
 
     Example:
 
@@ -132,8 +101,10 @@ class CompressedAverager:
         plain: set[int] | None = None,
         fmt: str = "bf16",
         error_feedback: bool = False,
+        overlap: bool = False,
+        fragments: int = 1,
     ) -> None:
-        self._layout = ParameterAverager(tensors, process_group, fp32_average=True, mode="copy")
+        self._layout = ParameterAverager(tensors, process_group, fp32_average=True, mode="copy", fragments=fragments)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         wide = {b.flat.dtype for b in self.buckets}
@@ -144,27 +115,36 @@ class CompressedAverager:
                 f"{sorted(map(str, wide))} on {sorted(map(str, devices))}; set qsr_compress_delta=False"
             )
         self.codec = WireCodec(fmt)
-        self.numel = sum(b.flat.numel() for b in self.buckets)
-        size = padded_numel(self.numel, self.world_size, fmt)
-        self._chunk = size // self.world_size
-        device = devices.pop()
+        sizes = [b.flat.numel() for b in self.buckets]
+        self.numel, device = sum(sizes), devices.pop()
+        self.segments = build_segments(self.bucket_fragments, sizes, self.world_size, self.codec, device)
+        self._segment_of = {i: s for s in self.segments for i in s.buckets}
+        size = padded_numel(self.numel, self.world_size, fmt)  # one fragment: the segment's layout
         self.synced = SyncedState(self.buckets, outer, plain, pad_to=size)  # the anchor, taken now
-        self._delta = torch.zeros(size, dtype=torch.float32, device=device)  # the padding stays zero
-        self.residual = torch.zeros(size, dtype=torch.float32, device=device) if error_feedback else None
-        self._send, self._received, self._gathered = (
-            self.codec.buffer(self.world_size, self._chunk, device) for _ in range(3)
-        )
-        self._mine = self.codec.buffer(1, self._chunk, device)
-        self._staged = False
+        total = sum(s.size for s in self.segments)
+        self._delta = torch.zeros(total, dtype=torch.float32, device=device)  # the padding stays zero
+        self.residual = torch.zeros(total, dtype=torch.float32, device=device) if error_feedback else None
+        self._staged: set[int] = set()  # buckets whose flat buffer holds this rank's delta
+        self._worker = CollectiveWorker(process_group) if overlap else None  # qsr_overlap_sync: averages in flight
+        self._flights: list[CompressedFlight] = []
 
     @property
     def buckets(self) -> list[FlatBucket]:
-        """The copy-mode buckets (one per tensor dtype); their ``flat`` buffers hold the staged fp32 deltas."""
+        """The copy-mode buckets (one per fragment and tensor dtype); their ``flat`` buffers hold staged deltas."""
         return self._layout.buckets
 
     @property
+    def bucket_fragments(self) -> list[int]:
+        """The fragment of each bucket (``qsr_fragments``)."""
+        return self._layout.bucket_fragments
+
+    def buckets_of(self, fragments: Iterable[int]) -> list[int]:
+        """The indices of the buckets of ``fragments``, in order."""
+        return self._layout.buckets_of(fragments)
+
+    @property
     def anchor(self) -> torch.Tensor:
-        """The fp32 anchor (the synced state's values, zero-padded to the all-to-all's size)."""
+        """The fp32 anchor (the synced state's values, zero-padded to a whole model's all-to-all size)."""
         return self.synced.anchor
 
     @property
@@ -174,46 +154,50 @@ class CompressedAverager:
 
     @property
     def num_buckets(self) -> int:
-        """Collectives one sync issues: one all-to-all and one all-gather."""
-        return 2
+        """Collectives one sync of the whole model issues: an all-to-all and an all-gather per fragment."""
+        return 2 * len(self.segments)
 
     @property
     def bytes_per_sync(self) -> int:
         """Bytes one sync records in `SyncStats`: the all-to-all's input (the all-reduce equivalent, see above)."""
-        return wire_bytes(self.numel, self.world_size, self.codec.fmt)
+        return self.selection_bytes()
 
     @property
     def collective_bytes(self) -> int:
         """Bytes of the two collectives' buffers: the all-to-all's input plus the all-gather's output."""
-        return self._send.numel() + self._gathered.numel()
+        return sum(s.collective_bytes for s in self.segments)
 
     def ensure_views(self) -> None:
         """Rebuild the buckets if a tensor was replaced; refuse if the layout the anchor follows changed."""
         self._layout.ensure_views()
         self.synced.check_layout(self.buckets)
 
-    @torch.no_grad()
-    def storage(self, buckets: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """Where this rank's values to average live: its change since the last sync (:meth:`stage`; zeroing it
-        contributes nothing). ``buckets`` must be `None` (no fragments with compression)."""
-        return self.stage()
+    def _delta_view(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        return self._segment_of[index].bucket_view(tensor, index)  # in the deltas' layout (the deltas, the residual)
 
-    def stage(self) -> list[torch.Tensor]:
-        """Compute this rank's fp32 deltas (tensors - anchor, + the residual with error feedback) into the buckets'
-        buffers and return them.
+    def storage(self, buckets: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Where this rank's values to average live: its deltas (:meth:`stage`; zeroing them sends zeros)."""
+        return self.stage(buckets)
+
+    @torch.no_grad()
+    def stage(self, buckets: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Compute this rank's fp32 deltas of ``buckets`` (`None`: all; tensors - anchor, + the residual with error
+        feedback) into the buckets' buffers and return them.
 
         The non-finite check reads them, and a rank that must not count zeroes them (a zero delta). The next
-        :meth:`average` sends what they hold; calling :meth:`stage` again before it changes nothing.
+        :meth:`average` of them sends what they hold; calling :meth:`stage` again before it changes nothing.
         """
-        if not self._staged:
+        chosen = range(len(self.buckets)) if buckets is None else buckets
+        if not self._staged.issuperset(chosen):
             self.ensure_views()
-            residuals = self.synced.slices(self.residual) if self.residual is not None else None
-            for index, (bucket, anchor) in enumerate(zip(self.buckets, self.synced.slices(), strict=True)):
-                delta = bucket.gather(bucket.flat).sub_(anchor)
-                if residuals is not None:
-                    delta.add_(residuals[index])
-            self._staged = True
-        return [b.flat for b in self.buckets]
+        anchors = self.synced.slices()
+        for index in chosen:
+            if index not in self._staged:
+                delta = self.buckets[index].gather(self.buckets[index].flat).sub_(anchors[index])
+                if self.residual is not None:
+                    delta.add_(self._delta_view(self.residual, index))
+                self._staged.add(index)
+        return [self.buckets[i].flat for i in chosen]
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's own state: with error feedback its residual (a CPU copy); else nothing."""
@@ -235,8 +219,19 @@ class CompressedAverager:
         else:
             self.residual.copy_(saved)
 
+    def selection_bytes(self, buckets: Sequence[int] | None = None) -> int:
+        """Bytes one sync of ``buckets`` (`None`: all; whole fragments) records: its fragments' all-to-all inputs."""
+        return sum(s.bytes for s in select_segments(self.segments, buckets))
+
     @torch.no_grad()
-    def average(self, divisor: int | None = None, transform: Transform = None) -> int:
+    def average(
+        self,
+        divisor: int | None = None,
+        transform: Transform = None,
+        async_op: bool = False,
+        keep_local_change: bool = False,
+        buckets: Sequence[int] | None = None,
+    ) -> "int | CompressedFlight":
         """Average the staged (or current) deltas across the group and write anchor + mean delta into the tensors.
 
         Args:
@@ -246,33 +241,60 @@ class CompressedAverager:
             transform (`Callable[[int, torch.Tensor], None]`, *optional*): what turns each bucket's plain average
                 (anchor + mean change, fp32) into the new values; defaults to the synced state's committed step.
                 The residual (error feedback) changes only when it commits (`SyncedState.committed`).
+            async_op (`bool`, defaults to `False`): run it on the worker (``overlap=True``); return a
+                [`CompressedFlight`] whose ``wait()`` folds it in, keeping with ``keep_local_change`` the change
+                made locally since the send: ``anchor' + (now - sent)`` (`OverlappedSync`).
+            keep_local_change (`bool`, defaults to `False`): see ``async_op``.
+            buckets (`Sequence[int]`, *optional*): whole fragments' buckets (:meth:`buckets_of`); `None`: all.
 
         Returns:
-            `int`: bytes recorded for this sync (:attr:`bytes_per_sync`).
+            `int` (bytes recorded for this sync), or the [`CompressedFlight`].
         """
         if divisor is not None and (isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1):
             raise ValueError(f"divisor must be a positive int (the number of ranks that count), got {divisor!r}")
+        if (async_op and self._worker is None) or (keep_local_change and not async_op):
+            raise ValueError("async_op needs CompressedAverager(overlap=True); keep_local_change needs async_op")
+        segments = select_segments(self.segments, buckets)
+        chosen = [i for s in segments for i in s.buckets]
+        if any(not f.buckets.isdisjoint(chosen) for f in self._flights):  # their buffers are the worker's
+            raise RuntimeError("a compressed average of these buckets is in flight: wait() on it first")
         divisor = self.world_size if divisor is None else divisor
-        for flat, delta in zip(self.stage(), self.synced.slices(self._delta), strict=True):
-            delta.copy_(flat)
-        self._staged = False
-        rows, codec = self._delta.view(self.world_size, self._chunk), self.codec
-        codec.encode(rows, self._send)
-        if self.residual is not None:
-            rows.sub_(codec.decode(self._send, self._chunk))  # what the encoding lost: the next residual
-        dist.all_to_all_single(self._received, self._send, group=self.process_group)
-        mine = mean_delta(codec.decode(self._received, self._chunk).unbind(0), divisor)
-        codec.encode(mine.view(1, -1), self._mine)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name before torch 2.10
-        gather(self._gathered, self._mine, group=self.process_group)
-        means = codec.decode(self._gathered, self._chunk).view(-1)
-        transform = transform or self.synced.advance
-        for index, (bucket, anchor, mean) in enumerate(
-            zip(self.buckets, self.synced.slices(), self.synced.slices(means), strict=True)
-        ):
-            torch.add(anchor, mean, out=bucket.flat)  # the staged buffer is free again: the plain average
-            transform(index, bucket.flat)  # commits it as the new anchor (or the outer step's result)
-            bucket.scatter(bucket.flat)
+        sent = None
+        if keep_local_change:  # the values sent, for the fold
+            sent = {i: self.buckets[i].gather(torch.empty_like(self.buckets[i].flat)) for i in chosen}
+        for index, flat in zip(chosen, self.stage(chosen), strict=True):
+            self._delta_view(self._delta, index).copy_(flat)
+        self._staged.difference_update(chosen)
+        fold = functools.partial(self._write, segments, transform or self.synced.advance, sent)
+        exchange = functools.partial(self._exchange, segments, divisor)
+        if not async_op:
+            fold(exchange(self.process_group))
+            return self.selection_bytes(buckets)
+        flight = CompressedFlight(self._worker.submit(exchange), fold, set(chosen), self._flights.remove)
+        self._flights.append(flight)
+        return flight
+
+    def _exchange(self, segments: list[WireSegment], divisor: int, group: ProcessGroup | None) -> list[torch.Tensor]:
+        # steps 1 to 4 of each segment, in order: the mean deltas (segment-long fp32), equal on every rank. Reads
+        # and writes the segments' buffers and their part of the staged deltas only (the worker thread's, if async)
+        feedback = self.residual is not None
+        return [s.exchange(s.of(self._delta), divisor, feedback, group) for s in segments]
+
+    @torch.no_grad()
+    def _write(
+        self,
+        segments: list[WireSegment],
+        transform: Transform,
+        sent: dict[int, torch.Tensor] | None,
+        means: list[torch.Tensor],
+    ) -> None:
+        # step 5: anchor + mean delta, transformed (committing the anchor), with the local change since the send
+        anchors = self.synced.slices()
+        for segment, mean in zip(segments, means, strict=True):
+            for index, part in zip(segment.buckets, segment.views(mean), strict=True):
+                bucket = self.buckets[index]
+                torch.add(anchors[index], part, out=bucket.flat)  # the plain average
+                write_back(index, bucket, bucket.flat, transform, None if sent is None else sent[index])
         if self.residual is not None and self.synced.committed:
-            self.residual.copy_(self._delta)
-        return self.bytes_per_sync
+            for segment in segments:
+                segment.of(self.residual).copy_(segment.of(self._delta))

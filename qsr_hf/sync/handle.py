@@ -23,8 +23,9 @@ Transform = Callable[[int, torch.Tensor], None] | None  # (bucket index, its ave
 
 
 @contextlib.contextmanager
-def _named_failure() -> Iterator[None]:
-    # a backend error inside an average (gloo: a timeout, a closed connection, a size mismatch) with its likely cause
+def named_failure() -> Iterator[None]:
+    """Re-raise a backend error inside an average (gloo: a timeout, a closed connection, a size mismatch) with its
+    likely cause."""
     try:
         yield
     except RuntimeError as error:
@@ -33,6 +34,26 @@ def _named_failure() -> Iterator[None]:
             "skipped or added optimizer steps, or is in another collective) or it died. Every rank must run the same "
             f"number of optimizer steps. Backend error: {error}"
         ) from error
+
+
+@torch.no_grad()
+def write_back(
+    index: int, bucket: _Bucket, average: torch.Tensor, transform: Transform, sent: torch.Tensor | None
+) -> None:
+    """Write one bucket's average into its tensors: ``transform`` it (the outer step), then, with ``sent`` (the
+    bucket's values when the average was sent, flat, in ``average``'s dtype; consumed), add the change made locally
+    since the send. The one fold of every average, plain (`AverageHandle`) or compressed (`qsr_hf.sync.compressed`).
+    """
+    if transform is not None:
+        transform(index, average)  # e.g. the outer optimizer's step (`SyncedState.advance`)
+    if sent is not None:
+        for t, view in bucket.views(sent.neg_()):
+            view.add_(_local(t))  # sent := current - sent, the local change since the send
+        average.add_(sent)
+    if not bucket.rebind:
+        bucket.scatter(average)
+    elif average.data_ptr() != bucket.flat.data_ptr():  # averaged in another dtype
+        bucket.flat.copy_(average)
 
 
 class AverageHandle:
@@ -82,7 +103,7 @@ class AverageHandle:
             if tail:
                 self._summed_header = wire[wide.numel() :]
             sent = wide.clone() if keep_local_change else None
-            with _named_failure():
+            with named_failure():
                 work = dist.all_reduce(wire, group=process_group, async_op=async_op)
             self._pending.append((index, bucket, wide, work, sent))
 
@@ -113,23 +134,13 @@ class AverageHandle:
         """
         for _, _, _, work, _ in self._pending:
             if work is not None:
-                with _named_failure():
+                with named_failure():
                     work.wait()
         if self._header is not None:  # every collective has completed: a header that raises leaves none pending
             divisor = self._header.resolve(self._summed_header.tolist())
             self._divisor = self._divisor if divisor is None else divisor
         for index, bucket, wide, _, sent in self._pending:
-            wide.div_(self._divisor)
-            if self._transform is not None:
-                self._transform(index, wide)  # e.g. the outer optimizer's step (`SyncedState.advance`)
-            if sent is not None:
-                for t, view in bucket.views(sent.neg_()):
-                    view.add_(_local(t))  # sent := current - sent, the local change since the send
-                wide.add_(sent)
-            if not bucket.rebind:
-                bucket.scatter(wide)
-            elif wide.data_ptr() != bucket.flat.data_ptr():  # averaged in another dtype
-                bucket.flat.copy_(wide)
+            write_back(index, bucket, wide.div_(self._divisor), self._transform, sent)
         self._pending.clear()
         if self._on_done is not None:
             self._on_done(self)

@@ -26,6 +26,8 @@ from typing import Any
 
 from qsr_hf.core.logging_utils import get_logger
 from qsr_hf.sync.averaging import AverageHandle, ParameterAverager, Transform
+from qsr_hf.sync.compressed import CompressedAverager
+from qsr_hf.sync.compressed_flight import CompressedFlight
 
 
 logger = get_logger(__name__)
@@ -36,7 +38,7 @@ MAX_AUTO_STEPS = 64  # qsr_overlap_auto never delays an average by more optimize
 class _Flight:
     # one average in flight: its handle, the buckets it averages (None: all), its age in optimizer steps and its
     # timing (seconds: the start time, then the first step's and the arrival's durations since it)
-    def __init__(self, handle: AverageHandle, buckets: Sequence[int] | None) -> None:
+    def __init__(self, handle: AverageHandle | CompressedFlight, buckets: Sequence[int] | None) -> None:
         self.handle, self.buckets, self.age = handle, None if buckets is None else list(buckets), 0
         self.started, self.first_step, self.arrived = time.perf_counter(), 0.0, 0.0
 
@@ -55,8 +57,8 @@ class OverlappedSync:
     """Start averages without waiting; fold each in ``steps`` optimizer steps later (or at the next round end).
 
     Args:
-        averager ([`ParameterAverager`]): must be in copy mode (the parameters stay usable while the average is in
-            flight).
+        averager ([`ParameterAverager`] or [`CompressedAverager`]): a plain one must be in copy mode (the parameters
+            stay usable while the average is in flight); a compressed one built with ``overlap=True``.
         steps (`int`, defaults to 1): optimizer steps an average may take (``qsr_overlap_steps``), the same for
             every fragment.
         auto (`bool`, defaults to `False`): ``qsr_overlap_auto``: :meth:`choose` replaces ``steps`` once, from the
@@ -74,8 +76,8 @@ class OverlappedSync:
     ```
     """
 
-    def __init__(self, averager: ParameterAverager, steps: int = 1, auto: bool = False) -> None:
-        if averager.mode != "copy":
+    def __init__(self, averager: "ParameterAverager | CompressedAverager", steps: int = 1, auto: bool = False) -> None:
+        if averager.mode == "inplace":
             raise ValueError("qsr_overlap_sync needs ParameterAverager(mode='copy'): in-place buffers are in flight")
         self.averager = averager
         self.steps = steps

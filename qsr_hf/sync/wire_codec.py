@@ -9,7 +9,12 @@
 A block of zeros gets scale 0 and decodes to zeros. Values and scales live in one byte buffer of shape
 ``(rows, row_bytes)``: per row ``chunk`` values, then ``chunk / BLOCK`` fp32 scales (:meth:`WireCodec.views`), so one
 collective moves both.
+
+:func:`mean_delta` is the fp32 mean every format takes; :func:`compressed_average` is a whole compressed sync in one
+process (the simulation's, and the tests' reference).
 """
+
+from collections.abc import Sequence
 
 import torch
 
@@ -98,3 +103,57 @@ class WireCodec:
         wire = self.buffer(1, chunk, x.device)
         self.encode(padded, wire)
         return self.decode(wire, chunk).view(-1)[:n].view_as(x)
+
+
+def mean_delta(deltas: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
+    """Sum decoded deltas in fp32, in the order given (rank order), and divide by ``divisor`` (the ranks that count).
+
+    Args:
+        deltas (`Sequence[torch.Tensor]`): one tensor per rank (fp32, or bf16: exact in fp32), same shape.
+        divisor (`int`): the number of ranks that count.
+
+    Returns:
+        `torch.Tensor`: the fp32 mean (encoded again before it is sent back).
+    """
+    total = deltas[0].to(torch.float32, copy=True)
+    for delta in deltas[1:]:
+        total.add_(delta)  # the sum is fp32
+    return total.div_(divisor)
+
+
+def compressed_average(
+    anchor: torch.Tensor,
+    values: Sequence[torch.Tensor],
+    divisor: int,
+    fmt: str = "bf16",
+    residuals: Sequence[torch.Tensor] | None = None,
+    commit: bool = True,
+) -> torch.Tensor:
+    """The new anchor a sync gives, computed in one process from every rank's values (simulation, tests).
+
+    The same arithmetic as `qsr_hf.sync.compressed.CompressedAverager` (whose chunks of whole blocks only split it
+    between ranks): anchor + the encoded-and-decoded mean of the ranks' encoded-and-decoded changes ``value - anchor``
+    (+ each rank's residual with error feedback). Blocks start at the first value: for the averager's blocks, pass the
+    values flat in its layout (its buckets' buffers, one after the other).
+
+    Args:
+        anchor (`torch.Tensor`): fp32 anchor.
+        values (`Sequence[torch.Tensor]`): each rank's current values, in rank order (any float dtype).
+        divisor (`int`): the number of ranks that count.
+        fmt (`str`, defaults to `"bf16"`): the wire format (``qsr_compress_format``).
+        residuals (`Sequence[torch.Tensor]`, *optional*): error feedback: each rank's residual (fp32, shaped as the
+            values), added to its change; with ``commit`` each becomes what this sync's encoding lost (in place).
+        commit (`bool`, defaults to `True`): a sync (not an evaluation's average, which leaves the residuals).
+
+    Returns:
+        `torch.Tensor`: the new fp32 anchor; the tensors become it, cast to their dtype.
+    """
+    codec, deltas = WireCodec(fmt), []
+    for rank, value in enumerate(values):
+        delta = value.to(torch.float32) - anchor
+        if residuals is not None:
+            delta.add_(residuals[rank])
+        deltas.append(codec.round_trip(delta))
+        if residuals is not None and commit:
+            residuals[rank].copy_(delta.sub_(deltas[-1]))
+    return anchor + codec.round_trip(mean_delta(deltas, divisor))

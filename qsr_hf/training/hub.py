@@ -141,7 +141,11 @@ def build_model_card(
         comm["communication vs data-parallel"] = f"{100 * float(ratio):.2f}%"
     if qsr_config.get("qsr_compress_delta"):  # the round's change in a wire format (qsr_hf.sync.compressed)
         fmt = str(qsr_config.get("qsr_compress_format", "bf16"))
-        comm["sync format"] = f"{fmt} deltas, {bytes_per_value(fmt):.4g} B/param per sync (fp32: 4)"
+        comm["sync format"] = f"{fmt} deltas, {bytes_per_value(fmt):.4g} B/param per sync (fp32: 4)" + "".join(
+            note
+            for key, note in (("qsr_compress_error_feedback", ", error feedback"), ("qsr_overlap_sync", ", in flight"))
+            if qsr_config.get(key)
+        )
     results = {
         k.removeprefix("eval_"): v for k, v in eval_metrics.items() if not k.endswith(("_per_second", "runtime"))
     }
