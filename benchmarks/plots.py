@@ -258,6 +258,12 @@ def lm_study(d, fig):
 
 
 # name -> (drawing function, figure size); slow_link_variants / _overlap_depth / _100mbit are slow_link.py --name ...
+def soak(d, fig):  # benchmarks/soak.py: replicas alive, failures by class, the run's step with its syncs
+    import soak_check
+
+    soak_check.figure(d, fig)
+
+
 FIGURES = {
     "averaging": (averaging, (12, 4.5)),
     "averaging_checks": (averaging, (12, 4.5)),
@@ -277,6 +283,7 @@ FIGURES = {
     "lm_study": (lm_study, (17, 4.8)),
     "lm_study_quick": (lm_study, (17, 4.8)),
     "lm_study_h40": (lm_study, (17, 4.8)),
+    "soak": (soak, (12, 6.5)),
 }
 
 

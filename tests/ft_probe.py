@@ -36,10 +36,27 @@ a sync without this replica (it was slower than the lighthouse's join timeout), 
 
 Each trace entry also holds ``optim``, a checksum of the inner optimizer's state after the sync (a replica that heals
 takes its peer's), and ``members``, the replica groups of the sync's quorum.
+
+Options for benchmarks/soak.py (the controller injects faults by files, at any time):
+
+``--stream PATH``: append each sync to PATH as it happens (pickled frames, numpy arrays), so that a replica killed
+later, or inside the sync, leaves its record: a ``pre`` frame (kind, called_at, before, wall time) when the sync
+starts and a ``post`` frame (step, contributors, members, whether this replica healed, after, wall time) once it
+committed.
+
+``--step-file PATH``: write the optimizer step into PATH after every optimizer step.
+
+``--die-in-sync-file PATH``: SIGKILL this process inside the next round-end sync that starts once PATH exists, after
+its quorum and before its first collective (``--die-in-sync`` triggered by a file).
+
+``--stall-file PATH --stall-until PROGRESS``: before the next round-end sync that starts once PATH exists (before its
+quorum), remove PATH and block until the step in PROGRESS is at least the sync's step (the others committed it
+without this replica), at most ``--stall-max`` seconds.
 """
 
 import argparse
 import os
+import pickle
 import signal
 import sys
 import time
@@ -48,7 +65,8 @@ from pathlib import Path
 import torch
 import torchft.manager
 
-from qsr_hf.ft.optimizer import ReplicaSynchronizer
+from qsr_hf.ft.averaging import ReplicaAverager
+from qsr_hf.ft.optimizer import FTLocalOptimizer, ReplicaSynchronizer
 from qsr_hf.sync.agreement import ROUND_END, START, tensors_checksum
 
 
@@ -67,9 +85,12 @@ def _optimizer_checksum(sync: ReplicaSynchronizer) -> int:
     return tensors_checksum(tensors)
 
 
-def _wait_past(progress: Path, step: int) -> None:
+def _wait_past(progress: Path, step: int, limit: float = float("inf")) -> None:
     # an event, not a duration: another replica's progress file says it committed a sync after `step`
+    deadline = time.monotonic() + limit
     while not (progress.exists() and progress.read_text() and int(progress.read_text()) > step):
+        if time.monotonic() > deadline:
+            return
         time.sleep(0.05)
 
 
@@ -88,12 +109,23 @@ def main() -> dict:
     parser.add_argument("--hold-from", type=int, default=-1)
     parser.add_argument("--hold-until", default=None)
     parser.add_argument("--hold-start", nargs="+", default=[])
+    parser.add_argument("--stream", default=None)
+    parser.add_argument("--step-file", default=None)
+    parser.add_argument("--die-in-sync-file", default=None)
+    parser.add_argument("--stall-file", default=None)
+    parser.add_argument("--stall-max", type=float, default=30.0)
     probes, rest = parser.parse_known_args()
     trace, current, stalled, held = [], {}, [], []
     average, allreduce = ReplicaSynchronizer.average, torchft.manager.Manager.allreduce
+    adopt_peer, step = ReplicaAverager.adopt_peer, FTLocalOptimizer.step
+
+    def emit(frame: dict) -> None:
+        if probes.stream:
+            with open(probes.stream, "ab") as f:
+                pickle.dump(frame, f)
 
     def traced(self, kind, commit=True, buckets=None):
-        current.update(kind=kind, step=self.clock.step)
+        current.update(kind=kind, step=self.clock.step, healed=False)
         if kind == ROUND_END and self.clock.step == probes.stall_at:
             _wait_past(Path(probes.stall_until), probes.stall_at - 1)
         if kind == START and probes.started_file:
@@ -104,11 +136,24 @@ def main() -> dict:
             held.append(self.clock.step)
             while not Path(probes.hold_until).exists():  # an event: the other replica's file
                 time.sleep(0.05)
+        if kind == ROUND_END and probes.stall_file and Path(probes.stall_file).exists():
+            Path(probes.stall_file).unlink()
+            emit({"frame": "stall", "called_at": self.clock.step, "time": time.time()})
+            _wait_past(Path(probes.stall_until), self.clock.step - 1, probes.stall_max)
         if kind == ROUND_END and self.clock.step == probes.nan_at:
             with torch.no_grad():
                 next(self.engine.module.parameters()).view(-1)[0] = float("nan")
         before = _snapshot(self)
+        emit({"frame": "pre", "kind": int(kind), "called_at": current["step"], "time": time.time(),
+              "before": [t.numpy() for t in before]})  # fmt: skip
         average(self, kind, commit, buckets)
+        emit(
+            {
+                "frame": "post", "kind": int(kind), "called_at": current["step"], "step": self.clock.step,
+                "contributors": self.averager.contributors, "members": list(self.averager.members),
+                "healed": current["healed"], "time": time.time(), "after": [t.numpy() for t in _snapshot(self)],
+            }
+        )  # fmt: skip
         trace.append(
             {
                 "kind": int(kind),  # a plain int: the test loads the trace with weights_only=True
@@ -132,8 +177,23 @@ def main() -> dict:
     def dying(self, *args, **kwargs):
         if current.get("kind") == ROUND_END and current.get("step") == probes.die_in_sync:
             os.kill(os.getpid(), signal.SIGKILL)
+        if current.get("kind") == ROUND_END and probes.die_in_sync_file and Path(probes.die_in_sync_file).exists():
+            emit({"frame": "die", "called_at": current["step"], "time": time.time()})
+            os.kill(os.getpid(), signal.SIGKILL)
         return allreduce(self, *args, **kwargs)
 
+    def adopting(self, kind):
+        current["healed"] = True
+        return adopt_peer(self, kind)
+
+    def stepping(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        if probes.step_file:
+            Path(probes.step_file).write_text(str(self.global_step))
+        return result
+
+    ReplicaAverager.adopt_peer = adopting
+    FTLocalOptimizer.step = stepping
     ReplicaSynchronizer.average = traced
     torchft.manager.Manager.allreduce = dying
     record = torchft_local_sgd.main(rest)

@@ -13,6 +13,7 @@ until the Manager's timeout, and a replica whose collective failed closes its co
 (`qsr_hf.ft.manager.abort_process_group`): a survivor still waiting on it inside that collective fails at once.
 """
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +109,38 @@ class ReplicaAverager(ParameterAverager):
                 "quorum_timeout must exceed a round's duration"
             ) from error
 
+    def _nobody_ahead_without_everyone(self) -> bool:
+        # a start quorum of replica groups that are all at torchft step 0, without every group of the job, formed
+        # after the lighthouse's first quorum: the job ran before, and a trained group may be alive but away
+        manager = self.manager
+        groups = getattr(manager, "qsr_replica_groups", 0)
+        return (
+            self.kind == START
+            and not self.healed
+            and manager.current_step() == 0
+            and manager.num_participants() < groups
+            and getattr(manager, "qsr_quorum_id", 1) > 1
+        )
+
+    def _start_quorum(self) -> None:
+        """The quorum; at the start of training, when nobody in it is ahead and groups are missing, the quorum again
+        (every second, up to the Manager's ``qsr_fresh_start_wait``) until a group that is ahead or every group is
+        in it: freshly restarted groups that are a majority must not restart the job from its checkpoint (or from
+        scratch) beside a trained group that is alive but away (reconfiguring after a failed sync)."""
+        self._quorum()
+        deadline = time.monotonic() + getattr(self.manager, "qsr_fresh_start_wait", 0.0)
+        while self._nobody_ahead_without_everyone():
+            if time.monotonic() > deadline:
+                logger.warning(
+                    f"qsr_hf: replica group {self.replica}: the start quorum has nobody ahead and "
+                    f"{self.manager.num_participants()} of {self.manager.qsr_replica_groups} replica groups, after "
+                    "waiting for the others: starting without them",
+                    main_process_only=False,
+                )
+                return
+            time.sleep(1.0)
+            self._quorum()
+
     def _check(self, header: torch.Tensor) -> None:
         n = len(COMMON) + 1
         high, low = header[:n].tolist(), (-header[n:]).tolist()
@@ -141,7 +174,7 @@ class ReplicaAverager(ParameterAverager):
             raise NotImplementedError("fault-tolerant syncs are blocking: qsr_overlap_sync is not supported")
         for attempt in range(1, self.max_attempts + 1):
             self.ensure_views()
-            self._quorum()  # a replica behind the others loads a peer's state here (healed, kind = the peer's)
+            self._start_quorum()  # a replica behind the others loads a peer's state here (healed, kind = the peer's)
             if self.kind == START and not self.healed and self.manager.current_step() == 0 and self._fresh_start:
                 self._fresh_start()  # nobody is ahead: the job's newest checkpoint, or a warned start from scratch
             values = [*self.values(), self._checksum() if self.kind == START else 0]

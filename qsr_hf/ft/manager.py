@@ -91,6 +91,7 @@ def make_manager(
     *,
     num_replica_groups: int,
     allow_minority_quorum: bool = False,
+    fresh_start_wait: float | None = None,
 ) -> Any:
     """A torchft `Manager` over a gloo reconfigurable process group, as `FTLocalOptimizer` needs it.
 
@@ -111,6 +112,12 @@ def make_manager(
         num_replica_groups (`int`): the job's replica groups (keyword only, required): a sync needs a majority.
         allow_minority_quorum (`bool`, defaults to `False`): accept a ``min_replicas`` that is not a majority
             (unsafe, see [`quorum_size`]).
+        fresh_start_wait (`float`, *optional*): seconds a start quorum in which nobody is ahead, formed after the
+            lighthouse's first quorum and without every replica group, waits for the missing groups before it
+            starts from the newest checkpoint or from scratch: a trained group may be away from the quorums for
+            that long (a failed sync: up to ``connect_timeout`` to reach a dead peer, then ``timeout``), and freshly
+            restarted groups that are a majority would otherwise restart the job beside it (the soak,
+            benchmarks/soak.py). Defaults to ``timeout + connect_timeout``.
 
     Returns:
         `torchft.Manager`: with ``use_async_quorum=False`` and ``init_sync=False`` (qsr_hf checks instead that the
@@ -128,14 +135,20 @@ def make_manager(
     from torchft.process_group import ProcessGroupGloo
 
     class QSRManager(Manager):  # torchft's Manager, knowing this replica group's number and the job's size
-        def __init__(self, replica: int, replica_groups: int, **kwargs: Any) -> None:
+        def __init__(self, replica: int, replica_groups: int, fresh_start_wait: float, **kwargs: Any) -> None:
             self.qsr_replica, self.qsr_replica_groups = replica, replica_groups
+            self.qsr_fresh_start_wait = fresh_start_wait
             super().__init__(**kwargs)
+
+        @property
+        def qsr_quorum_id(self) -> int:  # the lighthouse's id of the last quorum (1: its first)
+            return self._quorum_id
 
     initialized = dist.is_available() and dist.is_initialized()
     return QSRManager(
         replica_number(replica_id),
         num_replica_groups,
+        timeout + connect_timeout if fresh_start_wait is None else fresh_start_wait,
         pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout)),
         load_state_dict=None,
         state_dict=None,
