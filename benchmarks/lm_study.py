@@ -23,10 +23,13 @@ Budgets: constant H = 20 and 40 (5% and 2.5% of data-parallel's all-reduces); QS
 ``--confirm RESULTS.json`` reruns only phase 2 with the setup and the settings phase 1 chose in RESULTS.json.
 ``--compress int8`` (issue 28; bf16, int8 or fp8, ``--error-feedback`` to keep the residuals) adds per budget the
 best QSR method again with compressed deltas (``qsr_compress_delta``), paired against it on the same seeds;
-``--only-compressed-pair`` runs only what that pairing needs (data-parallel, the best QSR methods and their twins):
+``--only-compressed-pair`` runs only what that pairing needs (data-parallel, the best QSR methods and their twins);
+``--reuse-confirmed`` takes the uncompressed runs from RESULTS.json (same seeds) and runs only the twins:
 
     python benchmarks/lm_study.py --confirm benchmarks/results/lm_study.json --seeds 1 2 3 --compress int8 \
         --only-compressed-pair --name lm_study_int8
+    python benchmarks/lm_study.py --confirm benchmarks/results/lm_study.json --seeds 1 2 3 --compress int8 \
+        --error-feedback --only-compressed-pair --reuse-confirmed --name lm_study_int8_ef
 Writes results/<name>.{json,md}; the JSON's ``paired`` holds, per budget, ``qsr_vs_constant`` (best QSR method minus
 best constant-H method, validation loss in nats, per seed), ``qsr_vs_constant_outer`` (the same between each rule's
 best outer setting: the pre-registered criterion, docs/language-models.md) and ``qsr_vs_ddp_pct`` (per seed); with
@@ -587,6 +590,11 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --compress: run only data-parallel, the best QSR methods and their compressed twins",
     )
+    p.add_argument(
+        "--reuse-confirmed",
+        action="store_true",
+        help="with --confirm and --compress: take the uncompressed runs from RESULTS.json, run only the twins",
+    )
     p.add_argument("--name", default="lm_study", help="<out-dir>/<name>.{json,md}")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel (1 thread each)")
@@ -634,6 +642,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by --workers {args.workers}")
     if (args.error_feedback or args.only_compressed_pair) and not args.compress:
         raise SystemExit("--error-feedback and --only-compressed-pair need --compress")
+    if args.reuse_confirmed and not (args.compress and args.confirm):
+        raise SystemExit("--reuse-confirmed needs --confirm and --compress")
     if args.tune_seed in args.seeds:
         raise SystemExit(f"the confirmation seeds {args.seeds} must not include the tuning seed {args.tune_seed}")
     if args.out_dir:
@@ -659,12 +669,24 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only_compressed_pair:
             kept = {"ddp", *(v["of"] for v in twins.values()), *twins}
             methods = {m: v for m, v in methods.items() if m in kept}
-        runs = confirm(args, methods, folder)
+        reused = []
+        if args.reuse_confirmed:  # the uncompressed runs as RESULTS.json has them (the same code reproduces them)
+            have = {(r["method"], r["seed"]): r for r in previous["runs"]}
+            wanted = [(m, s) for s in args.seeds for m in methods if m not in twins]
+            if missing := [w for w in wanted if w not in have]:
+                raise SystemExit(f"--reuse-confirmed: {args.confirm} has no runs {missing}")
+            reused = [have[w] for w in wanted]
+            notes.append(f"runs of {sorted({m for m, _ in wanted})} taken from {args.confirm}, not rerun")
+            methods_run = twins
+        else:
+            methods_run = methods
+        new_runs = confirm(args, methods_run, folder)
+        runs = new_runs + reused
     setup.update(warmup_steps=warmup_steps(args), tokens=runs[0]["tokens"])
     record = {
         "load_at_start": load_at_start,
         "wall_seconds": time.time() - start,
-        "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in new_runs),
         "args": vars(args),
         "setup": setup,
         "outer_grid": previous["outer_grid"] if previous else [o for o in OUTER_GRID if supported(o)],
