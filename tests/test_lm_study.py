@@ -1,6 +1,6 @@
 """benchmarks/lm_study.py end to end on a tiny setting: the tuning phase on its own seed, the confirmation on fresh
 seeds, the JSON's paired per-seed values, ``--confirm`` rerunning the chosen settings exactly, and ``--compress``
-adding each budget's best QSR method with compressed deltas, paired against it."""
+adding each budget's best QSR method with compressed deltas, paired against it (rerun, or reused)."""
 
 import dataclasses
 import json
@@ -118,6 +118,14 @@ def test_tuning_then_confirmation_then_confirm_rerun(tmp_path, monkeypatch):
         assert set(z["vs_ddp_pct"]) == {"2"}
     assert [r["method"] for r in compressed["summary"]][-2:] == [f"{m}_int8" for m in best_qsr]
     assert "compressed deltas (int8)" in (tmp_path / "int8.md").read_text()
+
+    # --reuse-confirmed: the uncompressed runs taken from tiny.json, only the twins run; the same pairing
+    reused = lm_study.main(
+        ["--confirm", str(tmp_path / "tiny.json"), "--seeds", "2", "--name", "reuse", "--jobs", "1", *out]
+        + ["--compress", "int8", "--only-compressed-pair", "--reuse-confirmed"]
+    )
+    assert reused["paired"] == compressed["paired"] and reused["summary"] == compressed["summary"]
+    assert any("not rerun" in n for n in reused["notes"])
 
 
 def test_inner_adamw_clips_each_workers_gradient_before_its_step():
