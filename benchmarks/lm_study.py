@@ -21,9 +21,19 @@ Budgets: constant H = 20 and 40 (5% and 2.5% of data-parallel's all-reduces); QS
     python benchmarks/lm_study.py --quick                  # smoke test of both phases (~2 min), results/lm_study_quick.*
 
 ``--confirm RESULTS.json`` reruns only phase 2 with the setup and the settings phase 1 chose in RESULTS.json.
+``--compress int8`` (issue 28; bf16, int8 or fp8, ``--error-feedback`` to keep the residuals) adds per budget the
+best QSR method again with compressed deltas (``qsr_compress_delta``), paired against it on the same seeds;
+``--only-compressed-pair`` runs only what that pairing needs (data-parallel, the best QSR methods and their twins);
+``--reuse-confirmed`` takes the uncompressed runs from RESULTS.json (same seeds) and runs only the twins:
+
+    python benchmarks/lm_study.py --confirm benchmarks/results/lm_study.json --seeds 1 2 3 --compress int8 \
+        --only-compressed-pair --name lm_study_int8
+    python benchmarks/lm_study.py --confirm benchmarks/results/lm_study.json --seeds 1 2 3 --compress int8 \
+        --error-feedback --only-compressed-pair --reuse-confirmed --name lm_study_int8_ef
 Writes results/<name>.{json,md}; the JSON's ``paired`` holds, per budget, ``qsr_vs_constant`` (best QSR method minus
 best constant-H method, validation loss in nats, per seed), ``qsr_vs_constant_outer`` (the same between each rule's
-best outer setting: the pre-registered criterion, docs/language-models.md) and ``qsr_vs_ddp_pct`` (per seed).
+best outer setting: the pre-registered criterion, docs/language-models.md) and ``qsr_vs_ddp_pct`` (per seed); with
+``--compress``, ``compressed`` (the twin minus the best QSR method per seed, and both vs data-parallel in %).
 """
 
 import argparse
@@ -345,29 +355,70 @@ def confirm(args: argparse.Namespace, settings: dict, folder: str) -> list[dict]
     return run_jobs(args, jobs, folder)
 
 
+def compressed_settings(args: argparse.Namespace, settings: dict, tuning_runs: list[dict]) -> dict:
+    """Per budget, the best QSR method (``best_methods``) again with its deltas compressed in ``args.compress``:
+    {twin: {"lr", "config", "role": "qsr_h<H>_compressed", "of": the uncompressed method}}."""
+    fields = {
+        "qsr_compress_delta": True,
+        "qsr_compress_format": args.compress,
+        "qsr_compress_error_feedback": args.error_feedback,
+    }
+    suffix = args.compress + ("_ef" if args.error_feedback else "")
+    twins = {}
+    for h in args.h:
+        m = best_methods(settings, tuning_runs, h)["best_qsr"]
+        config = QSRConfig(**{**settings[m]["config"], **fields}).to_dict()  # validated as the runs will build it
+        twins[f"{m}_{suffix}"] = {"lr": settings[m]["lr"], "config": config, "role": f"qsr_h{h}_compressed", "of": m}
+    return twins
+
+
 # ---------------------------------------------------------------------------------------------------------- report
 def per_seed(runs: list[dict], method: str) -> dict[int, float]:
     return {r["seed"]: r["val_loss"] for r in runs if r["method"] == method}
 
 
-def paired_report(args: argparse.Namespace, settings: dict, tuning_runs: list[dict], runs: list[dict]) -> dict:
-    """Per budget: the best constant-H and QSR method (chosen on the tuning seed, never on the seeds reported), and
-    the paired per-seed differences; the pre-registered criterion on each rule's best outer setting."""
+def best_methods(settings: dict, tuning_runs: list[dict], h: int) -> dict:
+    """At budget ``h``, each rule's best method (plain or its best outer setting, chosen on the tuning seed, never on
+    the seeds reported) and its best outer setting: {"best_<rule>": ..., "best_<rule>_outer": ...}."""
     tuned = {r["method"]: r["val_loss"] for r in tuning_runs if r["lr"] == settings.get(r["method"], {}).get("lr")}
+    roles, entry = {v["role"]: m for m, v in settings.items()}, {}
+    for rule in RULES:
+        candidates = [roles[k] for k in (f"{rule}_h{h}_plain", f"{rule}_h{h}_outer") if k in roles]
+        entry[f"best_{rule}"] = min(candidates, key=lambda m: tuned.get(m, math.inf))
+        entry[f"best_{rule}_outer"] = roles.get(f"{rule}_h{h}_outer")
+    return entry
+
+
+def paired_report(
+    args: argparse.Namespace, settings: dict, tuning_runs: list[dict], runs: list[dict], twins: dict | None = None
+) -> dict:
+    """Per budget: the best constant-H and QSR method (``best_methods``), and the paired per-seed differences; the
+    pre-registered criterion on each rule's best outer setting; with ``twins`` (``compressed_settings``), the
+    compressed twin minus the best QSR method. Comparisons whose methods did not run are left out."""
     ddp = per_seed(runs, "ddp")
     out = {}
     for h in args.h:
-        roles = {v["role"]: m for m, v in settings.items()}
-        entry: dict = {"h": h}
-        for rule in RULES:
-            candidates = [roles[k] for k in (f"{rule}_h{h}_plain", f"{rule}_h{h}_outer") if k in roles]
-            entry[f"best_{rule}"] = min(candidates, key=lambda m: tuned.get(m, math.inf))
-            entry[f"best_{rule}_outer"] = roles.get(f"{rule}_h{h}_outer")
+        entry: dict = {"h": h, **best_methods(settings, tuning_runs, h)}
         q, c = per_seed(runs, entry["best_qsr"]), per_seed(runs, entry["best_constant"])
         entry["qsr_vs_constant"] = {str(s): q[s] - c[s] for s in sorted(q) if s in c}
         entry["qsr_vs_ddp_pct"] = {str(s): 100 * (q[s] - ddp[s]) / ddp[s] for s in sorted(q) if s in ddp}
         entry["constant_vs_ddp_pct"] = {str(s): 100 * (c[s] - ddp[s]) / ddp[s] for s in sorted(c) if s in ddp}
-        if entry["best_qsr_outer"] and entry["best_constant_outer"]:
+        for twin, v in (twins or {}).items():
+            if v["role"] == f"qsr_h{h}_compressed":
+                z, cfg = per_seed(runs, twin), v["config"]
+                diffs = {str(s): z[s] - q[s] for s in sorted(z) if s in q}
+                mean, std = mean_std(list(diffs.values()))
+                entry["compressed"] = {
+                    "method": twin,
+                    "of": v["of"],
+                    "format": cfg["qsr_compress_format"],
+                    "error_feedback": cfg["qsr_compress_error_feedback"],
+                    "minus_uncompressed": diffs,
+                    "mean": mean,
+                    "std": std,
+                    "vs_ddp_pct": {str(s): 100 * (z[s] - ddp[s]) / ddp[s] for s in sorted(z) if s in ddp},
+                }
+        if entry["best_qsr_outer"] and entry["best_constant_outer"] and c:
             qo, co = per_seed(runs, entry["best_qsr_outer"]), per_seed(runs, entry["best_constant_outer"])
             diffs = {str(s): qo[s] - co[s] for s in sorted(qo) if s in co}
             noise = mean_std(list(diffs.values()))[1]
@@ -456,10 +507,21 @@ def markdown(record: dict) -> str:
         )
     lines += ["", "Paired, per seed (negative: QSR better); best methods chosen on the tuning seed:", ""]
     for key, p in record["paired"].items():
-        lines.append(
-            f"- {key}: best QSR `{p['best_qsr']}` − best constant `{p['best_constant']}`: {_seeds(p['qsr_vs_constant'])}"
-            f" nats; QSR vs data-parallel: {', '.join(f'{v:+.2f}%' for v in p['qsr_vs_ddp_pct'].values())}"
+        versus = f" − best constant `{p['best_constant']}`: {_seeds(p['qsr_vs_constant'])} nats;" * bool(
+            p["qsr_vs_constant"]
         )
+        lines.append(
+            f"- {key}: best QSR `{p['best_qsr']}`{versus or ';'} QSR vs data-parallel: "
+            f"{', '.join(f'{v:+.2f}%' for v in p['qsr_vs_ddp_pct'].values())}"
+        )
+        if "compressed" in p:
+            z = p["compressed"]
+            fmt = z["format"] + (" with error feedback" if z["error_feedback"] else "")
+            lines.append(
+                f"  - compressed deltas ({fmt}): `{z['method']}` − `{z['of']}`: {_seeds(z['minus_uncompressed'])} nats"
+                f" (mean {z['mean']:+.4f} ± {z['std']:.4f}); vs data-parallel: "
+                f"{', '.join(f'{v:+.2f}%' for v in z['vs_ddp_pct'].values())}"
+            )
         if "criterion" in p:
             c = p["criterion"]
             lines.append(
@@ -517,6 +579,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=int, default=None, help="first N files of each split (default: all)")
     p.add_argument("--val-blocks", type=int, default=1024, help="fixed validation blocks evaluated")
     p.add_argument("--evals", type=int, default=5, help="validation evaluations per run")
+    p.add_argument(
+        "--compress",
+        choices=["bf16", "int8", "fp8"],
+        help="also run each budget's best QSR method with its deltas compressed in this format (issue 28)",
+    )
+    p.add_argument("--error-feedback", action="store_true", help="with --compress: keep and resend the residuals")
+    p.add_argument(
+        "--only-compressed-pair",
+        action="store_true",
+        help="with --compress: run only data-parallel, the best QSR methods and their compressed twins",
+    )
+    p.add_argument(
+        "--reuse-confirmed",
+        action="store_true",
+        help="with --confirm and --compress: take the uncompressed runs from RESULTS.json, run only the twins",
+    )
     p.add_argument("--name", default="lm_study", help="<out-dir>/<name>.{json,md}")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel (1 thread each)")
@@ -562,6 +640,10 @@ def main(argv: list[str] | None = None) -> dict:
         vars(args).update({k: previous["args"][k] for k in SETUP_ARGS})
     if args.global_batch % args.workers:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by --workers {args.workers}")
+    if (args.error_feedback or args.only_compressed_pair) and not args.compress:
+        raise SystemExit("--error-feedback and --only-compressed-pair need --compress")
+    if args.reuse_confirmed and not (args.compress and args.confirm):
+        raise SystemExit("--reuse-confirmed needs --confirm and --compress")
     if args.tune_seed in args.seeds:
         raise SystemExit(f"the confirmation seeds {args.seeds} must not include the tuning seed {args.tune_seed}")
     if args.out_dir:
@@ -582,21 +664,39 @@ def main(argv: list[str] | None = None) -> dict:
             notes = [*notes, f"confirmation rerun with the settings of {args.confirm}"]
         else:
             settings, tuning_runs, notes = tune(args, folder)
-        runs = confirm(args, settings, folder)
+        twins = compressed_settings(args, settings, tuning_runs) if args.compress else {}
+        methods = {**settings, **twins}
+        if args.only_compressed_pair:
+            kept = {"ddp", *(v["of"] for v in twins.values()), *twins}
+            methods = {m: v for m, v in methods.items() if m in kept}
+        reused = []
+        if args.reuse_confirmed:  # the uncompressed runs as RESULTS.json has them (the same code reproduces them)
+            have = {(r["method"], r["seed"]): r for r in previous["runs"]}
+            wanted = [(m, s) for s in args.seeds for m in methods if m not in twins]
+            if missing := [w for w in wanted if w not in have]:
+                raise SystemExit(f"--reuse-confirmed: {args.confirm} has no runs {missing}")
+            reused = [have[w] for w in wanted]
+            notes.append(f"runs of {sorted({m for m, _ in wanted})} taken from {args.confirm}, not rerun")
+            methods_run = twins
+        else:
+            methods_run = methods
+        new_runs = confirm(args, methods_run, folder)
+        runs = new_runs + reused
     setup.update(warmup_steps=warmup_steps(args), tokens=runs[0]["tokens"])
     record = {
         "load_at_start": load_at_start,
         "wall_seconds": time.time() - start,
-        "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in new_runs),
         "args": vars(args),
         "setup": setup,
         "outer_grid": previous["outer_grid"] if previous else [o for o in OUTER_GRID if supported(o)],
         "notes": notes,
         "scale_note": SCALE_NOTE,
         "settings": settings,
+        **({"compressed_settings": twins} if twins else {}),
         "tuning_runs": [{k: v for k, v in r.items() if k != "curve"} for r in tuning_runs],
-        "summary": summarize(runs, list(settings)),
-        "paired": paired_report(args, settings, tuning_runs, runs),
+        "summary": summarize(runs, list(methods)),
+        "paired": paired_report(args, settings, tuning_runs, runs, twins),
         "runs": sorted(runs, key=lambda r: (r["method"], r["seed"])),
     }
     path = write_result(args.name, record)

@@ -1,5 +1,6 @@
 """benchmarks/lm_study.py end to end on a tiny setting: the tuning phase on its own seed, the confirmation on fresh
-seeds, the JSON's paired per-seed values, and ``--confirm`` rerunning the chosen settings exactly."""
+seeds, the JSON's paired per-seed values, ``--confirm`` rerunning the chosen settings exactly, and ``--compress``
+adding each budget's best QSR method with compressed deltas, paired against it (rerun, or reused)."""
 
 import dataclasses
 import json
@@ -91,6 +92,40 @@ def test_tuning_then_confirmation_then_confirm_rerun(tmp_path, monkeypatch):
     first = {r["method"]: r["val_loss"] for r in record["runs"] if r["seed"] == 2}
     assert {r["method"]: r["val_loss"] for r in confirmed["runs"]} == first
     assert set(confirmed["paired"]["h8"]["qsr_vs_ddp_pct"]) == {"2"}
+    assert not any("compressed" in p for p in confirmed["paired"].values()), "unchanged without --compress"
+
+    # --compress int8 --only-compressed-pair: data-parallel, each budget's best QSR method and its twin with int8
+    # deltas, paired on the same seed; the uncompressed runs reproduce the confirmation's, the twins differ
+    compressed = lm_study.main(
+        ["--confirm", str(tmp_path / "tiny.json"), "--seeds", "2", "--name", "int8", "--jobs", "1", *out]
+        + ["--compress", "int8", "--only-compressed-pair"]
+    )
+    assert compressed["settings"] == settings
+    runs = {r["method"]: r for r in compressed["runs"]}
+    best_qsr = [record["paired"][k]["best_qsr"] for k in ("h4", "h8")]
+    assert set(runs) == {"ddp", *best_qsr, *(f"{m}_int8" for m in best_qsr)}
+    assert {m: r["val_loss"] for m, r in runs.items() if not m.endswith("_int8")} == {
+        m: first[m] for m in ("ddp", *best_qsr)
+    }
+    for key, m in zip(("h4", "h8"), best_qsr, strict=True):
+        z = compressed["paired"][key]["compressed"]
+        twin = compressed["compressed_settings"][f"{m}_int8"]
+        assert (z["method"], z["of"], z["format"], z["error_feedback"]) == (f"{m}_int8", m, "int8", False)
+        assert twin["config"] == {**settings[m]["config"], "qsr_compress_delta": True, "qsr_compress_format": "int8"}
+        assert z["minus_uncompressed"] == {"2": runs[f"{m}_int8"]["val_loss"] - runs[m]["val_loss"]}
+        assert z["minus_uncompressed"]["2"] != 0 and z["mean"] == z["minus_uncompressed"]["2"], "int8 reached it"
+        assert runs[f"{m}_int8"]["comm_vs_ddp"] < runs[m]["comm_vs_ddp"] / 3, "1.016 instead of 4 B/param"
+        assert set(z["vs_ddp_pct"]) == {"2"}
+    assert [r["method"] for r in compressed["summary"]][-2:] == [f"{m}_int8" for m in best_qsr]
+    assert "compressed deltas (int8)" in (tmp_path / "int8.md").read_text()
+
+    # --reuse-confirmed: the uncompressed runs taken from tiny.json, only the twins run; the same pairing
+    reused = lm_study.main(
+        ["--confirm", str(tmp_path / "tiny.json"), "--seeds", "2", "--name", "reuse", "--jobs", "1", *out]
+        + ["--compress", "int8", "--only-compressed-pair", "--reuse-confirmed"]
+    )
+    assert reused["paired"] == compressed["paired"] and reused["summary"] == compressed["summary"]
+    assert any("not rerun" in n for n in reused["notes"])
 
 
 def test_inner_adamw_clips_each_workers_gradient_before_its_step():
