@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "scenarios(*names): the run_distributed_batch scenarios a test reads (testing_utils.selected_scenarios)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -1,8 +1,12 @@
-"""ParameterAverager on real 2-process gloo groups."""
+"""ParameterAverager on real 2-process gloo groups.
 
+The selected tests' 2-process runs share one spawn (`run_distributed_batch`, the module fixture ``batch``).
+"""
+
+import pytest
 import torch
 import torch.distributed as dist
-from testing_utils import BNMLP, run_distributed
+from testing_utils import BNMLP, run_distributed, run_distributed_batch, selected_scenarios
 
 from qsr_hf import ParameterAverager
 from qsr_hf.sync.tensor_selection import averaged_tensors
@@ -38,8 +42,9 @@ def _average(rank, world_size, dtype, fp32):
     }
 
 
-def test_average_is_exact_mean_in_one_collective():
-    r0, r1 = run_distributed(_average, dtype=torch.float32, fp32=True)
+@pytest.mark.scenarios("fp32")
+def test_average_is_exact_mean_in_one_collective(runs):
+    r0, r1 = runs["fp32"]
     assert r0["calls"] == r0["buckets"] == 1, "one all-reduce for the single fp32 bucket"
     for a0, a1, b0, b1 in zip(r0["after"], r1["after"], r0["before"], r1["before"], strict=True):
         assert torch.equal(a0, a1)
@@ -49,8 +54,9 @@ def test_average_is_exact_mean_in_one_collective():
     assert r0["sent"] == 4 * n
 
 
-def test_bf16_is_averaged_in_fp32():
-    r0, r1 = run_distributed(_average, dtype=torch.bfloat16, fp32=True)
+@pytest.mark.scenarios("bf16")
+def test_bf16_is_averaged_in_fp32(runs):
+    r0, r1 = runs["bf16"]
     for a0, a1, b0, b1 in zip(r0["after"], r1["after"], r0["before"], r1["before"], strict=True):
         assert a0.dtype == torch.bfloat16 and torch.equal(a0, a1)
         assert torch.equal(a0, ((b0.float() + b1.float()) / 2).to(torch.bfloat16))
@@ -69,8 +75,9 @@ def _views_survive_recast(rank, world_size):
     return out
 
 
-def test_broken_views_are_rebuilt():
-    r0, r1 = run_distributed(_views_survive_recast)
+@pytest.mark.scenarios("recast")
+def test_broken_views_are_rebuilt(runs):
+    r0, r1 = runs["recast"]
     for mode in ("inplace", "copy"):
         (t0, b0), (t1, _) = r0[mode], r1[mode]
         assert b0 == 1
@@ -247,11 +254,30 @@ def _two_ranks(rank, world_size):
     }
 
 
-def test_two_ranks_fp32_modes_fsdp2_snapshot_divisor():
-    results = run_distributed(_two_ranks)
+@pytest.mark.scenarios("two_ranks")
+def test_two_ranks_fp32_modes_fsdp2_snapshot_divisor(runs):
+    results = runs["two_ranks"]
     _check_modes([r["modes"] for r in results], torch.float32)
     _check_snapshot_divisor([r["snapshot"] for r in results])
     f0, f1 = (r["fsdp2"] for r in results)
     assert f0["kind"] == "DTensor" and "mode='copy'" in f0["error"]
     for a0, a1, b0, b1 in zip(f0["after"], f1["after"], f0["before"], f1["before"], strict=True):
         assert torch.equal(a0, a1) and torch.equal(a0, (b0 + b1) / 2)
+
+
+@pytest.fixture(scope="module")
+def batch(request):
+    """The 2-process runs of the selected tests, all from one spawn; a run that failed raises where a test reads it."""
+    scenarios = {
+        "fp32": (_average, {"dtype": torch.float32, "fp32": True}),
+        "bf16": (_average, {"dtype": torch.bfloat16, "fp32": True}),
+        "recast": (_views_survive_recast, {}),
+        "two_ranks": (_two_ranks, {}),
+    }
+    return run_distributed_batch(selected_scenarios(request, scenarios))
+
+
+@pytest.fixture
+def runs(batch, request):
+    """The runs this test names in its ``scenarios`` mark."""
+    return batch.for_test(request.node)

@@ -1,4 +1,8 @@
-"""QSRCallback with the real Trainer on 2 gloo processes (tiny ViT, in-memory dataset)."""
+"""QSRCallback with the real Trainer on 2 gloo processes (tiny ViT, in-memory dataset).
+
+The selected tests' 2-process trainings run in one spawn (`run_distributed_batch`, the module fixture ``batch``), each
+in its own output folder under the module's ``tmp``; a test names the trainings it reads in its ``scenarios`` mark.
+"""
 
 import dataclasses
 import shutil
@@ -8,7 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from testing_utils import default_group_sequence_number, flat_params, run_distributed, tiny_vit_config
+from testing_utils import (
+    default_group_sequence_number,
+    flat_params,
+    run_distributed,
+    run_distributed_batch,
+    selected_scenarios,
+    tiny_vit_config,
+)
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTForImageClassification
 
@@ -181,8 +192,9 @@ def _assert_collectives_only_at_syncs_and_logs(run, logging_steps, where):
         assert set(gathers) <= {1} and (not gathers or step % logging_steps == 0), f"{where}, step {step}: {gathers}"
 
 
-def test_trainer_local_steps_follow_the_schedule(tmp_path):
-    r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=QSR)
+@pytest.mark.scenarios("schedule")
+def test_trainer_local_steps_follow_the_schedule(runs):
+    r0, r1 = runs["schedule"]
     expected = plan(QSR, r0["lrs"], r0["warmup"])
     sync_after = [i + 1 for i, s in enumerate(r0["synced"]) if s]
     assert sync_after == expected.sync_steps, "sync steps differ from the planner's"
@@ -206,9 +218,9 @@ def test_trainer_local_steps_follow_the_schedule(tmp_path):
     assert final["qsr/comm_volume_vs_ddp_final"] == pytest.approx(expected.syncs / 12)
 
 
-def test_trainer_gradient_accumulation(tmp_path):
-    config = QSRConfig(qsr_rule="constant", qsr_h_base=3)
-    r0, r1 = run_distributed(_trainer_run, out_dir=str(tmp_path), config=config, max_steps=6, accumulation=2)
+@pytest.mark.scenarios("accumulation")
+def test_trainer_gradient_accumulation(runs):
+    r0, r1 = runs["accumulation"]
     assert r0["synced"] == [False, False, True] * 2
     assert r0["stats"]["steps"] == 6 and r0["grad_allreduces"] == 0
     assert torch.equal(r0["final"], r1["final"])
@@ -218,14 +230,11 @@ def _saved_model(checkpoint):
     return flat_params(ViTForImageClassification.from_pretrained(checkpoint))
 
 
-def test_eval_and_checkpoints_see_an_averaged_copy_and_leave_training_alone(tmp_path):
+@pytest.mark.scenarios("eval", "eval_plain")
+def test_eval_and_checkpoints_see_an_averaged_copy_and_leave_training_alone(runs, tmp):
     # evaluations at steps 3 and 6 and a checkpoint at step 5 all fall inside the rounds [0, 4) and [4, 8)
-    config = QSRConfig(qsr_rule="constant", qsr_h_base=4)
-    r0, r1 = run_distributed(
-        _trainer_run, out_dir=str(tmp_path / "eval"), config=config, max_steps=8, eval_strategy="steps",
-        eval_steps=3, save_steps=5,
-    )  # fmt: skip
-    plain = run_distributed(_trainer_run, out_dir=str(tmp_path / "plain"), config=config, max_steps=8)
+    r0, r1 = runs["eval"]
+    plain = runs["eval_plain"]
     for rank, run in enumerate((r0, r1)):
         for i, (a, b) in enumerate(zip(run["params"], plain[rank]["params"], strict=True)):
             assert torch.equal(a, b), f"rank {rank}, step {i + 1}: evaluations changed the training trajectory"
@@ -237,7 +246,7 @@ def test_eval_and_checkpoints_see_an_averaged_copy_and_leave_training_alone(tmp_
         mean = (r0["params"][step - 1] + r1["params"][step - 1]) / 2
         torch.testing.assert_close(r0["at_eval"][k], mean, rtol=0, atol=1e-7, msg=f"eval at {step} is not the mean")
     assert r0["stats"]["syncs"] == 2 and r0["stats"]["extra_syncs"] == 3  # evals at 3 and 6, the save at 5
-    ckpt = tmp_path / "eval" / "checkpoint-5"
+    ckpt = tmp / "eval" / "checkpoint-5"
     mean5 = (r0["params"][4] + r1["params"][4]) / 2
     n_params = sum(p.numel() for p in ViTForImageClassification(tiny_vit_config()).parameters())
     torch.testing.assert_close(_saved_model(ckpt)[:n_params], mean5[:n_params], rtol=0, atol=1e-7)
@@ -249,18 +258,16 @@ def test_eval_and_checkpoints_see_an_averaged_copy_and_leave_training_alone(tmp_
         assert torch.equal(local, run["params"][4][: local.numel()]), f"rank {rank}'s file holds the averaged copy"
 
 
-def test_training_stopped_inside_a_round_ends_on_the_average(tmp_path):
+@pytest.mark.scenarios("stopped")
+def test_training_stopped_inside_a_round_ends_on_the_average(runs, tmp):
     # an early stop after step 6, inside the round [4, 8): the ranks end on their average, which is what is saved
-    config = QSRConfig(qsr_rule="constant", qsr_h_base=4)
-    r0, r1 = run_distributed(
-        _trainer_run, out_dir=str(tmp_path), config=config, max_steps=8, stop_at=6, logging_steps=3
-    )
+    r0, r1 = runs["stopped"]
     assert r0["synced"] == [False, False, False, True, False, False]
     assert not torch.equal(r0["params"][5], r1["params"][5]), "the ranks should differ at the stop"
     assert torch.equal(r0["final"], r1["final"]), "the ranks end on different models"
     mean = (r0["params"][5] + r1["params"][5]) / 2
     torch.testing.assert_close(r0["final"], mean, rtol=0, atol=1e-7, msg="the final model is not the average")
-    assert torch.equal(_saved_model(tmp_path), r0["final"]), "the saved model is not the final average"
+    assert torch.equal(_saved_model(tmp / "stopped"), r0["final"]), "the saved model is not the final average"
     assert r0["stats"]["extra_syncs"] == 1 and r0["stats"]["syncs"] == 1
     for rank, run in enumerate((r0, r1)):
         _assert_collectives_only_at_syncs_and_logs(run, 3, f"rank {rank}")
@@ -278,12 +285,18 @@ def test_eval_with_extra_sync_option(tmp_path):
     assert r0["stats"]["extra_syncs"] == 1
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    full = run_distributed(_trainer_run, out_dir=str(full_dir), config=QSR, save_steps=5)
-    elsewhere = tmp_path / "elsewhere" / "checkpoint-5"  # outside output_dir: the callback must still find it
-    shutil.copytree(full_dir / "checkpoint-5", elsewhere)
-    resumed = run_distributed(_trainer_run, out_dir=str(resumed_dir), config=QSR, save_steps=5, resume=str(elsewhere))
+def _resume_from_a_copy(rank, world_size, checkpoint, copy_to, **kwargs):
+    # the checkpoint copied outside output_dir (rank 0 copies, the others wait): the callback must still find it
+    if rank == 0:
+        shutil.copytree(checkpoint, copy_to)
+    dist.barrier()
+    return _trainer_run(rank, world_size, resume=copy_to, **kwargs)
+
+
+@pytest.mark.scenarios("resume_full", "resumed")
+def test_resume_reproduces_uninterrupted_run(runs):
+    # "resumed" starts from a copy of "full"'s checkpoint-5 made outside its output_dir (`_resume_from_a_copy`)
+    full, resumed = runs["resume_full"], runs["resumed"]
     for rank in (0, 1):
         assert torch.equal(full[rank]["final"], resumed[rank]["final"]), f"rank {rank} diverged after resume"
         assert full[rank]["stats"] == resumed[rank]["stats"]
@@ -426,10 +439,10 @@ def _bn_trainer_runs(rank, world_size, out_dir, variants):
     return {(n, evaluate): _bn_trainer_run(f"{out_dir}/{n}_{evaluate}", n, evaluate) for n, evaluate in variants}
 
 
-def test_trainer_batchnorm_reestimated_before_eval(tmp_path):
+@pytest.mark.scenarios("batchnorm")
+def test_trainer_batchnorm_reestimated_before_eval(runs):
     # buffers stay local between syncs; before the mid-round eval at step 2 the statistics are recomputed and averaged
-    variants = [(2, True), (2, False), (0, True)]
-    r0, r1 = run_distributed(_bn_trainer_runs, out_dir=str(tmp_path), variants=variants)
+    r0, r1 = runs["batchnorm"]
     assert len(r0[2, True]["at_eval"]) == 2
     for a, b in zip(r0[2, True]["at_eval"], r1[2, True]["at_eval"], strict=True):
         assert torch.equal(a, b), "parameters or BatchNorm statistics differ across ranks at evaluation"
@@ -480,3 +493,71 @@ def test_trainer_outer_optimizer_resumes_bitwise_and_logs(tmp_path):
     for entry in logged:  # the Trainer's own metrics survive; the outer optimizer's ride along
         assert {"loss", "learning_rate", "qsr/outer_lr"} <= set(entry), entry
     assert logged[-1]["qsr/pseudo_grad_norm"] > 0
+
+
+def _scenarios(tmp):
+    """Every 2-process training of the default run, by name: ``(fn, kwargs)`` as `run_distributed` would take them.
+
+    Each writes under its own folder of ``tmp``; "resumed" reads "full"'s checkpoint, so it comes after it.
+    """
+    constant4 = QSRConfig(qsr_rule="constant", qsr_h_base=4)
+    return {
+        "schedule": (_trainer_run, {"out_dir": str(tmp / "schedule"), "config": QSR}),
+        "accumulation": (
+            _trainer_run,
+            {
+                "out_dir": str(tmp / "accumulation"),
+                "config": QSRConfig(qsr_rule="constant", qsr_h_base=3),
+                "max_steps": 6,
+                "accumulation": 2,
+            },
+        ),
+        "eval": (
+            _trainer_run,
+            {
+                "out_dir": str(tmp / "eval"),
+                "config": constant4,
+                "max_steps": 8,
+                "eval_strategy": "steps",
+                "eval_steps": 3,
+                "save_steps": 5,
+            },
+        ),
+        "eval_plain": (_trainer_run, {"out_dir": str(tmp / "plain"), "config": constant4, "max_steps": 8}),
+        "stopped": (
+            _trainer_run,
+            {"out_dir": str(tmp / "stopped"), "config": constant4, "max_steps": 8, "stop_at": 6, "logging_steps": 3},
+        ),
+        "resume_full": (_trainer_run, {"out_dir": str(tmp / "full"), "config": QSR, "save_steps": 5}),
+        "resumed": (
+            _resume_from_a_copy,
+            {
+                "checkpoint": str(tmp / "full" / "checkpoint-5"),
+                "copy_to": str(tmp / "elsewhere" / "checkpoint-5"),
+                "out_dir": str(tmp / "resumed"),
+                "config": QSR,
+                "save_steps": 5,
+            },
+        ),
+        "batchnorm": (
+            _bn_trainer_runs,
+            {"out_dir": str(tmp / "batchnorm"), "variants": [(2, True), (2, False), (0, True)]},
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("callback")
+
+
+@pytest.fixture(scope="module")
+def batch(request, tmp):
+    """The trainings of the selected tests, all from one spawn; one that failed raises where a test reads it."""
+    return run_distributed_batch(selected_scenarios(request, _scenarios(tmp)))
+
+
+@pytest.fixture
+def runs(batch, request):
+    """The trainings this test names in its ``scenarios`` mark."""
+    return batch.for_test(request.node)

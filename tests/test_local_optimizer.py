@@ -1,4 +1,8 @@
-"""LocalOptimizer on real 2-process gloo groups with the real Accelerator and DDP."""
+"""LocalOptimizer on real 2-process gloo groups with the real Accelerator and DDP.
+
+The selected tests' 2-process scenarios run in one spawn (`run_distributed_batch`, the module fixture ``batch``),
+each with a fresh Accelerator; a test names the scenarios it reads in its ``scenarios`` mark.
+"""
 
 import itertools
 
@@ -6,7 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from testing_utils import BNMLP, flat_params, rank_batches, run_distributed
+from testing_utils import (
+    BNMLP,
+    flat_params,
+    rank_batches,
+    run_distributed,
+    run_distributed_batch,
+    selected_scenarios,
+)
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -45,6 +56,12 @@ class _AllReduceSpy:
 
 def _inverse_decay(step):
     return 1.0 / (1 + step)
+
+
+PLANNER_CONFIG = QSRConfig(qsr_rule="qsr", qsr_alpha=0.25, qsr_h_base=2)
+RESUME_CUTS = [3, 7]
+POST_LOCAL_SWITCH = 6
+SCHEDULER_WARMUP, SCHEDULER_TOTAL = 4, 16
 
 
 def _train(
@@ -102,9 +119,10 @@ def _train(
     }
 
 
-def test_constant_h_local_steps_and_syncs():
-    steps, h = 7, 3
-    r0, r1 = run_distributed(_train, config=QSRConfig(qsr_rule="constant", qsr_h_base=h), steps=steps)
+@pytest.mark.scenarios("constant_h")
+def test_constant_h_local_steps_and_syncs(runs):
+    steps, h = 7, 3  # the scenario's (`_scenarios`)
+    r0, r1 = runs["constant_h"]
     expected_sync = [(i + 1) % h == 0 or i + 1 == steps for i in range(steps)]
     assert r0["synced"] == expected_sync
     assert r0["grad_allreduces"] == 0 and r1["grad_allreduces"] == 0, "DDP reduced gradients between syncs"
@@ -120,10 +138,9 @@ def test_constant_h_local_steps_and_syncs():
     assert not torch.allclose(r0["momentum"], r1["momentum"])
 
 
-def test_optimizer_state_averaged_when_configured():
-    steps, h = 5, 2
-    config = QSRConfig(qsr_rule="constant", qsr_h_base=h, qsr_average_optimizer_state=True)
-    r0, r1 = run_distributed(_train, config=config, steps=steps, optimizer="adamw")
+@pytest.mark.scenarios("optimizer_state")
+def test_optimizer_state_averaged_when_configured(runs):
+    r0, r1 = runs["optimizer_state"]
     assert r0["synced"] == [False, True, False, True, True]
     assert torch.equal(r0["momentum"], r1["momentum"]), "Adam moments differ after the final sync"
     assert torch.equal(r0["params"][-1], r1["params"][-1])
@@ -135,11 +152,10 @@ def test_optimizer_state_averaged_when_configured():
     assert r0["grad_allreduces"] == 0
 
 
-def test_schedule_matches_planner_with_decaying_lr():
-    steps = 40
-    lr_fn = _inverse_decay
-    config = QSRConfig(qsr_rule="qsr", qsr_alpha=0.25, qsr_h_base=2)
-    r0, r1 = run_distributed(_train, config=config, steps=steps, lr_fn=lr_fn)
+@pytest.mark.scenarios("planner")
+def test_schedule_matches_planner_with_decaying_lr(runs):
+    steps, lr_fn, config = 40, _inverse_decay, PLANNER_CONFIG  # the scenario's (`_scenarios`)
+    r0, r1 = runs["planner"]
     lrs = [0.1 * lr_fn(s) for s in range(steps)]
     expected = plan(config, lrs)
     sync_steps = [i + 1 for i, s in enumerate(r0["synced"]) if s]
@@ -148,25 +164,19 @@ def test_schedule_matches_planner_with_decaying_lr():
     assert r0["param_allreduces"] == len(expected.sync_steps) * r0["buckets"]
 
 
-def test_gradient_accumulation_counts_optimizer_steps():
-    steps, h = 6, 2
-    r0, r1 = run_distributed(_train, config=QSRConfig(qsr_rule="constant", qsr_h_base=h), steps=steps, accumulation=3)
+@pytest.mark.scenarios("accumulation")
+def test_gradient_accumulation_counts_optimizer_steps(runs):
+    steps = 6  # the scenario's (`_scenarios`)
+    r0, r1 = runs["accumulation"]
     assert r0["synced"] == [False, True] * 3
     assert r0["stats"]["steps"] == steps
     assert r0["grad_allreduces"] == 0
     assert torch.equal(r0["params"][-1], r1["params"][-1])
 
 
-def test_bf16_autocast_and_clipping_stay_local():
-    steps, h = 4, 2
-    r0, r1 = run_distributed(
-        _train,
-        config=QSRConfig(qsr_rule="constant", qsr_h_base=h),
-        steps=steps,
-        optimizer="adamw",
-        precision="bf16",
-        clip=True,
-    )
+@pytest.mark.scenarios("bf16_clip")
+def test_bf16_autocast_and_clipping_stay_local(runs):
+    r0, r1 = runs["bf16_clip"]
     assert r0["grad_allreduces"] == 0 and r0["param_allreduces"] == 2 * r0["buckets"]
     assert not torch.equal(r0["params"][0], r1["params"][0]) and torch.equal(r0["params"][1], r1["params"][1])
 
@@ -189,11 +199,11 @@ def _ddp_reference(rank, world_size, steps, optimizer="sgd"):
     return out
 
 
-def test_h1_matches_ddp_with_sgd():
+@pytest.mark.scenarios("h1_ours", "h1_ddp")
+def test_h1_matches_ddp_with_sgd(runs):
     # H = 1 equals data parallel for SGD (update linear in the gradient); buffers differ (DDP broadcasts rank 0's)
-    steps = 5
-    ours = run_distributed(_train, config=QSRConfig(qsr_rule="ddp", qsr_average_buffers=False), steps=steps)
-    ref = run_distributed(_ddp_reference, steps=steps)
+    steps = 5  # the scenarios' (`_scenarios`)
+    ours, ref = runs["h1_ours"], runs["h1_ddp"]
     n_params = sum(p.numel() for p in BNMLP().parameters())
     for i in range(steps):
         torch.testing.assert_close(ours[0]["params"][i][:n_params], ref[0][i][:n_params], rtol=1e-5, atol=1e-6)
@@ -229,8 +239,9 @@ def test_constant_h_matches_accelerate_local_sgd():
     torch.testing.assert_close(ours[1]["params"][-1][:n_params], ref[1][:n_params], rtol=1e-6, atol=1e-7)
 
 
-def test_buffers_averaged_by_default():
-    r0, r1 = run_distributed(_train, config=QSRConfig(qsr_rule="constant", qsr_h_base=2), steps=2)
+@pytest.mark.scenarios("buffers")
+def test_buffers_averaged_by_default(runs):
+    r0, r1 = runs["buffers"]
     assert torch.equal(r0["params"][-1], r1["params"][-1])  # includes BatchNorm running stats
 
 
@@ -267,8 +278,9 @@ def _bn_reestimate(rank, world_size):
     }
 
 
-def test_batchnorm_reestimated_then_averaged():
-    r0, r1 = run_distributed(_bn_reestimate)
+@pytest.mark.scenarios("bn_reestimate")
+def test_batchnorm_reestimated_then_averaged(runs):
+    r0, r1 = runs["bn_reestimate"]
     assert r0["used"] == 3 and r0["extra_syncs"] == 1
     # statistics: recomputed from each rank's own batches, then averaged: equal on both ranks, the mean of the two
     torch.testing.assert_close(r0["running_mean"], (r0["local_mean"] + r1["local_mean"]) / 2)
@@ -317,9 +329,11 @@ def _resume(rank, world_size, steps, cut):
     return full["params"][-1], flat_params(model2.module), full["state"], local2.state_dict()["qsr"]
 
 
-@pytest.mark.parametrize("cut", [3, 7])
-def test_state_dict_resume_is_exact(cut):
-    for full_params, resumed_params, full_state, resumed_state in run_distributed(_resume, steps=12, cut=cut):
+@pytest.mark.parametrize(
+    "cut", [pytest.param(cut, marks=pytest.mark.scenarios(f"resume_{cut}")) for cut in RESUME_CUTS]
+)
+def test_state_dict_resume_is_exact(runs, cut):
+    for full_params, resumed_params, full_state, resumed_state in runs[f"resume_{cut}"]:
         assert torch.equal(full_params, resumed_params), f"resume at step {cut} diverged"
         assert full_state == resumed_state
 
@@ -350,18 +364,19 @@ def _unwrapped(rank, world_size):
     return None
 
 
-def test_unwrapped_model_in_multiprocess_run_is_an_error():
-    messages = run_distributed(_unwrapped)
+@pytest.mark.scenarios("unwrapped")
+def test_unwrapped_model_in_multiprocess_run_is_an_error(runs):
+    messages = runs["unwrapped"]
     assert all(m is not None and "not wrapped for data parallelism" in m for m in messages)
 
 
-def test_post_local_phase_one_is_data_parallel():
+@pytest.mark.scenarios("post_local", "post_local_ddp")
+def test_post_local_phase_one_is_data_parallel(runs):
     # post-local SGD (Lin et al.): true gradient all-reduce until the switch, then local rounds of H_base; with AdamW,
     # where local training with H = 1 would differ (per-worker moments), phase 1 equals DDP bitwise
-    steps, switch = 10, 6
-    config = QSRConfig(qsr_rule="post_local", qsr_switch_step=switch, qsr_h_base=2)
-    r0, r1 = run_distributed(_train, config=config, steps=steps, optimizer="adamw")
-    ref = run_distributed(_ddp_reference, steps=steps, optimizer="adamw")
+    switch = POST_LOCAL_SWITCH
+    r0, r1 = runs["post_local"]
+    ref = runs["post_local_ddp"]
     for i in range(switch):
         for rank, run in enumerate((r0, r1)):
             assert torch.equal(run["params"][i], ref[rank][i]), f"rank {rank}, step {i + 1}: phase 1 is not DDP"
@@ -418,10 +433,10 @@ def _scheduler_run(rank, world_size, warmup, total, explicit):
             "warnings": records}  # fmt: skip
 
 
-def test_prepared_scheduler_gives_warmup_and_length_in_optimizer_steps():
-    warmup, total = 4, 16
-    runs = run_distributed(_scheduler_run, warmup=warmup, total=total, explicit=False)
-    for rank, run in enumerate(runs):
+@pytest.mark.scenarios("scheduler_prepared", "scheduler_explicit")
+def test_prepared_scheduler_gives_warmup_and_length_in_optimizer_steps(runs):
+    warmup, total = SCHEDULER_WARMUP, SCHEDULER_TOTAL
+    for rank, run in enumerate(runs["scheduler_prepared"]):
         assert (run["warmup"], run["total"]) == (warmup, total), f"rank {rank}"
         assert max(range(total), key=run["lrs"].__getitem__) == warmup, "the lr peaks at the end of the warm-up"
         decay = run["lrs"][warmup:]
@@ -430,8 +445,7 @@ def test_prepared_scheduler_gives_warmup_and_length_in_optimizer_steps():
         assert len(run["errors"]) == 2, f"rank {rank}: a contradicting explicit count must be refused"
         assert "num_training_steps=32 but the lr scheduler's is 16 optimizer steps" in run["errors"][0]
         assert not run["warnings"]
-    explicit = run_distributed(_scheduler_run, warmup=warmup, total=total, explicit=True)
-    for rank, run in enumerate(explicit):
+    for rank, run in enumerate(runs["scheduler_explicit"]):
         assert any("inside the declared warm-up of 8 steps" in m for m in run["warnings"]), f"rank {rank} not warned"
 
 
@@ -466,16 +480,75 @@ def _stop_mid_round(rank, world_size, stop_after):
             "after_ddp_step": flat_params(model.module)}  # fmt: skip
 
 
-def test_literal_sync_steps_and_close_mid_round():
+@pytest.mark.scenarios("stop_after_11", "stop_after_9")
+def test_literal_sync_steps_and_close_mid_round(runs):
     # a literal schedule (not from plan()): warm-up rounds of H_base = 2, including the round [2, 4) that starts on
     # the last warm-up step, then H = 3 from the rule, and the last round clipped to end at step 11
-    full = run_distributed(_stop_mid_round, stop_after=11)
+    full = runs["stop_after_11"]
     assert [i + 1 for i, s in enumerate(full[0]["synced"]) if s] == [2, 4, 7, 10, 11]
     # stopped after 9 steps, inside the round [7, 10): close() averages, then DDP reduces gradients again
-    r0, r1 = run_distributed(_stop_mid_round, stop_after=9)
+    r0, r1 = runs["stop_after_9"]
     assert not torch.equal(r0["before_close"], r1["before_close"]), "ranks must differ inside the open round"
     assert torch.equal(r0["after_close"], r1["after_close"]), "close() must average an unfinished round"
     assert r0["grads_before"] == 0, "no gradient all-reduce during local training"
     assert r0["grads_after_close"] == 1, "after close() DDP must all-reduce gradients again"
     n_params = sum(p.numel() for p in BNMLP().parameters())
     assert torch.equal(r0["after_ddp_step"][:n_params], r1["after_ddp_step"][:n_params])
+
+
+def _scenarios():
+    """Every 2-process scenario of the default run, by name: ``(fn, kwargs)`` as `run_distributed` would take them."""
+    constant = QSRConfig(qsr_rule="constant", qsr_h_base=2)
+    return {
+        "constant_h": (_train, {"config": QSRConfig(qsr_rule="constant", qsr_h_base=3), "steps": 7}),
+        "optimizer_state": (
+            _train,
+            {
+                "config": QSRConfig(qsr_rule="constant", qsr_h_base=2, qsr_average_optimizer_state=True),
+                "steps": 5,
+                "optimizer": "adamw",
+            },
+        ),
+        "planner": (_train, {"config": PLANNER_CONFIG, "steps": 40, "lr_fn": _inverse_decay}),
+        "accumulation": (_train, {"config": constant, "steps": 6, "accumulation": 3}),
+        "bf16_clip": (
+            _train,
+            {"config": constant, "steps": 4, "optimizer": "adamw", "precision": "bf16", "clip": True},
+        ),
+        "h1_ours": (_train, {"config": QSRConfig(qsr_rule="ddp", qsr_average_buffers=False), "steps": 5}),
+        "h1_ddp": (_ddp_reference, {"steps": 5}),
+        "buffers": (_train, {"config": constant, "steps": 2}),
+        "bn_reestimate": (_bn_reestimate, {}),
+        **{f"resume_{cut}": (_resume, {"steps": 12, "cut": cut}) for cut in RESUME_CUTS},
+        "unwrapped": (_unwrapped, {}),
+        "post_local": (
+            _train,
+            {
+                "config": QSRConfig(qsr_rule="post_local", qsr_switch_step=POST_LOCAL_SWITCH, qsr_h_base=2),
+                "steps": 10,
+                "optimizer": "adamw",
+            },
+        ),
+        "post_local_ddp": (_ddp_reference, {"steps": 10, "optimizer": "adamw"}),
+        **{
+            f"scheduler_{name}": (
+                _scheduler_run,
+                {"warmup": SCHEDULER_WARMUP, "total": SCHEDULER_TOTAL, "explicit": explicit},
+            )
+            for name, explicit in (("prepared", False), ("explicit", True))
+        },
+        "stop_after_11": (_stop_mid_round, {"stop_after": 11}),
+        "stop_after_9": (_stop_mid_round, {"stop_after": 9}),
+    }
+
+
+@pytest.fixture(scope="module")
+def batch(request):
+    """The scenarios of the selected tests, all from one spawn; a scenario that failed raises where a test reads it."""
+    return run_distributed_batch(selected_scenarios(request, _scenarios()))
+
+
+@pytest.fixture
+def runs(batch, request):
+    """The scenarios this test names in its ``scenarios`` mark."""
+    return batch.for_test(request.node)

@@ -1,11 +1,11 @@
 """The overlapped (delayed) sync, ``qsr_overlap_sync`` / ``qsr_overlap_steps``: exact bookkeeping on a real 2-process
-gloo group."""
+gloo group. The selected tests' runs share one spawn (`run_distributed_batch`, the module fixture ``batch``)."""
 
 import copy
 
 import pytest
 import torch
-from testing_utils import rank_batches, run_distributed
+from testing_utils import rank_batches, run_distributed_batch, selected_scenarios
 from torch import nn
 
 from qsr_hf import LocalOptimizer, ParameterAverager, QSRConfig
@@ -71,8 +71,30 @@ def _overlap_run(rank, world_size, h=H, delay=1, steps=STEPS, auto=None):
     return out
 
 
-def test_overlapped_sync_is_the_delayed_average_bitwise():
-    r0, r1 = run_distributed(_overlap_run)
+SCENARIOS = {
+    "delay_1": {},
+    "delay_2": {"h": 3, "delay": 2},
+    "auto_given": {"h": 4, "delay": [1, 5], "steps": 13, "auto": [(30000, 10000), (25000, 6000)]},
+    "auto_measured": {"h": 3, "steps": 7, "auto": [None, None]},
+}  # `_overlap_run`'s arguments
+
+
+@pytest.fixture(scope="module")
+def batch(request):
+    """The runs of the selected tests, all from one spawn; a run that failed raises where a test reads it."""
+    scenarios = {name: (_overlap_run, kwargs) for name, kwargs in SCENARIOS.items()}
+    return run_distributed_batch(selected_scenarios(request, scenarios))
+
+
+@pytest.fixture
+def runs(batch, request):
+    """The runs this test names in its ``scenarios`` mark."""
+    return batch.for_test(request.node)
+
+
+@pytest.mark.scenarios("delay_1")
+def test_overlapped_sync_is_the_delayed_average_bitwise(runs):
+    r0, r1 = runs["delay_1"]
     for r in (r0, r1):
         assert r["mode"] == "copy" and r["syncs"] == 4
         assert r["pending"] == [False, True, False, True, False, True, False]
@@ -85,9 +107,10 @@ def test_overlapped_sync_is_the_delayed_average_bitwise():
 
 
 @pytest.mark.slow  # 7 s; depths > 1 stay in the default run: the automatic-depth test (5 steps) and the simulation
-def test_overlap_over_two_steps_is_the_delayed_average_bitwise():
+@pytest.mark.scenarios("delay_2")
+def test_overlap_over_two_steps_is_the_delayed_average_bitwise(runs):
     # rounds of 3 (ends after steps 3 and 6, then 7): each average folded in 2 steps later, with both steps' change
-    r0, r1 = run_distributed(_overlap_run, h=3, delay=2)
+    r0, r1 = runs["delay_2"]
     for r in (r0, r1):
         assert r["syncs"] == 3
         assert r["pending"] == [False, False, True, True, False, True, False]
@@ -96,11 +119,12 @@ def test_overlap_over_two_steps_is_the_delayed_average_bitwise():
     assert torch.equal(r0["ours"][-1], r1["ours"][-1]), "training ends on a blocking average"
 
 
-def test_auto_depth_is_chosen_once_from_every_rank_and_followed_bitwise():
+@pytest.mark.scenarios("auto_given")
+def test_auto_depth_is_chosen_once_from_every_rank_and_followed_bitwise(runs):
     # rounds of 4 over 13 steps: the average of step 4 arrives 1 step late (the initial depth) and is measured; at
     # step 8 the ranks exchange (transfer, step) = (30 ms, 10 ms) and (25 ms, 6 ms): ceil(25/6) = 5 on rank 1 decides;
     # the average of step 8 arrives 5 steps late (cut at the round end at 12), that of 12 at the last step, 13
-    r0, r1 = run_distributed(_overlap_run, h=4, delay=[1, 5], steps=13, auto=[(30000, 10000), (25000, 6000)])
+    r0, r1 = runs["auto_given"]  # h=4, delay=[1, 5], steps=13, auto=[(30000, 10000), (25000, 6000)]
     for r in (r0, r1):
         assert r["state"] == {"steps": 5, "auto": False}  # saved in checkpoints: a resume keeps the chosen depth
         assert r["depth"] == [None] * 3 + [1] * 4 + [5] * 6
@@ -109,9 +133,10 @@ def test_auto_depth_is_chosen_once_from_every_rank_and_followed_bitwise():
             assert torch.equal(ours, ref), f"step {step}: the chosen depth is not the one followed"
 
 
-def test_auto_depth_measures_transfer_and_step_times():
+@pytest.mark.scenarios("auto_measured")
+def test_auto_depth_measures_transfer_and_step_times(runs):
     # real measurements (2 ranks, loopback): the same depth on both ranks, chosen from positive times
-    r0, r1 = run_distributed(_overlap_run, h=3, steps=7, auto=[None, None])
+    r0, r1 = runs["auto_measured"]
     assert r0["state"] == r1["state"] and not r0["state"]["auto"] and r0["state"]["steps"] >= 1
     for r in (r0, r1):
         transfer, step = r["measured"]

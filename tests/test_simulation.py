@@ -2,13 +2,14 @@
 
 Same init, same data (rank k gets shard k of every global batch), same AdamW and lr schedule. The comparison is
 bitwise (torch.equal), after every optimizer step, of all parameters and floating-point buffers (BatchNorm running
-statistics included): with K = 2 the sums the simulation does are the ones gloo does (a + b is commutative).
+statistics included): with K = 2 the sums the simulation does are the ones gloo does (a + b is commutative). The
+selected tests' real runs share one spawn (`run_distributed_batch`, the module fixture ``batch``).
 """
 
 import pytest
 import torch
 from accelerate import Accelerator
-from testing_utils import BNMLP, flat_params, run_distributed
+from testing_utils import BNMLP, flat_params, run_distributed_batch, selected_scenarios
 from transformers import get_scheduler
 
 from qsr_hf import LocalOptimizer, QSRConfig
@@ -202,6 +203,20 @@ def _real_run(rank, world_size, config):
     return {"params": params, "synced": synced}
 
 
+@pytest.fixture(scope="module")
+def batch(request):
+    """The real runs of the selected tests (a LocalOptimizer run per rule, plain DDP), all from one spawn."""
+    scenarios = {rule: (_real_run, {"config": config}) for rule, config in CONFIGS.items()}
+    scenarios["data_parallel"] = (_real_run, {"config": None})
+    return run_distributed_batch(selected_scenarios(request, scenarios), world_size=WORKERS)
+
+
+@pytest.fixture
+def runs(batch, request):
+    """The real runs this test names in its ``scenarios`` mark."""
+    return batch.for_test(request.node)
+
+
 # constant, post_local, qsr_overlap and qsr_nesterov are also covered by constant_overlap2, post_local_nesterov,
 # qsr_overlap_nesterov (and test_overlap.py) and qsr_fragments3_nesterov (whose last sync steps the whole model):
 # slow, for the time budget
@@ -224,11 +239,15 @@ SLOW = (
 
 
 @pytest.mark.parametrize(
-    "rule", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW else r for r in sorted(CONFIGS)]
+    "rule",
+    [
+        pytest.param(r, marks=[pytest.mark.scenarios(r), *([pytest.mark.slow] if r in SLOW else [])])
+        for r in sorted(CONFIGS)
+    ],
 )
-def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
+def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread, runs):
     config = CONFIGS[rule]
-    real = run_distributed(_real_run, world_size=WORKERS, config=config)
+    real = runs[rule]
     sim = LocalTrainingSimulation(_model(), _optimizer, config, WORKERS, STEPS, WARMUP, _scheduler)
     synced, lrs = [], []
     for step, batch in enumerate(_global_batches()):
@@ -256,8 +275,9 @@ def test_local_simulation_matches_local_optimizer_bitwise(rule, one_thread):
         assert not torch.equal(flat_params(plain.replicas[0]), real[0]["params"][2]), f"{rule} = plain QSR"
 
 
-def test_data_parallel_simulation_matches_ddp_bitwise(one_thread):
-    real = run_distributed(_real_run, world_size=WORKERS, config=None)
+@pytest.mark.scenarios("data_parallel")
+def test_data_parallel_simulation_matches_ddp_bitwise(one_thread, runs):
+    real = runs["data_parallel"]
     sim = DataParallelSimulation(_model(), _optimizer, WORKERS, _scheduler)
     n_params = sum(p.numel() for p in BNMLP().parameters())
     for step, batch in enumerate(_global_batches()):

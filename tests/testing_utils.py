@@ -2,9 +2,11 @@
 
 import contextlib
 import importlib.util
+import logging
 import os
 import pickle
 import queue as queue_module
+import random
 import socket
 import time
 import traceback
@@ -30,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, queue: Any) -> None:
+def _rank_environment(rank: int, world_size: int, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -42,6 +44,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, q
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, queue: Any) -> None:
+    _rank_environment(rank, world_size, port)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank=rank, world_size=world_size, **kwargs)
@@ -90,6 +96,188 @@ def run_distributed(fn: Callable, world_size: int = 2, timeout: float = 300, **k
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world_size)]
+
+
+class ScenarioFailed(RuntimeError):
+    """A scenario of `run_distributed_batch` that failed (or never reported) on at least one rank."""
+
+
+class BatchResults(dict):
+    """Scenario name -> each rank's result; reading a failed scenario raises its ranks' tracebacks."""
+
+    def __getitem__(self, name: str) -> list[Any]:
+        if name not in self:
+            raise KeyError(f"scenario {name!r} was not run: name it in the test's @pytest.mark.scenarios(...)")
+        outcome = super().__getitem__(name)
+        if isinstance(outcome, ScenarioFailed):
+            raise ScenarioFailed(str(outcome))
+        return outcome
+
+    def for_test(self, node: pytest.Item) -> "BatchResults":
+        """The scenarios that ``node`` names in its ``scenarios`` marks: a test reads only what it declared."""
+        names = {name for mark in node.iter_markers("scenarios") for name in mark.args}
+        return BatchResults({name: outcome for name, outcome in self.items() if name in names})
+
+
+def selected_scenarios(request: pytest.FixtureRequest, scenarios: dict[str, tuple[Callable, dict]]) -> dict:
+    """The entries of ``scenarios`` (in their order) that this session's selected tests of the requesting module name
+    in their ``@pytest.mark.scenarios(...)``: ``pytest -k one_test`` runs that test's scenarios only."""
+    wanted = {
+        name
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        for mark in item.iter_markers("scenarios")
+        for name in mark.args
+    }
+    if unknown := wanted - scenarios.keys():
+        raise ValueError(f"@pytest.mark.scenarios names unknown scenarios {sorted(unknown)}")
+    return {name: scenario for name, scenario in scenarios.items() if name in wanted}
+
+
+def _loggers() -> list[logging.Logger]:
+    return [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+
+
+def _process_state() -> dict:
+    """What a scenario may change in its process and a fresh process would not have: restored between scenarios."""
+    import numpy as np
+
+    return {
+        "env": dict(os.environ),
+        "torch_rng": torch.get_rng_state(),
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "dtype": torch.get_default_dtype(),
+        "dist": dict(vars(dist)),  # collective spies (dist.all_reduce = spy) that a failing scenario left behind
+        "loggers": {lg: (list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in _loggers()},
+        "logging_disable": logging.root.manager.disable,
+    }
+
+
+def _restore_process_state(saved: dict) -> None:
+    import numpy as np
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate's singletons: each scenario builds its own Accelerator (mixed precision, gradient accumulation), as
+    # in a fresh process; the process group itself stays (as accelerate's own test scripts do between cases)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    os.environ.clear()
+    os.environ.update(saved["env"])
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["random"])
+    np.random.set_state(saved["numpy"])
+    torch.set_default_dtype(saved["dtype"])
+    current = vars(dist)
+    for name, value in saved["dist"].items():
+        if current.get(name) is not value:
+            setattr(dist, name, value)
+    for lg in _loggers():
+        handlers, level, propagate, disabled = saved["loggers"].get(lg, ([], logging.NOTSET, True, False))
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate, lg.disabled = propagate, disabled
+    logging.disable(saved["logging_disable"])
+
+
+def _batch_worker(rank: int, world_size: int, port: int, scenarios: list, queue: Any) -> None:
+    _rank_environment(rank, world_size, port)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        fresh = _process_state()
+        for name, fn, kwargs in scenarios:
+            try:
+                _restore_process_state(fresh)
+                result = fn(rank=rank, world_size=world_size, **kwargs)
+                # pickled now: a later scenario must not change what this one returned (a log handler's list)
+                payload = pickle.dumps(result)
+            except BaseException:  # noqa: BLE001 — reported for this scenario; the parent restarts the rest
+                queue.put((rank, name, "error", traceback.format_exc()))
+                return  # the ranks may now be out of step in their collectives: this process is done
+            queue.put((rank, name, "ok", payload))
+    except BaseException:  # noqa: BLE001 — a failure before any scenario (the process group) fails the first
+        queue.put((rank, scenarios[0][0] if scenarios else "", "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn_batch(scenarios: list, world_size: int, timeout: float) -> dict[str, Any]:
+    """One spawn of ``world_size`` processes that run ``scenarios`` in order, until the first that fails on any rank.
+
+    Returns the outcome of each scenario that completed on every rank (a list of results) and of the first failed
+    one (`ScenarioFailed`); the scenarios after it are left out, for the caller to run in a fresh spawn.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_batch_worker, args=(r, world_size, port, scenarios, queue)) for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcomes: dict[str, Any] = {}
+    reported: dict[str, dict[int, Any]] = {name: {} for name, _, _ in scenarios}
+    failures: dict[str, dict[int, str]] = {name: {} for name, _, _ in scenarios}  # rank (-1: none) -> traceback
+    deadline = time.monotonic() + timeout
+    grace: dict[str, float] = {}  # after a scenario's first error, a few seconds for the other ranks' account of it
+    try:
+        for name, _, _ in scenarios:
+            errors = failures[name]
+            while len(reported[name]) < world_size:
+                with contextlib.suppress(queue_module.Empty):
+                    rank, got, status, payload = queue.get(timeout=1.0)
+                    if status == "error":
+                        failures[got][rank] = payload
+                        grace.setdefault(got, time.monotonic() + 5.0)
+                    reported[got][rank] = pickle.loads(payload) if status == "ok" else None
+                    continue
+                gone = {r for r, p in enumerate(procs) if p.exitcode is not None} - set(reported[name])
+                if errors and (time.monotonic() > grace[name] or len(gone) + len(reported[name]) >= world_size):
+                    break
+                if not errors and (gone or time.monotonic() > deadline):
+                    codes = {r: procs[r].exitcode for r in range(world_size) if r not in reported[name]}
+                    errors[-1] = (
+                        f"ranks {sorted(codes)} did not report (exit codes {codes}; None = still running after "
+                        f"{timeout} s)"
+                    )
+                    break
+            if errors:
+                detail = "\n".join(f"rank {r} failed:\n{tb}" if r >= 0 else tb for r, tb in sorted(errors.items()))
+                outcomes[name] = ScenarioFailed(f"scenario {name!r}: {detail}")
+                break
+            outcomes[name] = [reported[name][r] for r in range(world_size)]
+            deadline = time.monotonic() + timeout
+    finally:
+        for p in procs:
+            p.join(timeout=1 if grace else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return outcomes
+
+
+def run_distributed_batch(
+    scenarios: dict[str, tuple[Callable, dict]], world_size: int = 2, timeout: float = 300
+) -> BatchResults:
+    """Run several scenarios, in order, in the same ``world_size`` spawned gloo processes; return each one's results.
+
+    ``scenarios`` maps a name to ``(fn, kwargs)``; each ``fn(rank=, world_size=, **kwargs)`` runs as `run_distributed`
+    would run it, one after another on the same process group, which saves the processes' start-up (importing torch,
+    transformers and accelerate) per scenario. Between scenarios the process is put back as it was before the first:
+    accelerate's state singletons reset, environment, RNG states, default dtype, ``torch.distributed``'s functions
+    (collective spies) and logging handlers restored. A scenario that fails stops that spawn; its tracebacks are
+    kept for it alone and the scenarios after it run in a fresh spawn, so reading one failed scenario from the
+    returned `BatchResults` raises `ScenarioFailed` and the others still read. ``timeout`` bounds each scenario.
+    """
+    pending = [(name, fn, kwargs) for name, (fn, kwargs) in scenarios.items()]
+    results = BatchResults()
+    while pending:
+        results.update(_spawn_batch(pending, world_size, timeout))
+        pending = [s for s in pending if s[0] not in results]
+    return results
 
 
 class BNMLP(nn.Module):
