@@ -181,7 +181,8 @@ def generalization(d, fig):
     rows, runs, meta = d["summary"], d["runs"], d["meta"]
     variants = [r for r in rows if r["rule"].startswith("qsr_")]
     axes = fig.subplots(1, 4 if variants else 3, width_ratios=[1, 1, 1, 0.8] if variants else None)
-    colors = {r["rule"]: c for r, c in zip(rows, colormaps["tab10"].colors, strict=False)}
+    palette = colormaps["tab20"].colors  # more rules than tab10's 10 colours (the variants run has 11)
+    colors = {r["rule"]: palette[i % len(palette)] for i, r in enumerate(rows)}
     labels = {r["rule"]: r["label"] for r in rows}
     for r in rows:
         axes[0].errorbar(100 * r["comm_vs_ddp"], r["test_acc_mean"], yerr=r["test_acc_std"], fmt="o", capsize=3,
