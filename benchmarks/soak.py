@@ -32,6 +32,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,7 +70,8 @@ class Soak:
 
     def __init__(self, args: argparse.Namespace, workdir: Path, inject: bool) -> None:
         self.args, self.dir, self.inject = args, workdir, inject
-        self.dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the streams are appended to: never mix in an earlier run's
+        self.dir.mkdir(parents=True)
         self.rng = random.Random(args.seed)
         self.t0 = time.time()
         self.port = free_port()
