@@ -171,7 +171,6 @@ FRAMEWORK_WRITES = {
     ("engines/fsdp2.py", "module._get_fsdp_state"),
     ("engines/fsdp2.py", "state._auto_reshard_after_forward"),
     ("engines/hierarchical.py", "self.ddp.broadcast_buffers"),
-    ("ft/manager.py", "manager._pg"),  # torchft's Manager has no public call to abort its process group
     ("frontends/callback.py", "args.average_tokens_across_devices"),
     ("frontends/callback.py", "trainer.callback_handler.callbacks"),
     ("frontends/callback.py", "sys._getframe"),

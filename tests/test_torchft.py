@@ -198,8 +198,11 @@ def test_death_in_sync_sleep_and_rejoin(tmp_path):
     assert len(retried) == 1 and min(retried) >= DIE_AT, (retried, logs[0][-3000:])
     (failed,) = retried
     assert replicas[failed] < 3, (r0["syncs"], r1["syncs"])
-    # ... at once: they skipped the rest of the failed sync's collectives together (no gloo timeout waited out)
-    assert not any("Timed out waiting" in text for text in logs), logs[0][-3000:]
+    # ... together: they skipped the rest of the failed sync's collectives. A survivor that the death reached only
+    # through the other survivor (which gave up on the collective, its sockets open) waits out gloo's timeout once,
+    # in the collective where the death happened (torchft 0.2.0 does not abort the group; aborting it ourselves
+    # broke the soak's heals, docs/fault-tolerance.md)
+    assert sum(text.count("Timed out waiting") for text in logs) <= 2, logs[0][-3000:]
     # the restarted replica joined mid-run at a sync, from a live peer's state
     assert r2["joined_at"] >= failed and r2["joined_at"] in replicas, (r2["joined_at"], r0["syncs"])
     # ... and took that peer's optimizer state (AdamW's step count is the peer's, not a fresh optimizer's); a replica

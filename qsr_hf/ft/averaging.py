@@ -9,8 +9,9 @@ SUM all-reduce per (device, dtype) bucket of a copy of the values. Nothing is wr
 Manager commits: when a replica dies mid-sync every survivor's commit fails, and the sync is retried from the
 untouched local values with the next quorum (the dead replica's round is lost, nobody else's). The collectives run
 one after the other, so that the survivors of a failed one skip the rest together instead of waiting for each other
-until the Manager's timeout, and a replica whose collective failed closes its connections
-(`qsr_hf.ft.manager.abort_process_group`): a survivor still waiting on it inside that collective fails at once.
+until the Manager's timeout. A survivor still inside the failed collective, waiting for data from another survivor
+that has given up on it (a death reaches one survivor directly and the other only through it), waits out the
+collective ``timeout`` before the retry.
 """
 
 import time
@@ -21,7 +22,6 @@ import torch
 from torch.distributed import ReduceOp
 
 from qsr_hf.core.logging_utils import get_logger
-from qsr_hf.ft.manager import abort_process_group
 from qsr_hf.sync.agreement import COMMON, START, SyncPoint, all_finite
 from qsr_hf.sync.averaging import ParameterAverager, Transform
 
@@ -191,13 +191,11 @@ class ReplicaAverager(ParameterAverager):
                 for b in self.buckets
             ]
             # one collective at a time: after a failed one the Manager turns the next ones into no-ops, whereas one
-            # already started would wait the whole timeout for a survivor that has given up on it; and a failed one
-            # closes this replica's connections, so that a peer still waiting on it inside that collective fails now
+            # already started would wait the whole timeout for a survivor that has given up on it. (Aborting this
+            # replica's process group after a failed collective, so that a peer still waiting on it fails at once,
+            # was tried on 2026-12-06 and broke the soak's heals: benchmarks/soak.py failed 3 of 3 runs with it.)
             for tensor, op in [(header, ReduceOp.MAX), *((t, ReduceOp.SUM) for t in [counts, *sent])]:
                 self.manager.allreduce(tensor, reduce_op=op).wait()
-                if self.manager.errored():
-                    abort_process_group(self.manager)
-                    break
             if self.manager.should_commit():
                 return self._commit(header, counts, sent, transform)
             logger.warning(

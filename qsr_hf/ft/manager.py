@@ -61,21 +61,6 @@ def replica_number(replica_id: int | str) -> int:
     return int(digits.group(1)) if digits else -1
 
 
-def abort_process_group(manager: Any) -> None:
-    """Close this replica group's connections of the sync in progress, after one of its collectives failed.
-
-    torchft turns this replica's remaining collectives into no-ops after an error, but a peer that is still inside
-    the failed collective, waiting for data from this replica, would otherwise wait out the whole collective
-    timeout: on 3 replica groups, a death usually reaches one survivor directly ("connection closed") and the other
-    only through that survivor. Aborting the process group closes its sockets, so that peer fails at once too. The
-    lighthouse gives the next quorum a new id after a failed commit, where every member configures a new group.
-
-    Args:
-        manager (`torchft.Manager`): its process group is torchft's reconfigurable gloo group ([`make_manager`]).
-    """
-    manager._pg.abort()  # torchft's reconfigurable wrapper: aborts the gloo group and drops it until configure
-
-
 def is_torchft_available() -> bool:
     """Whether torchft can be imported."""
     return importlib.util.find_spec("torchft") is not None
