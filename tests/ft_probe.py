@@ -85,6 +85,12 @@ def _optimizer_checksum(sync: ReplicaSynchronizer) -> int:
     return tensors_checksum(tensors)
 
 
+def _wait_for_files(paths: list[str]) -> None:
+    # an event, not a duration: other replica groups' files (--started-file) exist
+    while not all(Path(path).exists() for path in paths):
+        time.sleep(0.05)
+
+
 def _wait_past(progress: Path, step: int, limit: float = float("inf")) -> None:
     # an event, not a duration: another replica's progress file says it committed a sync after `step`
     deadline = time.monotonic() + limit
@@ -130,12 +136,11 @@ def main() -> dict:
             _wait_past(Path(probes.stall_until), probes.stall_at - 1)
         if kind == START and probes.started_file:
             Path(probes.started_file).write_text(str(self.clock.step))
-        while kind == START and not all(Path(path).exists() for path in probes.hold_start):
-            time.sleep(0.05)  # an event: the other replica groups' --started-file
+        if kind == START:
+            _wait_for_files(probes.hold_start)
         if kind == ROUND_END and 0 <= probes.hold_from <= self.clock.step and not held:
             held.append(self.clock.step)
-            while not Path(probes.hold_until).exists():  # an event: the other replica's file
-                time.sleep(0.05)
+            _wait_for_files([probes.hold_until])
         if kind == ROUND_END and probes.stall_file and Path(probes.stall_file).exists():
             Path(probes.stall_file).unlink()
             emit({"frame": "stall", "called_at": self.clock.step, "time": time.time()})
