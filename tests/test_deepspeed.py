@@ -72,9 +72,12 @@ def _ds_config(precision, clip, stage=0):
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
-        config["data_types"] = {"buffer_dtype": "bf16"}  # BatchNorm statistics in bf16 too (DeepSpeed keeps fp32)
     if precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}  # dynamic loss scaling
+    if precision != "fp32":
+        # BatchNorm statistics in the model's dtype too: DeepSpeed keeps buffers in fp32, and torch's CPU batch_norm
+        # refuses fp16 inputs beside fp32 statistics ("expected scalar type Half but found Float")
+        config["data_types"] = {"buffer_dtype": precision}
     return config
 
 
@@ -219,15 +222,7 @@ def _check_local_steps_and_syncs(r0, r1, steps, h):
     [
         ("fp32", "torch", "AdamW"),
         ("bf16", "torch", "FP16_UnfusedOptimizer"),
-        pytest.param(  # dynamic loss scaling; skipped where DeepSpeed refuses fp16
-            "fp16",
-            "torch",
-            "FP16_UnfusedOptimizer",
-            # open bug, seen on CPUs where DeepSpeed accepts fp16 (2026-12-06, at this commit and the one before the
-            # layers): BatchNorm then meets a float32 buffer in its fp16 forward ("expected scalar type Half but found
-            # Float"); not strict, so the CPUs where DeepSpeed refuses fp16 still skip it
-            marks=pytest.mark.xfail(raises=RuntimeError, strict=False, reason="fp16 BatchNorm buffer dtype bug"),
-        ),
+        ("fp16", "torch", "FP16_UnfusedOptimizer"),  # dynamic loss scaling; skipped where DeepSpeed refuses fp16
         # DeepSpeed's FusedAdam (what an "AdamW" DeepSpeed config builds) gets the flat-master FP16_Optimizer; its
         # CPU op is JIT-compiled on first use (about a minute): `.ci/run` builds it before the tests
         # (tests/build_deepspeed_ops.py)
