@@ -20,10 +20,10 @@ from qsr_hf.analysis.planner import (
     alpha_for_switch_fraction,
     plan,
     sync_bytes,
-    synced_state_bytes_per_param,
 )
 from qsr_hf.analysis.scaling import NodeLayout, predict_node_modes, predict_wall_clock
 from qsr_hf.core.config import QSRConfig
+from qsr_hf.core.memory import sync_memory
 
 
 PLAN_HELP = "replay a sync rule over an lr schedule: round lengths, syncs, communication vs data-parallel"
@@ -163,8 +163,6 @@ def _summary(config: QSRConfig, result: Plan, lrs: Sequence[float]) -> dict[str,
         "first_round_longer_than_h_base": result.first_step_above(config.qsr_h_base),
         "last_rounds": result.round_lengths[-5:],
         "profile": profile,
-        "synced_state_bytes_per_param": synced_state_bytes_per_param(config),
-        "synced_state_in_host_memory": config.qsr_outer_state_on_cpu,
     }
 
 
@@ -206,6 +204,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
     config = QSRConfig(**fields)
     result = plan(config, lrs, warmup)
     summary = {**_summary(config, result, lrs), **sync_bytes(config, ns.model_params, ns.workers)}
+    memory = sync_memory(config, ns.workers or 2)
+    summary["sync_memory"] = memory.to_dict(ns.model_params)
     modes = _node_modes(result, ns)
     wall = _wall_clock(result, ns)
     if wall is not None:
@@ -227,9 +227,8 @@ def plan_main(argv: Sequence[str]) -> dict[str, Any]:
         size = f", {summary['sync_bytes']} B per sync" if "sync_bytes" in summary else ""
         note = f" ({summary['sync_note']})" if summary["sync_note"] else ""
         print(f"sync format: {summary['sync_format']}, {summary['sync_bytes_per_param']:.4g} B/param{size}{note}")
-        if summary["synced_state_bytes_per_param"]:
-            where = "host memory" if config.qsr_outer_state_on_cpu else "the device"
-            print(f"extra memory per parameter: {summary['synced_state_bytes_per_param']} B on {where} (synced state)")
+        if memory.peak_per_param:
+            print(f"extra memory per averaged value: {memory.describe(ns.model_params)}")
         if wall is not None:
             print(
                 f"predicted wall clock: data-parallel {wall['ddp_h']:.2f} h, this plan {wall['local_h']:.2f} h "

@@ -47,18 +47,6 @@ class Plan:
         return next((s for s, n in zip(self.round_starts, self.round_lengths, strict=True) if n > h), None)
 
 
-def synced_state_bytes_per_param(config: QSRConfig) -> int:
-    """Extra memory per averaged value a rank keeps for a sync: the last synced values (fp32) when an outer optimizer
-    or ``qsr_compress_delta`` needs them, plus the outer momentum (fp32) when ``qsr_outer_momentum > 0``.
-
-    Returns:
-        `int`: bytes per parameter (0, 4 or 8); in host memory with ``qsr_outer_state_on_cpu``.
-    """
-    outer = config.qsr_outer_optimizer != "none"
-    anchor = 4 if outer or config.qsr_compress_delta else 0
-    return anchor + (4 if outer and config.qsr_outer_momentum > 0 else 0)
-
-
 def plan(config: QSRConfig, lrs: Sequence[float], warmup_steps: int = 0) -> Plan:
     """Replay ``config``'s schedule over the learning rate of every optimizer step.
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from qsr_hf.core.memory import CHUNK
 from qsr_hf.sync.flat_buckets import FlatBucket
 from qsr_hf.sync.outer import OuterStep
 
 
-CHUNK = 1 << 22  # values per streamed chunk (16 MiB in fp32)
 Point = tuple[float, int] | Callable[[], tuple[float, int]] | None  # (clock's lr_sum, step) of a sync, or a getter
 
 
