@@ -71,8 +71,8 @@ def step_scheduler(scheduler: Any, lag: int, where: str) -> None:
         for _ in range(lag):
             scheduler.step()
     logger.warning(
-        f"qsr_hf: rank {process_rank()}: the lr scheduler was {lag} step(s) behind {where} (an optimizer step "
-        "skipped on this rank only, e.g. on fp16 overflow); stepped it so that this rank's lr and round lengths stay "
-        "those of the other ranks",
+        f"qsr_hf: rank {process_rank()}: the lr scheduler was {lag} step(s) behind {where} (optimizer steps skipped "
+        "on this rank only, e.g. on fp16 overflow, or a step count taken from a peer: a torchft replica that healed); "
+        "stepped it so that this rank's lr and round lengths stay those of the other ranks",
         main_process_only=False,
     )
