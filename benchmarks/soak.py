@@ -121,6 +121,16 @@ class Soak:
         inc["progress"] = step if step is not None else inc.get("progress")
         return inc["progress"]
 
+    def settled_progress(self, inc: dict) -> int:
+        """The replica's progress file, read until it is not being rewritten (not the last value cached)."""
+        for _ in range(100):
+            step = _read_int(inc["files"]["progress"])
+            if step is not None:
+                inc["progress"] = step
+                return step
+            time.sleep(0.01)
+        return self.progress(inc) or 0
+
     def live(self) -> list[dict]:
         return [i for i in self.current.values() if i["ended"] is None]
 
@@ -202,11 +212,15 @@ class Soak:
             self.kill(other, cls, event)
             self.failures[-1]["rejoiner_joined"] = not began or self.progress(rejoining) is not None
         elif cls == "slow_replica":
-            before = self.progress(victim)
-            victim["files"]["stall"].touch()
+            # t before the file: the victim may take it at once, and its stall frame must not precede the failure
             self.failures.append({"class": cls, "event": event, "t": self.now(), "group": victim["group"],
                                   "incarnation": victim["index"]})  # fmt: skip
-            self.wait(lambda: not victim["files"]["stall"].exists() and (self.progress(victim) or 0) > before, 90)
+            victim["files"]["stall"].touch()
+            self.wait(lambda: not victim["files"]["stall"].exists() or victim["ended"] is not None, 90)
+            # the victim took the file after writing its last sync's progress: the next event waits for the sync it
+            # stalled at (a progress read before the file could be a sync older than the one just before the stall)
+            stalled_after = self.settled_progress(victim)
+            self.wait(lambda: (self.progress(victim) or 0) > stalled_after or victim["ended"] is not None, 90)
 
     def run(self) -> dict[str, Any]:
         a = self.args

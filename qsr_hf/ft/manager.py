@@ -102,7 +102,10 @@ def make_manager(
             starts from the newest checkpoint or from scratch: a trained group may be away from the quorums for
             that long (a failed sync: up to ``connect_timeout`` to reach a dead peer, then ``timeout``), and freshly
             restarted groups that are a majority would otherwise restart the job beside it (the soak,
-            benchmarks/soak.py). Defaults to ``timeout + connect_timeout``.
+            benchmarks/soak.py). Defaults to ``quorum_timeout``, the longest a sync waits for the others anyway:
+            ``timeout + connect_timeout`` (60 s by default) was too tight on a loaded machine: after two kills in
+            one round a soak that passed went up to 58.5 s without a sync, and in one that failed the survivor was
+            away about 90 s.
 
     Returns:
         `torchft.Manager`: with ``use_async_quorum=False`` and ``init_sync=False`` (qsr_hf checks instead that the
@@ -133,7 +136,7 @@ def make_manager(
     return QSRManager(
         replica_number(replica_id),
         num_replica_groups,
-        timeout + connect_timeout if fresh_start_wait is None else fresh_start_wait,
+        quorum_timeout if fresh_start_wait is None else fresh_start_wait,
         pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout)),
         load_state_dict=None,
         state_dict=None,
