@@ -27,8 +27,9 @@ after the others, who would otherwise form the first quorum and finish a short r
 ``--hold-from STEP --hold-until PATH``: before the first round-end sync at optimizer step STEP or later (before its
 quorum), block until PATH exists (e.g. a restarted replica's ``--started-file``): the run cannot end before it.
 
-``--stall-at STEP --stall-until PROGRESS``: before its round-end sync at optimizer step STEP (before its quorum),
-block until the step in PROGRESS is at least STEP: the others committed that sync without this replica.
+``--stall-at STEP --stall-until PROGRESS``: before its round-end (or last) sync at optimizer step STEP (before its
+quorum), block until the step in PROGRESS is at least STEP: the others committed that sync without this replica; with
+``--stall-at-max S`` at most S seconds (a replica that is slow, not one that waits for the others).
 
 ``--stall-when PATH --stall-until PROGRESS``: after the first sync that ends once PATH exists, block until the
 optimizer step in PROGRESS (another replica's ``--progress``) is past this replica's step: the others then committed
@@ -67,7 +68,7 @@ import torchft.manager
 
 from qsr_hf.ft.averaging import ReplicaAverager
 from qsr_hf.ft.optimizer import FTLocalOptimizer, ReplicaSynchronizer
-from qsr_hf.sync.agreement import ROUND_END, START, tensors_checksum
+from qsr_hf.sync.agreement import END, ROUND_END, START, tensors_checksum
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -110,6 +111,7 @@ def main() -> dict:
     parser.add_argument("--stall-when", default=None)
     parser.add_argument("--stall-until", default=None)
     parser.add_argument("--stall-at", type=int, default=-1)
+    parser.add_argument("--stall-at-max", type=float, default=float("inf"))
     parser.add_argument("--nan-at", type=int, default=-1)
     parser.add_argument("--started-file", default=None)
     parser.add_argument("--hold-from", type=int, default=-1)
@@ -132,8 +134,8 @@ def main() -> dict:
 
     def traced(self, kind, commit=True, buckets=None):
         current.update(kind=kind, step=self.clock.step, healed=False)
-        if kind == ROUND_END and self.clock.step == probes.stall_at:
-            _wait_past(Path(probes.stall_until), probes.stall_at - 1)
+        if kind in (ROUND_END, END) and self.clock.step == probes.stall_at:
+            _wait_past(Path(probes.stall_until), probes.stall_at - 1, probes.stall_at_max)
         if kind == START and probes.started_file:
             Path(probes.started_file).write_text(str(self.clock.step))
         if kind == START:

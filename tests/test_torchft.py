@@ -252,13 +252,16 @@ def test_resume_inside_a_round_is_exact(tmp_path, outer):
     try:
         # each replica group runs to the end, saving at step 30, then again from scratch resumed from that save; a
         # third one dies mid-round early on, so the data position at the save is not a function of the step alone
+        # (launched together, they wait for each other's start: on a loaded machine replica 2 once started after the
+        # others had finished their first run, and joined their resumed one from scratch)
         procs = [
             _replica(i, address, tmp_path / f"r{i}.json", "--outer", outer, "--save-at", str(save_at),
                      "--save-dir", str(tmp_path / "ckpt"), "--resumed-out", str(tmp_path / f"resumed{i}.json"),
-                     steps=steps)
+                     *_start_together(tmp_path, i, 3), steps=steps)
             for i in range(2)
         ]  # fmt: skip
-        procs.append(_replica(2, address, tmp_path / "r2.json", "--outer", outer, "--kill-after", "6", steps=steps))
+        procs.append(_replica(2, address, tmp_path / "r2.json", "--outer", outer, "--kill-after", "6",
+                              *_start_together(tmp_path, 2, 3), steps=steps))  # fmt: skip
         log = _finish(procs[2], 120)
         assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
         _run(procs[:2], 120)
@@ -353,7 +356,7 @@ def test_slow_replica_with_fresh_joiners_cannot_split_the_run(tmp_path):
     and a trained replica is slower than the join timeout at that sync. A quorum needs a majority (3 of 4): the
     others commit the sync with the two fresh joiners; the slow one cannot lead a quorum of its own with a fresh
     joiner, so it heals at its next sync and every replica ends with the same model. (With min_replicas=2, the
-    setting of the soak in NOTES.md, two disjoint quorums could each commit the sync: one model per quorum.)"""
+    setting of issue 29's soak, two disjoint quorums could each commit the sync: one model per quorum.)"""
     lighthouse, address = _lighthouse(min_replicas=3)
     progress, stall_at = tmp_path / "progress", 12  # r2 dies at step 10: the next sync is the round end at 12
     common = ["--step-time", "0.05", "--outer", "nesterov"]
@@ -392,6 +395,82 @@ def test_slow_replica_with_fresh_joiners_cannot_split_the_run(tmp_path):
     assert stall_at not in {step for step, _, _ in records[1]["syncs"]}
     assert _check_heals(traces) >= 3  # the two fresh joiners and the slow replica
     assert all("Traceback" not in text for text in logs)
+
+
+def _last_sync_split(tmp_path: Path, minority: bool) -> tuple[list, list[str], list[dict], list[list[dict]]]:
+    """Issue 29's split at the last sync: 4 replica groups; replica 2 dies after step 38 and restarts, a fresh joiner
+    at the last sync (step 40); replica 1 is slow there (it stalls until replica 0 committed it, at most 20 s);
+    replica 3, another fresh joiner, starts once replica 0 committed the last sync (or ended). With a minority
+    quorum (2 of 4) replica 0 and the restarted 2 commit the last sync, then replica 1 and the fresh 3 commit it
+    again: two models (replica 1's stall is then ended by replica 0's commit; its bound, 20 s with the majority
+    rule, is 90 s here so that a slow restart of replica 2 on a loaded machine still comes first). Returns the
+    processes, their logs, and the records and traces of 0, 1 and 2."""
+    lighthouse, address = _lighthouse(min_replicas=2 if minority else 3)
+    progress, last = tmp_path / "progress", 40
+    common = ["--step-time", "0.05", "--outer", "nesterov"]
+    common += ["--min-replicas", "2", "--allow-minority-quorum"] if minority else []
+    procs = []
+    try:
+        procs = [
+            _replica(0, address, tmp_path / "r0.json", *common, "--progress", str(progress),
+                     *_start_together(tmp_path, 0, 3), steps=last, groups=4),
+            _replica(1, address, tmp_path / "r1.json", *common, "--stall-at", str(last), "--stall-until",
+                     str(progress), "--stall-at-max", "90" if minority else "20", *_start_together(tmp_path, 1, 3),
+                     steps=last, groups=4),
+            _replica(2, address, tmp_path / "killed.json", *common, "--kill-after", str(last - 2),
+                     *_start_together(tmp_path, 2, 3), steps=last, groups=4),
+        ]  # fmt: skip
+        log = _finish(procs[2], 120)
+        assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
+        procs[2] = _replica(2, address, tmp_path / "r2.json", *common, steps=last, groups=4)
+        deadline = time.monotonic() + 120  # an event: replica 0 committed the last sync, or ended
+        while procs[0].poll() is None and _read_step(progress) < last and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs.append(_replica(3, address, tmp_path / "r3.json", *common, "--quorum-timeout", "10", steps=last,
+                              groups=4))  # fmt: skip
+        logs = [_finish(p, 120) for p in procs]
+    finally:
+        _stop(procs, lighthouse)
+    return (procs, logs, *_results(tmp_path, [0, 1, 2]))
+
+
+def _read_step(path: Path) -> int:
+    text = path.read_text() if path.exists() else ""
+    return int(text) if text.strip() else -1
+
+
+@pytest.mark.timeout(300)
+# slow (time budget): 4 replica groups, a restart, a 20 s stall and a 10 s quorum timeout
+@pytest.mark.slow
+def test_slow_replica_at_the_last_sync_cannot_split_the_run(tmp_path):
+    """With the majority quorum (3 of 4) the last sync cannot be committed by replica 0 and a fresh joiner alone:
+    it waits for the slow replica 1, so 0, 1 and the restarted 2 end with one model; the fresh 3, started after the
+    job's last sync, finds no quorum and stops with the message. (Under the old rule, 2 of 4, the same events end
+    with two models: the next test.)"""
+    procs, logs, records, traces = _last_sync_split(tmp_path, minority=False)
+    for proc, text in zip(procs[:3], logs, strict=False):
+        assert proc.returncode == 0, text[-3000:]
+    assert len({r["final"] for r in records}) == 1, [r["final"] for r in records]
+    (final,) = [e for e in traces[0] if e["step"] == 40]
+    assert sorted(final["members"]) == [0, 1, 2] and final["contributors"] == 2, final
+    assert procs[3].returncode == 1, logs[3][-3000:]
+    assert "no quorum of replica groups formed at the start of training" in logs[3], logs[3][-3000:]
+
+
+@pytest.mark.timeout(300)
+# slow (time budget): as above
+@pytest.mark.slow
+def test_minority_quorum_splits_the_run_at_the_last_sync(tmp_path):
+    """Why a quorum needs a majority: the same events with min_replicas=2 of 4 (``allow_minority_quorum=True``)
+    end with every process exiting 0 and two different models, {0, 2} and {1, 3}, each quorum with one fresh
+    joiner."""
+    procs, logs, records, traces = _last_sync_split(tmp_path, minority=True)
+    for proc, text in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, text[-3000:]
+    last = [next(e for e in trace if e["step"] == 40) for trace in traces]
+    assert [sorted(e["members"]) for e in last] == [[0, 2], [1, 3], [0, 2]], last
+    final3 = json.loads((tmp_path / "r3.json").read_text())["final"]
+    assert records[0]["final"] == records[2]["final"] != records[1]["final"] == final3
 
 
 @pytest.mark.timeout(240)
