@@ -1,6 +1,6 @@
 """The memory a rank's syncs hold beside the model and its optimizer, by what holds it (pure: no torch).
 
-The averagers allocate exactly these buffers (`qsr_hf.sync`); tests/test_planner.py checks the sizes against the
+The averagers allocate exactly these buffers (`qsr_hf.sync`); tests/test_sync_memory.py checks the sizes against the
 tensors a real 2-rank averager holds, and ``qsr-hf plan`` prints them for a recipe.
 """
 
@@ -63,7 +63,7 @@ class SyncMemory:
 
 def sync_memory(config: QSRConfig, world_size: int = 2) -> SyncMemory:
     """The memory ``config``'s syncs hold per rank, as the averagers allocate it (checked against the tensors a real
-    2-rank averager holds in tests/test_planner.py).
+    2-rank averager holds in tests/test_sync_memory.py).
 
     Per averaged value (fp32 accumulation): the last synced values (the anchor, with an outer optimizer or
     compression), the outer momentum, the copy-mode buffers an average is staged in (compression, the overlap), the
