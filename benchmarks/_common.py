@@ -54,17 +54,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def peak_rss_gib() -> dict[str, float]:
-    """Peak resident memory so far (``ru_maxrss``) of this process and of its largest child process that ended
-    (spawned ranks, replica processes): the memory one process of the benchmark needed."""
-    own, children = (resource.getrusage(who).ru_maxrss * 1024 / 2**30 for who in (resource.RUSAGE_SELF,
-                                                                                   resource.RUSAGE_CHILDREN))  # fmt: skip
-    return {"main_process": round(own, 2), "largest_child_process": round(children, 2)}
+def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory so far (``ru_maxrss``, KiB on Linux) in GiB: of this process, or with
+    ``resource.RUSAGE_CHILDREN`` of its largest child process that ended (spawned ranks, replica processes)."""
+    return resource.getrusage(who).ru_maxrss / 2**20
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``results/<name>.json`` with the machine, the date, the command line and the peak memory per process
-    (:func:`peak_rss_gib`), plus ``payload``; then its figure ``results/<name>.png`` (`plots.draw`)."""
+    """Write ``results/<name>.json`` with the machine, the date, the command line and the peak memory of this
+    process and of its largest child (:func:`peak_rss_gib`), plus ``payload``; then its figure
+    ``results/<name>.png`` (`plots.draw`)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     record = {
@@ -72,7 +71,10 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
         "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_gib": {
+            "main_process": round(peak_rss_gib(), 2),
+            "largest_child_process": round(peak_rss_gib(resource.RUSAGE_CHILDREN), 2),
+        },
         **payload,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")

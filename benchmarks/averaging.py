@@ -46,7 +46,7 @@ import os
 import time
 import warnings
 
-from _common import machine_info, median, print_table, run_distributed, write_result
+from _common import machine_info, median, peak_rss_gib, print_table, run_distributed, write_result
 
 
 SIZES = {
@@ -106,11 +106,6 @@ def _worker(rank, world_size, shapes, reps, methods):
 
     accelerator = Accelerator(cpu=True)
     zero = torch.zeros(1)
-    import resource
-
-    def peak_rss_gib():  # this process's peak resident memory so far (ru_maxrss: KiB on Linux)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
     base_rss_gib = peak_rss_gib()  # the imports (torch, transformers, accelerate), before any model copy
 
     def make_model():

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import soak_check
-from _common import RESULTS_DIR, write_result
+from _common import RESULTS_DIR, peak_rss_gib, write_result
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +346,7 @@ def main() -> int:
         out.update(analyse(soak, res, args))
     else:
         out.update(out.pop("baseline"))
-    out["peak_rss_mib_per_replica"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    out["peak_rss_mib_per_replica"] = round(peak_rss_gib(resource.RUSAGE_CHILDREN) * 1024, 1)
     if "baseline" in out:
         out["wall_ratio_vs_no_failures"] = round(out["wall_s"] / out["baseline"]["wall_s"], 3)
     errors = out["errors"] + out.get("baseline", {}).get("errors", [])
