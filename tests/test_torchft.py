@@ -400,7 +400,7 @@ def test_slow_replica_with_fresh_joiners_cannot_split_the_run(tmp_path):
 def _last_sync_split(tmp_path: Path, minority: bool) -> tuple[list, list[str], list[dict], list[list[dict]]]:
     """Issue 29's split at the last sync: 4 replica groups; replica 2 dies after step 38 and restarts, a fresh joiner
     at the last sync (step 40); replica 1 is slow there (it stalls until replica 0 committed it, at most 20 s);
-    replica 3, another fresh joiner, starts once replica 0 committed the last sync (or ended). With a minority
+    replica 3, another fresh joiner, starts once replica 0 committed the last sync. With a minority
     quorum (2 of 4) replica 0 and the restarted 2 commit the last sync, then replica 1 and the fresh 3 commit it
     again: two models (replica 1's stall is then ended by replica 0's commit; its bound, 20 s with the majority
     rule, is 90 s here so that a slow restart of replica 2 on a loaded machine still comes first). Returns the
@@ -423,20 +423,13 @@ def _last_sync_split(tmp_path: Path, minority: bool) -> tuple[list, list[str], l
         log = _finish(procs[2], 120)
         assert procs[2].returncode == -signal.SIGKILL, log[-3000:]
         procs[2] = _replica(2, address, tmp_path / "r2.json", *common, steps=last, groups=4)
-        deadline = time.monotonic() + 120  # an event: replica 0 committed the last sync, or ended
-        while procs[0].poll() is None and _read_step(progress) < last and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for_step(progress, last - 1, procs[0], 120)  # an event: replica 0 committed the last sync
         procs.append(_replica(3, address, tmp_path / "r3.json", *common, "--quorum-timeout", "10", steps=last,
                               groups=4))  # fmt: skip
         logs = [_finish(p, 120) for p in procs]
     finally:
         _stop(procs, lighthouse)
     return (procs, logs, *_results(tmp_path, [0, 1, 2]))
-
-
-def _read_step(path: Path) -> int:
-    text = path.read_text() if path.exists() else ""
-    return int(text) if text.strip() else -1
 
 
 @pytest.mark.timeout(300)
