@@ -80,17 +80,28 @@ def _measure(rank, world_size, configs):
     return out
 
 
+def _check(configs: list[dict], measured: list[tuple[int, int]], world_size: int) -> None:
+    for fields, (idle, peak) in zip(configs, measured, strict=True):
+        memory = sync_memory(QSRConfig(qsr_rule="constant", **fields), world_size=world_size)
+        expected = memory.total_bytes(NUMEL)
+        # a sync header's few values ride at the end of a bucket's buffer (at most 256 bytes)
+        assert 0 <= peak - expected <= 256, (world_size, fields, peak, expected, memory)
+        assert 0 <= idle - (expected - memory.in_flight_per_param * NUMEL) <= 256, (world_size, fields, idle, memory)
+
+
 def test_sync_memory_is_what_the_averagers_hold():
     measured, _ = run_distributed(_measure, configs=CONFIGS)
     assert NUMEL > CHUNK
-    for fields, (idle, peak) in zip(CONFIGS, measured, strict=True):
-        memory = sync_memory(QSRConfig(qsr_rule="constant", **fields), world_size=2)
-        expected = memory.total_bytes(NUMEL)
-        # a sync header's few values ride at the end of a bucket's buffer (at most 256 bytes)
-        assert 0 <= peak - expected <= 256, (fields, peak, expected, memory)
-        assert 0 <= idle - (expected - memory.in_flight_per_param * NUMEL) <= 256, (fields, idle, memory)
+    _check(CONFIGS, measured, 2)
     # the outer step's two work buffers stop at CHUNK values: 32 MiB, not 8 B per value
     assert sync_memory(QSRConfig(qsr_rule="constant", qsr_outer_optimizer="nesterov")).fixed_bytes == 32 * 2**20
+
+
+def test_sync_memory_of_a_compressed_average_on_three_ranks():
+    # this rank's share of a compressed average is 1/3 of the wire (NUMEL is whole int8 blocks on 3 ranks too)
+    configs = [{"qsr_compress_delta": True, "qsr_compress_format": "int8", "qsr_overlap_sync": True}]
+    measured, _, _ = run_distributed(_measure, world_size=3, configs=configs)
+    _check(configs, measured, 3)
 
 
 def test_sync_memory_line():
